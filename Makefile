@@ -1,0 +1,49 @@
+# labeldp: two commands do all set-up on a fresh machine.
+#   make reproduce   the main job
+#   make test        the test suite
+# Both create .venv, install torch==2.13.0 there first when the environment has no torch
+# (a CPU build on machines without CUDA; a torch you already have is kept), then the
+# project with its test extras.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv test lint reproduce data clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@# torch first, pinned, and only when absent: an open range would pull the newest
+	@# build with several GB of CUDA packages.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m ruff check labeldp attacks experiments tests
+	$(PY) -m pytest -q
+
+lint: venv
+	$(PY) -m ruff check labeldp attacks experiments tests
+
+# Fashion-MNIST: Debian's package when apt is usable as root, else the official download
+# with checksum verification (labeldp data fetch).
+data: venv
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) \
+		|| echo "apt-get could not install dataset-fashion-mnist; downloading instead"; \
+	fi
+	$(VENV)/bin/labeldp data fetch fashion-mnist
+
+reproduce: data
+	$(VENV)/bin/labeldp train --dataset fashion-mnist --method none --epochs 8 --seed 0 \
+		--out runs/reproduce-none --resume
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,209 @@
+"""The ``labeldp`` command line.
+
+Errors a user can cause print one line and exit with status 2 (bad options) or 1 (data
+missing or corrupt); an interrupted run exits with 130 and can be continued with
+``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from . import __version__
+from .data import DATASETS, fetch
+from .errors import ConfigError, DataError
+from .methods import METHODS
+from .models import MODELS
+from .runner import Environment, RunConfig, format_epsilon, train_run
+from .train import TrainConfig
+from .train.config import PRECISIONS, SCHEDULES
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line (no usage dump), status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: Callable[[str], Any], low: float, *, strict: bool = False, high: float | None = None):
+    """An argparse type: ``kind`` in [low, high] (or (low, high] with ``strict``)."""
+    bound = f"> {low:g}" if strict else f"≥ {low:g}"
+    if high is not None:
+        bound = f"in {'(' if strict else '['}{low:g}, {high:g})"
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text!r}") from None
+        too_low = value <= low if strict else value < low
+        too_high = high is not None and value >= high
+        if too_low or too_high or (isinstance(value, float) and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    defaults = TrainConfig(epochs=1)
+    p = sub.add_parser(
+        "train",
+        help="train one model with one method and record the run",
+        description="Train one model with one label-privacy method (or none) and write "
+        "OUT/config.json, OUT/metrics.json and OUT/model.pt.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    what = p.add_argument_group("what to train")
+    what.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset to train on")
+    what.add_argument("--method", default="none", choices=list(METHODS),
+                      help="label-privacy method; none = non-private training on the true labels")
+    what.add_argument("--model", default=None, metavar="NAME",
+                      help=f"model: {', '.join(MODELS)} or wrn<depth>-<width>; "
+                      "default cnn for 28x28 data, resnet18 for CIFAR")
+    what.add_argument("--norm", default="batch", choices=["batch", "group"],
+                      help="normalization layers (DP-SGD needs group)")
+    what.add_argument("--train-size", type=_number(int, 1), default=None, metavar="N",
+                      help="train on a seeded random subset of N training examples (default: all)")
+    how = p.add_argument_group("optimization")
+    how.add_argument("--epochs", type=_number(int, 1), default=8, help="passes over the training set")
+    how.add_argument("--batch-size", type=_number(int, 1), default=defaults.batch_size,
+                     help="examples per step")
+    how.add_argument("--lr", type=_number(float, 0, strict=True), default=defaults.lr,
+                     help="peak learning rate")
+    how.add_argument("--momentum", type=_number(float, 0, high=1), default=defaults.momentum,
+                     help="SGD momentum (Nesterov unless --no-nesterov)")
+    how.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum")
+    how.add_argument("--weight-decay", type=_number(float, 0), default=defaults.weight_decay,
+                     help="L2 weight decay")
+    how.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
+                     help="learning-rate schedule")
+    how.add_argument("--warmup-fraction", type=_number(float, 0, high=1),
+                     default=defaults.warmup_fraction, help="share of steps spent warming up")
+    how.add_argument("--ema", type=_number(float, 0, strict=True, high=1), default=None,
+                     metavar="DECAY", help="evaluate an exponential moving average of the weights")
+    how.add_argument("--crop-padding", type=_number(int, 0), default=None, metavar="PIXELS",
+                     help="random-crop translation (default 2 for 28x28, 4 for 32x32; 0 = off)")
+    how.add_argument("--hflip", dest="hflip", action="store_true", default=None,
+                     help="random horizontal flips (default: where the dataset allows)")
+    how.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips")
+    how.add_argument("--seed", type=_number(int, 0), default=0,
+                     help="seeds initialisation, subset, batch order, augmentation and noise")
+    run = p.add_argument_group("running")
+    run.add_argument("--out", default=None, metavar="DIR",
+                     help="run folder (default runs/<dataset>-<method>-seed<seed>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the unfinished run in --out from its last checkpoint")
+    run.add_argument("--checkpoint-every", type=_number(int, 1), default=1, metavar="EPOCHS",
+                     help="write a checkpoint every this many epochs")
+    run.add_argument("--eval-every", type=_number(int, 1), default=defaults.eval_every,
+                     metavar="EPOCHS", help="evaluate on the test split every this many epochs")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                     help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    run.add_argument("--data-dir", default=None, metavar="DIR",
+                     help="where datasets are looked for first (then $LABELDP_DATA, system "
+                     "folders and the download cache)")
+    run.add_argument("--no-download", dest="download", action="store_false",
+                     help="fail instead of downloading a missing dataset")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    train = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=args.nesterov,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup_fraction=args.warmup_fraction,
+        ema_decay=args.ema,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        precision=args.precision,
+    )
+    config = RunConfig(
+        dataset=args.dataset,
+        train=train,
+        method=args.method,
+        model=args.model,
+        norm=args.norm,
+        train_size=args.train_size,
+        crop_padding=args.crop_padding,
+        hflip=args.hflip,
+    )
+    env = Environment(
+        data_dir=args.data_dir,
+        download=args.download,
+        device=args.device,
+        progress=not args.quiet,
+        checkpoint_every=args.checkpoint_every,
+    )
+    out = args.out or f"runs/{args.dataset}-{args.method}-seed{args.seed}"
+    metrics = train_run(config, out, env, resume=args.resume)
+    print(
+        f"{config.dataset} {config.method} ({metrics['model']}, {metrics['train_size']} examples): "
+        f"test accuracy {metrics['test_accuracy']:.4f}, ε = {format_epsilon(metrics['epsilon'])}, "
+        f"{metrics['train_seconds']:.0f} s training on {metrics['device']} -> {out}"
+    )
+    return 0
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="obtain datasets", description="Obtain and check datasets.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    f = data_sub.add_parser(
+        "fetch",
+        help="make sure a dataset is on disk, downloading it (checksummed) if needed",
+        description="Find DATASET (--data-dir, $LABELDP_DATA, system folders, the cache) or "
+        "download it from its official location, verifying each file's checksum, then print "
+        "the folder that holds it.",
+    )
+    f.add_argument("dataset", choices=list(DATASETS))
+    f.add_argument("--data-dir", default=None, metavar="DIR", help="look and download here first")
+    f.set_defaults(handler=lambda args: print(fetch(args.dataset, data_dir=args.data_dir)) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="labeldp",
+        description="labeldp: label differential privacy research toolkit. Train with a "
+        "label-privacy method, audit what it leaks, and reproduce result tables.",
+    )
+    parser.add_argument("--version", action="version", version=f"labeldp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train_parser(sub)
+    _add_data_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"labeldp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"labeldp {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"labeldp {args.command}: interrupted; finished epochs are checkpointed, "
+            "run the same command with --resume to continue",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""What a training method is: a mechanism (or none) + the training core + the ledger.
+
+A method receives a :class:`RunContext` (the data, a model factory, the training
+hyper-parameters, where to checkpoint) and returns the trained model's
+:class:`~labeldp.train.FitResult` together with the :class:`PrivacyLedger` that says what
+the labels cost. Methods never parse command lines: their constructor takes validated
+hyper-parameters, so the same object serves the CLI, sweeps and notebooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from torch import nn
+
+from ..augment import Normalize
+from ..data import DeviceDataset
+from ..privacy import PrivacyLedger
+from ..train import FitResult, TargetFn, TrainConfig, Trainer
+from ..train.loop import Augmentation
+from ..train.sampling import BatchSampler
+from ..train.steps import GradientStep
+
+
+@dataclass
+class RunContext:
+    """Everything a method needs to train.
+
+    train, test: the splits, on the training device (``train`` already restricted to
+        ``--train-size`` examples when asked).
+    build_model: returns a freshly initialised model (seeded by the run).
+    config: the core loop's hyper-parameters.
+    normalize, augment: batch preprocessing for this dataset.
+    run_dir: the run's folder for checkpoints, or None to keep nothing on disk.
+    resume: continue from the checkpoints in ``run_dir`` where present.
+    fingerprint: JSON-able identity of the run, stored in checkpoints.
+    """
+
+    train: DeviceDataset
+    test: DeviceDataset
+    build_model: Callable[[], nn.Module]
+    config: TrainConfig
+    normalize: Normalize
+    augment: Augmentation | None
+    run_dir: Path | None = None
+    resume: bool = False
+    progress: bool = True
+    checkpoint_every: int = 1
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def fit(
+        self,
+        targets: TargetFn,
+        *,
+        name: str = "train",
+        model: nn.Module | None = None,
+        step: GradientStep | None = None,
+        sampler: BatchSampler | None = None,
+        config: TrainConfig | None = None,
+    ) -> FitResult:
+        """Trains ``model`` (a fresh one by default) on the whole train split towards
+        ``targets`` with the core loop, checkpointing as ``<run_dir>/<name>.ckpt``. A
+        multi-stage method calls this once per stage with distinct names."""
+        trainer = Trainer(
+            model if model is not None else self.build_model(),
+            self.train.images,
+            targets,
+            config or self.config,
+            normalize=self.normalize,
+            augment=self.augment,
+            test_images=self.test.images,
+            test_labels=self.test.labels,
+            step=step,
+            sampler=sampler,
+            checkpoint_path=self.run_dir / f"{name}.ckpt" if self.run_dir is not None else None,
+            checkpoint_every=self.checkpoint_every,
+            fingerprint={**self.fingerprint, "stage": name},
+            progress=self.progress,
+            description=name,
+        )
+        return trainer.fit(resume=self.resume)
+
+
+@dataclass
+class MethodResult:
+    fit: FitResult
+    ledger: PrivacyLedger
+
+
+class Method(Protocol):
+    """A training method. ``name`` is its CLI name; ``options()`` its hyper-parameters as
+    recorded in config.json."""
+
+    name: ClassVar[str]
+
+    def options(self) -> dict[str, Any]: ...
+
+    def run(self, ctx: RunContext) -> MethodResult: ...

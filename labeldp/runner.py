@@ -1,0 +1,232 @@
+"""One training run, from a configuration to a run folder.
+
+A run folder holds:
+
+- ``config.json``: the :class:`RunConfig` (what was asked for) and where it ran;
+- ``<stage>.ckpt``: checkpoints while the run is unfinished (removed at the end);
+- ``model.pt``: the final evaluation model's weights;
+- ``metrics.json``: test accuracy, ε, δ, the privacy ledger, timings, per-epoch history
+  and provenance (package version, git commit, machine, date).
+
+``metrics.json`` is written last and atomically, so its presence means "finished". A
+finished run is never overwritten; an unfinished one is continued with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .augment import Normalize, WeakAugment
+from .data import DATASETS, DeviceDataset, load_splits, random_subset
+from .errors import ConfigError
+from .io import atomic_write, atomic_write_json
+from .methods import build_method
+from .methods.base import RunContext
+from .models import NORM_KINDS, build_model, model_builder
+from .provenance import provenance
+from .train import TrainConfig, derive_seed, device_description, resolve_device
+
+DEFAULT_MODEL = {"fashion-mnist": "cnn", "mnist": "cnn", "cifar10": "resnet18", "cifar100": "resnet18"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What one run trains: everything that can change its result.
+
+    dataset: a name from :data:`labeldp.data.DATASETS`.
+    method: a name from :data:`labeldp.methods.METHODS`; method_options its
+        hyper-parameters.
+    model: a name from :data:`labeldp.models.MODELS`; None picks the dataset's default
+        (cnn for 28x28 data, resnet18 for CIFAR).
+    norm: "batch" or "group" normalization layers.
+    train_size: train on a seeded random subset of this many examples (1..N), or None
+        for the whole training split. The subset depends on ``seed`` only, never labels.
+    crop_padding: random-crop translation in pixels (≥ 0); None picks 2 for 28x28
+        images and 4 for 32x32. hflip: random horizontal flips; None follows the dataset.
+    train: the core loop's hyper-parameters (epochs, lr, seed, ...).
+    """
+
+    dataset: str
+    train: TrainConfig
+    method: str = "none"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    norm: str = "batch"
+    train_size: int | None = None
+    crop_padding: int | None = None
+    hflip: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.train_size is not None and (
+            isinstance(self.train_size, bool) or not isinstance(self.train_size, int) or self.train_size < 1
+        ):
+            raise ConfigError(f"train_size must be an integer ≥ 1 or None, got {self.train_size!r}")
+        if self.crop_padding is not None and self.crop_padding < 0:
+            raise ConfigError(f"crop_padding must be ≥ 0 pixels, got {self.crop_padding}")
+        if self.model is not None:
+            model_builder(self.model)  # validates the name
+        if self.norm not in NORM_KINDS:
+            raise ConfigError(f"norm must be one of {', '.join(NORM_KINDS)}, got {self.norm!r}")
+        build_method(self.method, self.method_options)  # validates name and options
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODEL[self.dataset]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["model"] = self.model_name
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown run options: {', '.join(sorted(unknown))}")
+        values = dict(data)
+        values["train"] = TrainConfig(**values["train"])
+        return cls(**values)
+
+
+@dataclass
+class Environment:
+    """Where a run happens; none of it should change the result beyond float noise.
+
+    data_dir: where to look for datasets first (see labeldp.data); download: whether a
+    missing dataset may be downloaded; device: "auto", "cpu", "cuda", "cuda:N"."""
+
+    data_dir: str | None = None
+    download: bool = True
+    device: str | None = "auto"
+    progress: bool = True
+    checkpoint_every: int = 1
+
+
+def prepare_data(config: RunConfig, env: Environment) -> tuple[DeviceDataset, DeviceDataset]:
+    """Loads the splits on the training device and applies ``train_size``."""
+    device = resolve_device(env.device)
+    train, test = load_splits(config.dataset, data_dir=env.data_dir, download=env.download, device=device)
+    if config.train_size is not None:
+        if config.train_size > len(train):
+            raise ConfigError(
+                f"train_size must be in 1..{len(train)} for {config.dataset}, got {config.train_size}"
+            )
+        subset = random_subset(len(train), config.train_size, derive_seed(config.train.seed, 0, 3))
+        train = train.subset(subset.to(train.device))
+    return train, test
+
+
+def train_run(
+    config: RunConfig, out: str | Path | None, env: Environment | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Runs ``config`` and returns its metrics; with ``out``, records the run there.
+
+    A folder that already holds a finished run is left alone: with ``resume`` its metrics
+    are returned, without it that is an error. A folder with an unfinished run is
+    continued from its checkpoints with ``resume``, and refused without it.
+    """
+    env = env or Environment()
+    run_dir = Path(out) if out is not None else None
+    if run_dir is not None:
+        finished = _check_run_dir(run_dir, config, resume)
+        if finished is not None:
+            return finished
+    started = time.perf_counter()
+    device = resolve_device(env.device)
+    train, test = prepare_data(config, env)
+    info = train.info
+    method = build_method(config.method, config.method_options)
+    fingerprint = config.to_dict()
+    if run_dir is not None:
+        atomic_write_json(run_dir / "config.json", {"run": fingerprint, "environment": asdict(env)})
+
+    def new_model() -> torch.nn.Module:
+        torch.manual_seed(derive_seed(config.train.seed, 0, 4))
+        return build_model(
+            config.model_name,
+            num_classes=info.num_classes,
+            in_channels=info.channels,
+            image_size=info.image_size,
+            norm=config.norm,
+        )
+
+    crop = config.crop_padding if config.crop_padding is not None else (2 if info.image_size <= 28 else 4)
+    hflip = info.hflip if config.hflip is None else config.hflip
+    ctx = RunContext(
+        train=train,
+        test=test,
+        build_model=new_model,
+        config=config.train,
+        normalize=Normalize(info.mean, info.std),
+        augment=WeakAugment(crop_padding=crop, hflip=hflip),
+        run_dir=run_dir,
+        resume=resume,
+        progress=env.progress,
+        checkpoint_every=env.checkpoint_every,
+        fingerprint=fingerprint,
+    )
+    result = method.run(ctx)
+    ledger = result.ledger.to_dict()
+    metrics = {
+        "dataset": config.dataset,
+        "method": config.method,
+        "model": config.model_name,
+        "train_size": len(train),
+        "test_accuracy": result.fit.test_accuracy,
+        "epsilon": ledger["epsilon"],
+        "delta": ledger["delta"],
+        "ledger": ledger,
+        "train_seconds": result.fit.train_seconds,
+        "eval_seconds": result.fit.eval_seconds,
+        "session_wall_seconds": time.perf_counter() - started,
+        "resumed_from_epoch": result.fit.resumed_from_epoch,
+        "device": device_description(device),
+        "history": result.fit.history,
+        **provenance(),
+    }
+    if run_dir is not None:
+        weights = result.fit.eval_model.state_dict()
+        atomic_write(run_dir / "model.pt", lambda handle: torch.save(weights, handle))
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        for checkpoint in run_dir.glob("*.ckpt"):
+            checkpoint.unlink()
+    return metrics
+
+
+def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> dict[str, Any] | None:
+    """Enforces the never-overwrite rules; returns the metrics of a finished run that
+    ``resume`` asks for, else None."""
+    metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.json"
+    if config_path.exists():
+        recorded = json.loads(config_path.read_text())["run"]
+        if recorded != config.to_dict():
+            raise ConfigError(
+                f"{run_dir} holds a run with other options; choose another --out "
+                "(or delete the folder)"
+            )
+    if metrics_path.exists():
+        if not resume:
+            raise ConfigError(
+                f"{run_dir} already holds a finished run; choose another --out (or delete it)"
+            )
+        return json.loads(metrics_path.read_text())
+    if config_path.exists() and not resume:
+        raise ConfigError(
+            f"{run_dir} holds an unfinished run; add --resume to continue it, or choose another --out"
+        )
+    return None
+
+
+def format_epsilon(epsilon: float | None) -> str:
+    """ε for humans: "∞" for a non-private run."""
+    return "∞" if epsilon is None or math.isinf(epsilon) else f"{epsilon:g}"

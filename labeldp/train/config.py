@@ -1,0 +1,83 @@
+"""Hyper-parameters of one training run of the core loop, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+SCHEDULES = ("onecycle", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the core loop trains.
+
+    epochs: passes over the training set, ≥ 1.
+    batch_size: examples per step, ≥ 1 (the last batches of an epoch may hold one fewer:
+        an epoch is split into ceil(N / batch_size) near-equal batches).
+    lr: peak learning rate of the schedule, > 0.
+    momentum: SGD momentum in [0, 1); nesterov: Nesterov momentum (needs momentum > 0).
+    weight_decay: L2 coefficient ≥ 0, applied by SGD to every parameter.
+    schedule: "onecycle" (linear warm-up to ``lr`` over ``warmup_fraction`` of the steps,
+        then linear decay to 0), "cosine" (the same warm-up, then cosine decay to 0) or
+        "constant".
+    warmup_fraction: share of all steps spent warming up, in [0, 1).
+    ema_decay: decay of an exponential moving average of the weights in (0, 1), or None
+        for no EMA; when set, evaluation uses the averaged weights.
+    seed: seeds the model initialisation, batch order and augmentation, ≥ 0.
+    eval_every: evaluate on the test split every this many epochs (≥ 1); the last epoch
+        is always evaluated.
+    eval_batch_size: examples per evaluation batch, ≥ 1.
+    precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16".
+    """
+
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_fraction: float = 0.2
+    ema_decay: float | None = None
+    seed: int = 0
+    eval_every: int = 1
+    eval_batch_size: int = 1000
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("eval_every", self.eval_every, 1)
+        _check_int("eval_batch_size", self.eval_batch_size, 1)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("nesterov needs momentum > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a finite number ≥ 0, got {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")

@@ -1,0 +1,315 @@
+"""The training core: one loop for hard labels or soft targets, on CPU or CUDA.
+
+The data stay on the training device as uint8 tensors; each step gathers a batch by
+index, augments and normalizes it in one batched call, and hands it to the gradient step.
+There is no DataLoader and no per-example Python. Randomness (batch order, augmentation,
+anything drawn from torch's global generator) is seeded afresh at the start of every
+epoch from (seed, epoch), so a run resumed from the checkpoint of epoch e continues
+exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..augment import Normalize
+from ..errors import ConfigError
+from ..io import atomic_write
+from .config import TrainConfig
+from .device import autocast_for
+from .ema import WeightAverage
+from .sampling import BatchSampler, ShuffledBatches
+from .schedule import learning_rate
+from .steps import BackpropStep, GradientStep
+from .targets import HardLabels, TargetFn, target_classes
+
+Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (e.g. run seed, epoch, purpose), well mixed so
+    that nearby inputs give unrelated streams."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    normalize: Normalize,
+    batch_size: int = 1000,
+    autocast: Callable = None,  # type: ignore[assignment]
+) -> torch.Tensor:
+    """The model's logits (float32, (N, K)) on uint8 ``images`` (N, C, H, W), in eval mode,
+    in batches of ``batch_size``. The model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    autocast = autocast or autocast_for(images.device, "fp32")
+    outputs = []
+    for start in range(0, images.shape[0], batch_size):
+        with autocast():
+            batch = normalize(images[start : start + batch_size])
+            outputs.append(model(batch.contiguous(memory_format=torch.channels_last)).float())
+    model.train(was_training)
+    return torch.cat(outputs)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose argmax equals the label, in [0, 1]."""
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+@dataclass
+class FitResult:
+    """The outcome of :meth:`Trainer.fit`.
+
+    history: one dict per finished epoch (epoch, lr, train_loss, train_accuracy against
+        the training targets, test_accuracy or None, seconds).
+    test_accuracy: accuracy in [0, 1] of ``eval_model`` on the test split after the last
+        epoch, or None without a test split.
+    train_seconds: wall-clock seconds spent in training steps, over all sessions of a
+        resumed run; eval_seconds likewise for evaluation.
+    eval_model: the model to evaluate and release (the weight average when EMA is on).
+    """
+
+    history: list[dict[str, Any]]
+    test_accuracy: float | None
+    train_seconds: float
+    eval_seconds: float
+    eval_model: nn.Module
+    resumed_from_epoch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains ``model`` on ``train_images`` towards ``targets`` with SGD.
+
+    train_images: uint8 (N, C, H, W) on the training device.
+    targets: a :class:`TargetFn` (``HardLabels(labels)`` for plain training).
+    test_images, test_labels: the evaluation split (optional), on the same device.
+    normalize: uint8 -> normalized float batches. augment: uint8 -> uint8 batch
+        augmentation taking a generator, or None.
+    step: the gradient step (default: back-propagate the mean loss).
+    sampler: the batch sampler (default: shuffled near-equal batches of batch_size).
+    checkpoint_path: where to write a checkpoint (atomically) every ``checkpoint_every``
+        epochs and after the last; None for no checkpoints.
+    fingerprint: a JSON-able description of the run stored in the checkpoint; resuming
+        from a checkpoint whose fingerprint differs is refused.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_images: torch.Tensor,
+        targets: TargetFn,
+        config: TrainConfig,
+        *,
+        normalize: Normalize,
+        augment: Augmentation | None = None,
+        test_images: torch.Tensor | None = None,
+        test_labels: torch.Tensor | None = None,
+        step: GradientStep | None = None,
+        sampler: BatchSampler | None = None,
+        checkpoint_path: str | Path | None = None,
+        checkpoint_every: int = 1,
+        fingerprint: dict[str, Any] | None = None,
+        progress: bool = True,
+        description: str = "train",
+    ) -> None:
+        if train_images.dtype != torch.uint8 or train_images.dim() != 4:
+            raise ValueError(
+                f"train_images must be uint8 (N, C, H, W), got {train_images.dtype} "
+                f"{tuple(train_images.shape)}"
+            )
+        if checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be an integer ≥ 1, got {checkpoint_every}")
+        self.device = train_images.device
+        # Channels-last convolutions are markedly faster on CPU and on CUDA tensor cores.
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        self.train_images = train_images
+        self.targets = targets
+        self.config = config
+        self.normalize = normalize
+        self.augment = augment
+        self.test_images = test_images
+        self.test_labels = test_labels
+        self.step = step or BackpropStep()
+        self.sampler = sampler or ShuffledBatches(config.batch_size)
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.fingerprint = fingerprint or {}
+        self.progress = progress
+        self.description = description
+        self.autocast = autocast_for(self.device, config.precision)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
+        self.ema = WeightAverage(self.model, config.ema_decay) if config.ema_decay else None
+        self.steps_per_epoch = self.sampler.steps_per_epoch(train_images.shape[0])
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.history: list[dict[str, Any]] = []
+        self.epochs_done = 0
+        self.train_seconds = 0.0
+        self.eval_seconds = 0.0
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.model
+
+    def fit(self, resume: bool = False) -> FitResult:
+        """Runs the remaining epochs. With ``resume``, first loads the checkpoint if one
+        exists (a missing checkpoint starts from scratch)."""
+        resumed_from = 0
+        if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
+            self.load_checkpoint(self.checkpoint_path)
+            resumed_from = self.epochs_done
+        for epoch in range(self.epochs_done, self.config.epochs):
+            self._train_epoch(epoch)
+            last = epoch + 1 == self.config.epochs
+            if self.test_images is not None and (last or (epoch + 1) % self.config.eval_every == 0):
+                self.history[-1]["test_accuracy"] = self.evaluate()
+            self._report_epoch()
+            if self.checkpoint_path is not None and (last or (epoch + 1) % self.checkpoint_every == 0):
+                self.save_checkpoint(self.checkpoint_path)
+        test_accuracy = self.history[-1]["test_accuracy"] if self.history else None
+        return FitResult(
+            history=list(self.history),
+            test_accuracy=test_accuracy,
+            train_seconds=self.train_seconds,
+            eval_seconds=self.eval_seconds,
+            eval_model=self.eval_model,
+            resumed_from_epoch=resumed_from,
+        )
+
+    def evaluate(self) -> float:
+        """Accuracy in [0, 1] of the evaluation model on the test split."""
+        if self.test_images is None or self.test_labels is None:
+            raise ValueError("no test split was given")
+        start = time.perf_counter()
+        logits = predict_logits(
+            self.eval_model, self.test_images, self.normalize, self.config.eval_batch_size, self.autocast
+        )
+        result = accuracy(logits, self.test_labels)
+        self.eval_seconds += time.perf_counter() - start
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "fingerprint": self.fingerprint,
+            "epochs_done": self.epochs_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise ConfigError(
+                "the checkpoint was written by a run with a different configuration; "
+                "resume with the same options, or start afresh in another --out folder"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epochs_done = state["epochs_done"]
+        self.history = list(state["history"])
+        self.train_seconds = state["train_seconds"]
+        self.eval_seconds = state["eval_seconds"]
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Writes the full training state atomically (temp file + rename)."""
+        state = self.state_dict()
+        atomic_write(path, lambda handle: torch.save(state, handle))
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ internals
+    def _train_epoch(self, epoch: int) -> None:
+        cfg = self.config
+        torch.manual_seed(derive_seed(cfg.seed, epoch, 1))
+        generator = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, epoch, 2))
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        seen = 0
+        step = epoch * self.steps_per_epoch
+        lr = learning_rate(step, self.total_steps, cfg.lr, cfg.schedule, cfg.warmup_fraction)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"{self.description} {epoch + 1}/{cfg.epochs}",
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        start = time.perf_counter()
+        for indices in self.sampler.batches(self.train_images.shape[0], generator):
+            lr = learning_rate(step, self.total_steps, cfg.lr, cfg.schedule, cfg.warmup_fraction)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            images = self.train_images[indices]
+            if self.augment is not None:
+                images = self.augment(images, generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            inputs = self.normalize(images).contiguous(memory_format=torch.channels_last)
+            out = self.step(self.model, inputs, indices, self.targets, self.autocast)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            batch = indices.shape[0]
+            loss_sum += out.loss * batch
+            correct += (out.logits.argmax(dim=1) == target_classes(out.targets)).sum()
+            seen += batch
+            step += 1
+            bar.update(1)
+            if self.progress and (step % 25 == 0 or step == (epoch + 1) * self.steps_per_epoch):
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        bar.close()
+        self.train_seconds += seconds
+        self.epochs_done = epoch + 1
+        self.history.append(
+            {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": loss_sum.item() / max(seen, 1),
+                "train_accuracy": correct.item() / max(seen, 1),
+                "test_accuracy": None,
+                "seconds": seconds,
+            }
+        )
+
+    def _report_epoch(self) -> None:
+        if not self.progress:
+            return
+        h = self.history[-1]
+        test = f"  test acc {h['test_accuracy']:.4f}" if h["test_accuracy"] is not None else ""
+        tqdm.write(
+            f"{self.description} epoch {h['epoch']}/{self.config.epochs}: loss {h['train_loss']:.4f}"
+            f"  train acc {h['train_accuracy']:.4f}{test}  ({h['seconds']:.1f} s)"
+        )
+
+
+__all__ = ["FitResult", "HardLabels", "Trainer", "accuracy", "derive_seed", "predict_logits"]

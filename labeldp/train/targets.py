@@ -1,0 +1,49 @@
+"""Training targets: what each batch is trained towards, and the loss against it.
+
+A target function maps a batch to its targets. It receives the dataset indices of the
+batch and the model's current logits on it (detached), so a method may derive targets
+from the model's own predictions, as ALIBI's Bayesian posterior does. It returns either
+
+- hard labels: an int64 tensor (B,) with values in 0..K−1, or
+- soft targets: a float tensor (B, K) whose rows are probability vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class TargetFn(Protocol):
+    def __call__(self, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor: ...
+
+
+class HardLabels:
+    """Fixed hard labels, one per training example (true labels, or labels that a
+    mechanism randomized once). ``labels``: int64 (N,) on the training device."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        if labels.dtype != torch.int64 or labels.dim() != 1:
+            raise ValueError(f"labels must be an int64 vector, got {labels.dtype} {tuple(labels.shape)}")
+        self.labels = labels
+
+    def __call__(self, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.labels[indices]
+
+
+def target_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``logits`` (B, K) against hard labels (B,) or soft targets (B, K):
+    ``−Σ_k t_k log softmax(logits)_k``. Computed in float32 whatever the autocast dtype.
+    ``reduction``: "mean" or "none" (per example)."""
+    logits = logits.float()
+    if targets.dtype == torch.int64:
+        return F.cross_entropy(logits, targets, reduction=reduction)
+    per_example = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+    return per_example.mean() if reduction == "mean" else per_example
+
+
+def target_classes(targets: torch.Tensor) -> torch.Tensor:
+    """The class each target points at: the label itself, or the argmax of a soft target."""
+    return targets if targets.dtype == torch.int64 else targets.argmax(dim=1)
