@@ -30,7 +30,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(kind: Callable[[str], Any], low: float, *, strict: bool = False, high: float | None = None):
+def _number(
+    kind: Callable[[str], Any], low: float, *, strict: bool = False, high: float | None = None
+):
     """An argparse type: ``kind`` in [low, high] (or (low, high] with ``strict``)."""
     bound = f"> {low:g}" if strict else f"≥ {low:g}"
     if high is not None:
@@ -61,57 +63,141 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     what = p.add_argument_group("what to train")
-    what.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset to train on")
-    what.add_argument("--method", default="none", choices=list(METHODS),
-                      help="label-privacy method; none = non-private training on the true labels")
-    what.add_argument("--model", default=None, metavar="NAME",
-                      help=f"model: {', '.join(MODELS)} or wrn<depth>-<width>; "
-                      "default cnn for 28x28 data, resnet18 for CIFAR")
-    what.add_argument("--norm", default="batch", choices=["batch", "group"],
-                      help="normalization layers (DP-SGD needs group)")
-    what.add_argument("--train-size", type=_number(int, 1), default=None, metavar="N",
-                      help="train on a seeded random subset of N training examples (default: all)")
+    what.add_argument(
+        "--dataset", required=True, choices=list(DATASETS), help="dataset to train on"
+    )
+    what.add_argument(
+        "--method",
+        default="none",
+        choices=list(METHODS),
+        help="label-privacy method; none = non-private training on the true labels",
+    )
+    what.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help=f"model: {', '.join(MODELS)} or wrn<depth>-<width>; "
+        "default cnn for 28x28 data, resnet18 for CIFAR",
+    )
+    what.add_argument(
+        "--norm",
+        default="batch",
+        choices=["batch", "group"],
+        help="normalization layers (DP-SGD needs group)",
+    )
+    what.add_argument(
+        "--train-size",
+        type=_number(int, 1),
+        default=None,
+        metavar="N",
+        help="train on a seeded random subset of N training examples (default: all)",
+    )
     how = p.add_argument_group("optimization")
-    how.add_argument("--epochs", type=_number(int, 1), default=8, help="passes over the training set")
-    how.add_argument("--batch-size", type=_number(int, 1), default=defaults.batch_size,
-                     help="examples per step")
-    how.add_argument("--lr", type=_number(float, 0, strict=True), default=defaults.lr,
-                     help="peak learning rate")
-    how.add_argument("--momentum", type=_number(float, 0, high=1), default=defaults.momentum,
-                     help="SGD momentum (Nesterov unless --no-nesterov)")
+    how.add_argument(
+        "--epochs", type=_number(int, 1), default=8, help="passes over the training set"
+    )
+    how.add_argument(
+        "--batch-size", type=_number(int, 1), default=defaults.batch_size, help="examples per step"
+    )
+    how.add_argument(
+        "--lr", type=_number(float, 0, strict=True), default=defaults.lr, help="peak learning rate"
+    )
+    how.add_argument(
+        "--momentum",
+        type=_number(float, 0, high=1),
+        default=defaults.momentum,
+        help="SGD momentum (Nesterov unless --no-nesterov)",
+    )
     how.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum")
-    how.add_argument("--weight-decay", type=_number(float, 0), default=defaults.weight_decay,
-                     help="L2 weight decay")
-    how.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
-                     help="learning-rate schedule")
-    how.add_argument("--warmup-fraction", type=_number(float, 0, high=1),
-                     default=defaults.warmup_fraction, help="share of steps spent warming up")
-    how.add_argument("--ema", type=_number(float, 0, strict=True, high=1), default=None,
-                     metavar="DECAY", help="evaluate an exponential moving average of the weights")
-    how.add_argument("--crop-padding", type=_number(int, 0), default=None, metavar="PIXELS",
-                     help="random-crop translation (default 2 for 28x28, 4 for 32x32; 0 = off)")
-    how.add_argument("--hflip", dest="hflip", action="store_true", default=None,
-                     help="random horizontal flips (default: where the dataset allows)")
+    how.add_argument(
+        "--weight-decay",
+        type=_number(float, 0),
+        default=defaults.weight_decay,
+        help="L2 weight decay",
+    )
+    how.add_argument(
+        "--schedule", choices=SCHEDULES, default=defaults.schedule, help="learning-rate schedule"
+    )
+    how.add_argument(
+        "--warmup-fraction",
+        type=_number(float, 0, high=1),
+        default=defaults.warmup_fraction,
+        help="share of steps spent warming up",
+    )
+    how.add_argument(
+        "--ema",
+        type=_number(float, 0, strict=True, high=1),
+        default=None,
+        metavar="DECAY",
+        help="evaluate an exponential moving average of the weights",
+    )
+    how.add_argument(
+        "--crop-padding",
+        type=_number(int, 0),
+        default=None,
+        metavar="PIXELS",
+        help="random-crop translation (default 2 for 28x28, 4 for 32x32; 0 = off)",
+    )
+    how.add_argument(
+        "--hflip",
+        dest="hflip",
+        action="store_true",
+        default=None,
+        help="random horizontal flips (default: where the dataset allows)",
+    )
     how.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips")
-    how.add_argument("--seed", type=_number(int, 0), default=0,
-                     help="seeds initialisation, subset, batch order, augmentation and noise")
+    how.add_argument(
+        "--seed",
+        type=_number(int, 0),
+        default=0,
+        help="seeds initialisation, subset, batch order, augmentation and noise",
+    )
     run = p.add_argument_group("running")
-    run.add_argument("--out", default=None, metavar="DIR",
-                     help="run folder (default runs/<dataset>-<method>-seed<seed>)")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the unfinished run in --out from its last checkpoint")
-    run.add_argument("--checkpoint-every", type=_number(int, 1), default=1, metavar="EPOCHS",
-                     help="write a checkpoint every this many epochs")
-    run.add_argument("--eval-every", type=_number(int, 1), default=defaults.eval_every,
-                     metavar="EPOCHS", help="evaluate on the test split every this many epochs")
+    run.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="run folder (default runs/<dataset>-<method>-seed<seed>)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run in --out from its last checkpoint",
+    )
+    run.add_argument(
+        "--checkpoint-every",
+        type=_number(int, 1),
+        default=1,
+        metavar="EPOCHS",
+        help="write a checkpoint every this many epochs",
+    )
+    run.add_argument(
+        "--eval-every",
+        type=_number(int, 1),
+        default=defaults.eval_every,
+        metavar="EPOCHS",
+        help="evaluate on the test split every this many epochs",
+    )
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
-                     help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    run.add_argument("--data-dir", default=None, metavar="DIR",
-                     help="where datasets are looked for first (then $LABELDP_DATA, system "
-                     "folders and the download cache)")
-    run.add_argument("--no-download", dest="download", action="store_false",
-                     help="fail instead of downloading a missing dataset")
+    run.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help="auto = bf16 autocast on CUDA, fp32 on CPU",
+    )
+    run.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="where datasets are looked for first (then $LABELDP_DATA, system "
+        "folders and the download cache)",
+    )
+    run.add_argument(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="fail instead of downloading a missing dataset",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_train)
 

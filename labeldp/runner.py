@@ -33,7 +33,12 @@ from .models import NORM_KINDS, build_model, model_builder
 from .provenance import provenance
 from .train import TrainConfig, derive_seed, device_description, resolve_device
 
-DEFAULT_MODEL = {"fashion-mnist": "cnn", "mnist": "cnn", "cifar10": "resnet18", "cifar100": "resnet18"}
+DEFAULT_MODEL = {
+    "fashion-mnist": "cnn",
+    "mnist": "cnn",
+    "cifar10": "resnet18",
+    "cifar100": "resnet18",
+}
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,9 @@ class RunConfig:
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.train_size is not None and (
-            isinstance(self.train_size, bool) or not isinstance(self.train_size, int) or self.train_size < 1
+            isinstance(self.train_size, bool)
+            or not isinstance(self.train_size, int)
+            or self.train_size < 1
         ):
             raise ConfigError(f"train_size must be an integer ≥ 1 or None, got {self.train_size!r}")
         if self.crop_padding is not None and self.crop_padding < 0:
@@ -115,11 +122,14 @@ class Environment:
 def prepare_data(config: RunConfig, env: Environment) -> tuple[DeviceDataset, DeviceDataset]:
     """Loads the splits on the training device and applies ``train_size``."""
     device = resolve_device(env.device)
-    train, test = load_splits(config.dataset, data_dir=env.data_dir, download=env.download, device=device)
+    train, test = load_splits(
+        config.dataset, data_dir=env.data_dir, download=env.download, device=device
+    )
     if config.train_size is not None:
         if config.train_size > len(train):
             raise ConfigError(
-                f"train_size must be in 1..{len(train)} for {config.dataset}, got {config.train_size}"
+                f"train_size must be in 1..{len(train)} for {config.dataset}, "
+                f"got {config.train_size}"
             )
         subset = random_subset(len(train), config.train_size, derive_seed(config.train.seed, 0, 3))
         train = train.subset(subset.to(train.device))
@@ -160,7 +170,11 @@ def train_run(
             norm=config.norm,
         )
 
-    crop = config.crop_padding if config.crop_padding is not None else (2 if info.image_size <= 28 else 4)
+    crop = (
+        config.crop_padding
+        if config.crop_padding is not None
+        else (2 if info.image_size <= 28 else 4)
+    )
     hflip = info.hflip if config.hflip is None else config.hflip
     ctx = RunContext(
         train=train,
@@ -222,7 +236,8 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> dict[str, 
         return json.loads(metrics_path.read_text())
     if config_path.exists() and not resume:
         raise ConfigError(
-            f"{run_dir} holds an unfinished run; add --resume to continue it, or choose another --out"
+            f"{run_dir} holds an unfinished run; add --resume to continue it, "
+            "or choose another --out"
         )
     return None
 

@@ -114,7 +114,9 @@ def test_weight_average_matches_direct_recursion():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         ema.update(model)
-        expected = [0.9 * e + 0.1 * p.detach() for e, p in zip(expected, model.parameters(), strict=True)]
+        expected = [
+            0.9 * e + 0.1 * p.detach() for e, p in zip(expected, model.parameters(), strict=True)
+        ]
     for e, p in zip(expected, ema.model.parameters(), strict=True):
         torch.testing.assert_close(p, e)
 
@@ -174,7 +176,11 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
     second = _trainer(_model(seed=99), images, labels, config, checkpoint_path=ckpt)
     resumed = second.fit(resume=True)
     assert resumed.resumed_from_epoch == 2
-    for a, b in zip(straight.eval_model.state_dict().values(), resumed.eval_model.state_dict().values(), strict=True):
+    for a, b in zip(
+        straight.eval_model.state_dict().values(),
+        resumed.eval_model.state_dict().values(),
+        strict=True,
+    ):
         assert torch.equal(a, b)
     assert resumed.test_accuracy == straight.test_accuracy
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
@@ -183,8 +189,12 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
     images, labels = _toy_data(n=64)
     ckpt = tmp_path / "run.ckpt"
-    _trainer(_model(), images, labels, TrainConfig(epochs=1), checkpoint_path=ckpt, fingerprint={"a": 1}).fit()
-    other = _trainer(_model(), images, labels, TrainConfig(epochs=2), checkpoint_path=ckpt, fingerprint={"a": 2})
+    _trainer(
+        _model(), images, labels, TrainConfig(epochs=1), checkpoint_path=ckpt, fingerprint={"a": 1}
+    ).fit()
+    other = _trainer(
+        _model(), images, labels, TrainConfig(epochs=2), checkpoint_path=ckpt, fingerprint={"a": 2}
+    )
     with pytest.raises(ConfigError, match="different configuration"):
         other.fit(resume=True)
 

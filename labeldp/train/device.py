@@ -21,7 +21,9 @@ def resolve_device(name: str | None = None) -> torch.device:
     except RuntimeError as exc:
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu")
+        raise ConfigError(
+            f"device {name!r} was asked for but CUDA is not available here; use --device cpu"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return device

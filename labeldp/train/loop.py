@@ -183,7 +183,9 @@ class Trainer:
             if self.test_images is not None and (last or (epoch + 1) % self.config.eval_every == 0):
                 self.history[-1]["test_accuracy"] = self.evaluate()
             self._report_epoch()
-            if self.checkpoint_path is not None and (last or (epoch + 1) % self.checkpoint_every == 0):
+            if self.checkpoint_path is not None and (
+                last or (epoch + 1) % self.checkpoint_every == 0
+            ):
                 self.save_checkpoint(self.checkpoint_path)
         test_accuracy = self.history[-1]["test_accuracy"] if self.history else None
         return FitResult(
@@ -201,7 +203,11 @@ class Trainer:
             raise ValueError("no test split was given")
         start = time.perf_counter()
         logits = predict_logits(
-            self.eval_model, self.test_images, self.normalize, self.config.eval_batch_size, self.autocast
+            self.eval_model,
+            self.test_images,
+            self.normalize,
+            self.config.eval_batch_size,
+            self.autocast,
         )
         result = accuracy(logits, self.test_labels)
         self.eval_seconds += time.perf_counter() - start
@@ -283,7 +289,9 @@ class Trainer:
             step += 1
             bar.update(1)
             if self.progress and (step % 25 == 0 or step == (epoch + 1) * self.steps_per_epoch):
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}"
+                )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -307,7 +315,8 @@ class Trainer:
         h = self.history[-1]
         test = f"  test acc {h['test_accuracy']:.4f}" if h["test_accuracy"] is not None else ""
         tqdm.write(
-            f"{self.description} epoch {h['epoch']}/{self.config.epochs}: loss {h['train_loss']:.4f}"
+            f"{self.description} epoch {h['epoch']}/{self.config.epochs}: "
+            f"loss {h['train_loss']:.4f}"
             f"  train acc {h['train_accuracy']:.4f}{test}  ({h['seconds']:.1f} s)"
         )
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 
 
-def learning_rate(step: int, total_steps: int, peak: float, kind: str, warmup_fraction: float) -> float:
+def learning_rate(
+    step: int, total_steps: int, peak: float, kind: str, warmup_fraction: float
+) -> float:
     """The learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
 
     ``kind``: "onecycle" (linear warm-up then linear decay to 0), "cosine" (linear warm-up

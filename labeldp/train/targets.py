@@ -26,14 +26,18 @@ class HardLabels:
 
     def __init__(self, labels: torch.Tensor) -> None:
         if labels.dtype != torch.int64 or labels.dim() != 1:
-            raise ValueError(f"labels must be an int64 vector, got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be an int64 vector, got {labels.dtype} {tuple(labels.shape)}"
+            )
         self.labels = labels
 
     def __call__(self, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return self.labels[indices]
 
 
-def target_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def target_loss(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """Cross-entropy of ``logits`` (B, K) against hard labels (B,) or soft targets (B, K):
     ``−Σ_k t_k log softmax(logits)_k``. Computed in float32 whatever the autocast dtype.
     ``reduction``: "mean" or "none" (per example)."""
