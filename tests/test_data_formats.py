@@ -10,15 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import idx_bytes
 
 from labeldp.data.formats import read_cifar_batch, read_idx
 from labeldp.errors import DataError
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """An uncompressed IDX file holding a uint8 array."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
 class Py2Pickler(pickle._Pickler):

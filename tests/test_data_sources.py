@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import hashlib
 import io
 import pickle
-import struct
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import isolate_data_sources, write_mnist_like
 
 from labeldp.data import (
     DATASETS,
@@ -37,30 +36,7 @@ CIFAR10 = DATASETS["cifar10"]
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No $LABELDP_DATA, no system folders, and a cache inside tmp_path."""
-    monkeypatch.delenv("LABELDP_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(sources, "DEBIAN_DIRS", {})
-    return tmp_path / "xdg" / "labeldp"
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_mnist_like(folder: Path, fill: int = 0, *, gz: bool = True, n: int = 6) -> Path:
-    """Small IDX files in ``folder``; every pixel is ``fill`` so tests can tell copies apart."""
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train-images-idx3-ubyte": np.full((n, 28, 28), fill, np.uint8),
-        "train-labels-idx1-ubyte": np.arange(n, dtype=np.uint8) % 10,
-        "t10k-images-idx3-ubyte": np.full((n // 2, 28, 28), fill, np.uint8),
-        "t10k-labels-idx1-ubyte": np.arange(n // 2, dtype=np.uint8) % 10,
-    }
-    for name, array in arrays.items():
-        data = idx_bytes(array)
-        (folder / (f"{name}.gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
-    return folder
+    return isolate_data_sources(monkeypatch, tmp_path)
 
 
 def cifar10_tar(path: Path, per_batch: int = 4, extra: dict[str, bytes] | None = None) -> Path:

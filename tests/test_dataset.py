@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fakes import isolate_data_sources, write_idx
 
 from labeldp.data import (
     DATASETS,
@@ -27,14 +26,7 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("LABELDP_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(sources, "DEBIAN_DIRS", {})
-
-
-def idx_gz(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    isolate_data_sources(monkeypatch, tmp_path)
 
 
 def small(n: int = 10, classes: int = 10) -> DeviceDataset:
@@ -108,22 +100,22 @@ def test_load_splits_idx(tmp_path: Path) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     train_images = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
-    idx_gz(folder / "train-images-idx3-ubyte.gz", train_images)
-    idx_gz(folder / "train-labels-idx1-ubyte.gz", np.arange(12) % 10)
-    idx_gz(folder / "t10k-images-idx3-ubyte.gz", np.zeros((4, 28, 28), np.uint8))
-    idx_gz(folder / "t10k-labels-idx1-ubyte.gz", np.array([9, 8, 7, 6]))
+    write_idx(folder / "train-images-idx3-ubyte.gz", train_images)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(12) % 10)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((4, 28, 28), np.uint8))
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([9, 8, 7, 6]))
     train, test = load_splits("mnist", data_dir=tmp_path / "dd", download=False)
     assert train.info.name == "mnist" and train.images.shape == (12, 1, 28, 28)
     assert torch.equal(train.images[:, 0], torch.from_numpy(train_images))
     assert train.labels.dtype == torch.int64 and test.labels.tolist() == [9, 8, 7, 6]
 
-    idx_gz(folder / "t10k-labels-idx1-ubyte.gz", np.array([9, 8, 7]))
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([9, 8, 7]))
     with pytest.raises(DataError, match="holds 4 images but .* holds 3 labels"):
         load_splits("mnist", data_dir=tmp_path / "dd", download=False)
-    idx_gz(folder / "t10k-labels-idx1-ubyte.gz", np.array([9, 8, 7, 10]))
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([9, 8, 7, 10]))
     with pytest.raises(DataError, match=r"labels must lie in 0\.\.9"):
         load_splits("mnist", data_dir=tmp_path / "dd", download=False)
-    idx_gz(folder / "t10k-labels-idx1-ubyte.gz", np.zeros((4, 1)))
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros((4, 1)))
     with pytest.raises(DataError, match="expected 0x00000801.*labeldp data fetch mnist"):
         load_splits("mnist", data_dir=tmp_path / "dd", download=False)
 

@@ -1,0 +1,64 @@
+"""Small dataset files in the real on-disk formats, for tests (no real data needed)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labeldp.data import sources
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An uncompressed IDX file holding a uint8 array."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Writes ``array`` as IDX to ``path``, gzip-compressed when the name ends in .gz."""
+    data = idx_bytes(array)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+def write_mnist_like(folder: Path, fill: int = 0, *, gz: bool = True, n: int = 6) -> Path:
+    """Small IDX files in ``folder``; every pixel is ``fill`` so tests can tell copies apart."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train-images-idx3-ubyte": np.full((n, 28, 28), fill, np.uint8),
+        "train-labels-idx1-ubyte": np.arange(n, dtype=np.uint8) % 10,
+        "t10k-images-idx3-ubyte": np.full((n // 2, 28, 28), fill, np.uint8),
+        "t10k-labels-idx1-ubyte": np.arange(n // 2, dtype=np.uint8) % 10,
+    }
+    for name, array in arrays.items():
+        write_idx(folder / (f"{name}.gz" if gz else name), array)
+    return folder
+
+
+def write_learnable_fashion(
+    folder: Path, n_train: int = 400, n_test: int = 200, seed: int = 0
+) -> Path:
+    """A tiny Fashion-MNIST-format dataset a model learns in a few steps: an image of
+    class k is noise plus brightness 22·k, which no crop or flip changes."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        noise = rng.integers(0, 30, (n, 28, 28))
+        images = (noise + 22 * labels[:, None, None].astype(np.int64)).astype(np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def isolate_data_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No $LABELDP_DATA, no system folders, and a download cache inside ``tmp_path``;
+    returns the cache folder."""
+    monkeypatch.delenv("LABELDP_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(sources, "DEBIAN_DIRS", {})
+    return tmp_path / "xdg" / "labeldp"
