@@ -2,8 +2,8 @@
 #   make reproduce   the main job
 #   make test        the test suite
 # Both create .venv, install torch==2.13.0 there first when the environment has no torch
-# (a CPU build on machines without CUDA; a torch you already have is kept), then the
-# project with its test extras.
+# (a torch that $(PYTHON) already has, CUDA build or not, is kept: the venv then sees the
+# system packages), then the project with its test extras.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,8 +15,10 @@ STAMP  := $(VENV)/.installed-stamp
 
 venv: $(STAMP)
 
+# A base interpreter that already has torch (say a CUDA build) lends it to the venv.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) \
+		$$($(PYTHON) -c "import torch" 2>/dev/null && echo --system-site-packages)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# torch first, pinned, and only when absent: an open range would pull the newest
 	@# build with several GB of CUDA packages.
