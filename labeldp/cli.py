@@ -136,7 +136,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         type=_number(int, 0),
         default=None,
         metavar="PIXELS",
-        help="random-crop translation (default 2 for 28x28, 4 for 32x32; 0 = off)",
+        help="random-crop translation (default 1 for 28x28, 4 for 32x32; 0 = off)",
     )
     how.add_argument(
         "--hflip",

