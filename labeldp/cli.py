@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .data import DATASETS, fetch
 from .errors import ConfigError, DataError
-from .methods import METHODS
+from .methods import METHODS, method_parameters
 from .models import MODELS
 from .runner import Environment, RunConfig, format_epsilon, train_run
 from .train import TrainConfig
@@ -91,6 +91,70 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="N",
         help="train on a seeded random subset of N training examples (default: all)",
+    )
+    private = p.add_argument_group(
+        "label privacy (each applies to the methods named; see the method's docstring)"
+    )
+    private.add_argument(
+        "--epsilon",
+        type=_number(float, 0, strict=True),
+        default=None,
+        help="ε per label (rr, lp-mst, lp-2st, alibi); required by them",
+    )
+    private.add_argument(
+        "--delta",
+        type=_number(float, 0, strict=True, high=1),
+        default=None,
+        help="δ (alibi with --alibi-noise gaussian)",
+    )
+    private.add_argument(
+        "--stages",
+        type=_number(int, 2),
+        default=None,
+        help="number of stages T (lp-mst; default 2)",
+    )
+    private.add_argument(
+        "--stage-fractions",
+        type=_fractions,
+        default=None,
+        metavar="F1,F2,...",
+        help="share of the data in each stage (lp-mst, lp-2st; default: the "
+        "paper's stage-1 share at the nearest ε, rest split equally)",
+    )
+    private.add_argument(
+        "--prior-temperature",
+        type=_number(float, 0, strict=True),
+        default=None,
+        help="temperature of the model prior (lp-mst, lp-2st; default: the paper's)",
+    )
+    private.add_argument(
+        "--keep-outside-topk",
+        dest="drop_outside_topk",
+        action="store_false",
+        default=None,
+        help="keep earlier-stage labels outside the current "
+        "top-k set (lp-mst, lp-2st; the paper drops them)",
+    )
+    private.add_argument(
+        "--alibi-noise",
+        dest="noise",
+        choices=["laplace", "gaussian"],
+        default=None,
+        help="ALIBI's noise (default laplace)",
+    )
+    private.add_argument(
+        "--alibi-prior",
+        dest="prior",
+        choices=["model", "uniform"],
+        default=None,
+        help="ALIBI's prior: the current model's softmax (default) or uniform",
+    )
+    private.add_argument(
+        "--secure-noise",
+        dest="secure_noise",
+        action="store_true",
+        default=None,
+        help="draw label noise from OS entropy instead of the run seed",
     )
     how = p.add_argument_group("optimization")
     how.add_argument(
@@ -202,6 +266,46 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_train)
 
 
+#: CLI option of each method hyper-parameter (argparse dest -> flag).
+METHOD_FLAGS = {
+    "epsilon": "--epsilon",
+    "delta": "--delta",
+    "stages": "--stages",
+    "stage_fractions": "--stage-fractions",
+    "prior_temperature": "--prior-temperature",
+    "drop_outside_topk": "--keep-outside-topk",
+    "noise": "--alibi-noise",
+    "prior": "--alibi-prior",
+    "secure_noise": "--secure-noise",
+}
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be numbers separated by commas, got {text!r}"
+        ) from None
+    return values
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The method hyper-parameters given on the command line; an option that the chosen
+    method does not take is an error rather than silently ignored."""
+    given = {dest: getattr(args, dest) for dest in METHOD_FLAGS if getattr(args, dest) is not None}
+    accepted = method_parameters(args.method)
+    for dest in given:
+        if dest not in accepted:
+            takes = ", ".join(METHOD_FLAGS[p] for p in accepted) or "no privacy options"
+            raise ConfigError(
+                f"{METHOD_FLAGS[dest]} does not apply to --method {args.method} (it takes {takes})"
+            )
+    if "epsilon" in accepted and "epsilon" not in given:
+        raise ConfigError(f"--method {args.method} needs --epsilon (a number > 0)")
+    return given
+
+
 def _train(args: argparse.Namespace) -> int:
     train = TrainConfig(
         epochs=args.epochs,
@@ -221,6 +325,7 @@ def _train(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         train=train,
         method=args.method,
+        method_options=_method_options(args),
         model=args.model,
         norm=args.norm,
         train_size=args.train_size,

@@ -195,6 +195,8 @@ def train_run(
     metrics = {
         "dataset": config.dataset,
         "method": config.method,
+        "method_options": method.options(),
+        "method_details": result.fit.extra,
         "model": config.model_name,
         "train_size": len(train),
         "test_accuracy": result.fit.test_accuracy,

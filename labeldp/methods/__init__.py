@@ -2,23 +2,56 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ..errors import ConfigError
+from .alibi import AlibiMethod
 from .base import Method, MethodResult, RunContext
+from .lp_mst import LP2ST, LPMST
 from .none import NonPrivate
+from .rr import RandomizedResponseMethod
 
-METHODS: dict[str, type] = {cls.name: cls for cls in (NonPrivate,)}
+METHODS: dict[str, type] = {
+    cls.name: cls for cls in (NonPrivate, RandomizedResponseMethod, LP2ST, LPMST, AlibiMethod)
+}
+
+
+def method_parameters(name: str) -> list[str]:
+    """The hyper-parameters the method called ``name`` accepts (its constructor's)."""
+    if name not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {name!r}")
+    return [p for p in inspect.signature(METHODS[name].__init__).parameters if p != "self"]
 
 
 def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
     """The method called ``name`` built with its hyper-parameters ``options``."""
     if name not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {name!r}")
+    options = options or {}
+    unknown = sorted(set(options) - set(method_parameters(name)))
+    if unknown:
+        raise ConfigError(
+            f"method {name} does not take {', '.join(unknown)}; it takes "
+            f"{', '.join(method_parameters(name)) or 'no options'}"
+        )
     try:
-        return METHODS[name](**(options or {}))
-    except TypeError as exc:
-        raise ConfigError(f"bad options for method {name!r}: {exc}") from exc
+        return METHODS[name](**options)
+    except TypeError as exc:  # a required option is missing
+        missing = str(exc).split("argument", 1)[-1].strip(": ")
+        raise ConfigError(f"method {name} needs {missing}") from exc
 
 
-__all__ = ["METHODS", "Method", "MethodResult", "NonPrivate", "RunContext", "build_method"]
+__all__ = [
+    "LP2ST",
+    "LPMST",
+    "METHODS",
+    "AlibiMethod",
+    "Method",
+    "MethodResult",
+    "NonPrivate",
+    "RandomizedResponseMethod",
+    "RunContext",
+    "build_method",
+    "method_parameters",
+]

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import torch
 from torch import nn
 
 from ..augment import Normalize
 from ..data import DeviceDataset
+from ..io import atomic_write
 from ..privacy import PrivacyLedger
-from ..train import FitResult, TargetFn, TrainConfig, Trainer
+from ..train import FitResult, TargetFn, TrainConfig, Trainer, derive_seed
 from ..train.loop import Augmentation
 from ..train.sampling import BatchSampler
 from ..train.steps import GradientStep
@@ -51,22 +53,51 @@ class RunContext:
     checkpoint_every: int = 1
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
+    def generator(self, *purpose: int) -> torch.Generator:
+        """A generator on the training device seeded from (run seed, ``*purpose``); each
+        purpose (integers, the first ≥ 100 for methods by convention) gets its own stream."""
+        seed = derive_seed(self.config.seed, *purpose)
+        return torch.Generator(device=self.train.device).manual_seed(seed)
+
+    def privatized(self, name: str, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The output of a label mechanism, drawn exactly once per run.
+
+        The first call draws and stores it in ``<run_dir>/<name>.noisy.pt`` (atomically);
+        a resumed run loads it instead of drawing again. Drawing twice would compose two
+        releases of the same labels and silently double the privacy cost, and with
+        secure (unseeded) noise it would also change the training targets."""
+        if self.run_dir is None:
+            return draw()
+        path = self.run_dir / f"{name}.noisy.pt"
+        if path.exists():
+            if not self.resume:
+                raise RuntimeError(f"{path} exists in a run that is not resumed")
+            return torch.load(path, map_location=self.train.device, weights_only=True)
+        value = draw()
+        atomic_write(path, lambda handle: torch.save(value.cpu(), handle))
+        return value
+
     def fit(
         self,
         targets: TargetFn,
         *,
         name: str = "train",
+        subset: torch.Tensor | None = None,
         model: nn.Module | None = None,
         step: GradientStep | None = None,
         sampler: BatchSampler | None = None,
         config: TrainConfig | None = None,
     ) -> FitResult:
-        """Trains ``model`` (a fresh one by default) on the whole train split towards
-        ``targets`` with the core loop, checkpointing as ``<run_dir>/<name>.ckpt``. A
-        multi-stage method calls this once per stage with distinct names."""
+        """Trains ``model`` (a fresh one by default) towards ``targets`` with the core
+        loop, checkpointing as ``<run_dir>/<name>.ckpt``.
+
+        subset: indices into the train split to train on (default all). ``targets`` is
+            then indexed by position in ``subset`` (0..len(subset)−1).
+        A multi-stage method calls this once per stage with distinct names."""
+        images = self.train.images if subset is None else self.train.images[subset]
         trainer = Trainer(
             model if model is not None else self.build_model(),
-            self.train.images,
+            images,
             targets,
             config or self.config,
             normalize=self.normalize,
