@@ -21,7 +21,9 @@ def method_parameters(name: str) -> list[str]:
     """The hyper-parameters the method called ``name`` accepts (its constructor's)."""
     if name not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {name!r}")
-    return [p for p in inspect.signature(METHODS[name].__init__).parameters if p != "self"]
+    parameters = inspect.signature(METHODS[name].__init__).parameters.values()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.name != "self" and p.kind in named]
 
 
 def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
