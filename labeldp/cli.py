@@ -156,6 +156,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="draw label noise from OS entropy instead of the run seed",
     )
+    audit = p.add_argument_group("auditing (read by labeldp attack)")
+    audit.add_argument("--canaries", type=_number(int, 0), default=0, metavar="M",
+                       help="replace M random training labels by random wrong labels before the "
+                       "method sees them (memorization attack); M control test images too")
+    audit.add_argument("--audit-canaries", type=_number(int, 0), default=0, metavar="M",
+                       help="M canaries labelled by a fair coin between two labels (one-run audit)")
     how = p.add_argument_group("optimization")
     how.add_argument(
         "--epochs", type=_number(int, 1), default=8, help="passes over the training set"
@@ -331,6 +337,8 @@ def _train(args: argparse.Namespace) -> int:
         train_size=args.train_size,
         crop_padding=args.crop_padding,
         hflip=args.hflip,
+        canaries=args.canaries,
+        audit_canaries=args.audit_canaries,
     )
     env = Environment(
         data_dir=args.data_dir,
@@ -364,6 +372,31 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     f.set_defaults(handler=lambda args: print(fetch(args.dataset, data_dir=args.data_dir)) or 0)
 
 
+def _add_attack_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "attack",
+        help="measure what finished runs leak: ε_LB next to ε",
+        description="Run the memorization attack, the one-run audit and label inference on "
+        "finished run folders; write RUN_DIR/attack.json and print a table.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="folders written by labeldp train")
+    p.add_argument("--alpha", type=_number(float, 0, strict=True, high=1), default=0.05,
+                   help="significance level of the lower bounds")
+    p.set_defaults(handler=_attack)
+
+
+def _attack(args: argparse.Namespace) -> int:
+    from attacks.harness import attack_run, format_table
+
+    results = [attack_run(run_dir, alpha=args.alpha) for run_dir in args.run_dirs]
+    print(format_table(results))
+    for r in results:
+        for note in r["notes"]:
+            print(f"{r['run']}: {note}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="labeldp",
@@ -374,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train_parser(sub)
     _add_data_parser(sub)
+    _add_attack_parser(sub)
     return parser
 
 

@@ -39,6 +39,11 @@ def git_commit(root: Path = _SOURCE_ROOT) -> tuple[str | None, bool | None]:
     return commit, bool(status)
 
 
+#: The code this process runs: read once, when labeldp is imported, so a long job records
+#: the commit it started from even if HEAD moves while it runs.
+_STARTUP_COMMIT = git_commit()
+
+
 def cpu_name() -> str:
     """The processor's model name, from /proc/cpuinfo where available."""
     try:
@@ -59,8 +64,9 @@ def machine_description() -> str:
 
 
 def provenance() -> dict[str, Any]:
-    """A JSON-able record of the code and machine that are producing a result."""
-    commit, dirty = git_commit()
+    """A JSON-able record of the code (as of this process's start) and machine that are
+    producing a result."""
+    commit, dirty = _STARTUP_COMMIT
     return {
         "labeldp_version": __version__,
         "git_commit": commit,

@@ -5,6 +5,7 @@ A run folder holds:
 - ``config.json``: the :class:`RunConfig` (what was asked for) and where it ran;
 - ``<stage>.ckpt``: checkpoints while the run is unfinished (removed at the end);
 - ``model.pt``: the final evaluation model's weights;
+- ``canaries.pt`` (with canaries) and ``outputs.pt``: what the attacks read (attacks/);
 - ``metrics.json``: test accuracy, ε, δ, the privacy ledger, timings, per-epoch history
   and provenance (package version, git commit, machine, date).
 
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from attacks.canaries import plant as plant_canaries
+from attacks.outputs import collect_outputs
 
 from .augment import Normalize, WeakAugment
 from .data import DATASETS, DeviceDataset, load_splits, random_subset
@@ -57,6 +61,9 @@ class RunConfig:
         images (92.7 % against 92.2 % with 2 for the 8-epoch Fashion-MNIST baseline) and 4
         for 32x32. hflip: random horizontal flips; None follows the dataset.
     train: the core loop's hyper-parameters (epochs, lr, seed, ...).
+    canaries: memorization canaries planted among the training labels (≥ 0); as many
+        control test images are recorded too. audit_canaries: one-run audit canaries
+        (≥ 0). Both replace labels before the method sees any (see attacks.canaries).
     """
 
     dataset: str
@@ -68,8 +75,14 @@ class RunConfig:
     train_size: int | None = None
     crop_padding: int | None = None
     hflip: bool | None = None
+    canaries: int = 0
+    audit_canaries: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("canaries", "audit_canaries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer ≥ 0, got {value!r}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.train_size is not None and (
@@ -156,10 +169,20 @@ def train_run(
     device = resolve_device(env.device)
     train, test = prepare_data(config, env)
     info = train.info
+    true_labels = train.labels
+    canaries = None
+    if config.canaries or config.audit_canaries:
+        canaries = plant_canaries(
+            true_labels, info.num_classes, config.canaries, config.audit_canaries, len(test),
+            torch.Generator().manual_seed(derive_seed(config.train.seed, 0, 6)),
+        )
+        train = DeviceDataset(train.images, canaries.training_labels(true_labels), info)
     method = build_method(config.method, config.method_options)
     fingerprint = config.to_dict()
     if run_dir is not None:
         atomic_write_json(run_dir / "config.json", {"run": fingerprint, "environment": asdict(env)})
+        if canaries is not None:
+            canaries.save(run_dir / "canaries.pt")
 
     def new_model() -> torch.nn.Module:
         torch.manual_seed(derive_seed(config.train.seed, 0, 4))
@@ -191,6 +214,10 @@ def train_run(
         fingerprint=fingerprint,
     )
     result = method.run(ctx)
+    outputs = collect_outputs(
+        result.fit.eval_model, train.images, true_labels, test.images, test.labels, ctx.normalize,
+        canaries, torch.Generator().manual_seed(derive_seed(config.train.seed, 0, 8)),
+    )
     ledger = result.ledger.to_dict()
     metrics = {
         "dataset": config.dataset,
@@ -214,6 +241,7 @@ def train_run(
     if run_dir is not None:
         weights = result.fit.eval_model.state_dict()
         atomic_write(run_dir / "model.pt", lambda handle: torch.save(weights, handle))
+        atomic_write(run_dir / "outputs.pt", lambda handle: torch.save(outputs, handle))
         atomic_write_json(run_dir / "metrics.json", metrics)
         for checkpoint in run_dir.glob("*.ckpt"):
             checkpoint.unlink()

@@ -1,0 +1,64 @@
+"""One-run audit (Steinke, Nasr, Jagielski, NeurIPS 2023).
+
+Each audit canary's training label is a fair coin between two candidate labels (a, b).
+After one training run the attacker scores each canary (confidence on a minus confidence
+on b), guesses the sign on the r canaries with the largest |score| and abstains on the
+rest. Under pure ε-DP the number of right guesses is dominated by
+Binomial(r, e^ε/(1+e^ε)); ε_LB at level α follows from the binomial test. Several r are
+tried, with a Bonferroni correction over them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .stats import epsilon_lower_bound, epsilon_point_estimate
+
+__all__ = ["audit", "epsilon_lower_bound", "guess_counts"]
+
+#: Shares of the canaries the attacker guesses on (the most confident first).
+GUESS_SHARES = (1.0, 0.5, 0.25, 0.1, 0.05)
+
+
+def guess_counts(scores: torch.Tensor, truth_is_a: torch.Tensor, num_guesses: int) -> int:
+    """Right guesses among the ``num_guesses`` canaries with the largest |score|, guessing
+    "a" where score > 0 and "b" where score < 0 (a score of exactly 0 counts as wrong)."""
+    order = torch.argsort(scores.abs(), descending=True, stable=True)[:num_guesses]
+    s, truth = scores[order], truth_is_a[order]
+    return int(((s > 0) & truth).sum() + ((s < 0) & ~truth).sum())
+
+
+def audit(
+    probs_a: torch.Tensor, probs_b: torch.Tensor, truth_is_a: torch.Tensor, alpha: float = 0.05
+) -> dict[str, Any]:
+    """ε_LB of the one-run audit.
+
+    probs_a, probs_b: the model's probabilities of each canary's candidates a and b, (m,).
+    truth_is_a: bool (m,), whether the coin chose a. alpha: overall level.
+    Returns the bound, the r that gave it, its counts and the per-r table.
+    """
+    scores = (probs_a - probs_b).double()
+    m = len(scores)
+    sizes = sorted({max(1, round(share * m)) for share in GUESS_SHARES}, reverse=True) if m else []
+    level = alpha / max(len(sizes), 1)
+    table = []
+    for r in sizes:
+        v = guess_counts(scores, truth_is_a, r)
+        table.append({"guesses": r, "correct": v, "epsilon_lb": epsilon_lower_bound(r, v, level)})
+    best = max(
+        table,
+        key=lambda row: row["epsilon_lb"],
+        default={"guesses": 0, "correct": 0, "epsilon_lb": 0.0},
+    )
+    return {
+        "epsilon_lb": best["epsilon_lb"],
+        "guesses": best["guesses"],
+        "correct": best["correct"],
+        "epsilon_point": epsilon_point_estimate(best["guesses"], best["correct"]),
+        "alpha": alpha,
+        "correction": f"Bonferroni over {len(sizes)} guess counts (level {level:.4g} each)",
+        "canaries": m,
+        "by_guesses": table,
+    }

@@ -1,0 +1,213 @@
+"""The attack harness: exact statistics against scipy, sanity anchors (a randomized-response
+"model" is bounded by its ε; a memorizing model is caught), canaries planted before any
+method sees a label."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from fakes import isolate_data_sources, write_learnable_fashion
+from scipy import stats
+
+from attacks.canaries import plant
+from attacks.harness import attack_run
+from attacks.memorization import memorization_attack
+from attacks.one_run import audit, epsilon_lower_bound
+from attacks.stats import (
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    dp_p_value,
+    epsilon_from_error_rates,
+)
+from labeldp import cli
+from labeldp.mechanisms import RandomizedResponse
+from labeldp.runner import Environment, RunConfig, train_run
+from labeldp.train import TrainConfig
+
+GRID = [
+    (r, v)
+    for r in (1, 7, 50, 333)
+    for v in sorted({0, 1, r // 2, (3 * r) // 4, r - 1, r})
+    if 0 <= v <= r
+]
+
+
+@pytest.mark.parametrize("r,v", GRID)
+def test_clopper_pearson_matches_scipy(r, v):
+    ci = stats.binomtest(v, r, alternative="greater").proportion_ci(0.95, method="exact")
+    assert clopper_pearson_lower(r, v) == pytest.approx(ci.low, abs=1e-12)
+    ci = stats.binomtest(v, r, alternative="less").proportion_ci(0.95, method="exact")
+    assert clopper_pearson_upper(r, v) == pytest.approx(ci.high, abs=1e-12)
+
+
+@pytest.mark.parametrize("r,v", GRID)
+def test_epsilon_lower_bound_is_where_the_binomial_p_value_crosses_alpha(r, v):
+    eps = epsilon_lower_bound(r, v, alpha=0.05)
+    assert eps >= 0
+    if eps == 0:
+        assert dp_p_value(r, v, 0.0) > 0.05 - 1e-12  # even ε = 0 is not rejected
+    elif math.isfinite(eps):
+        assert dp_p_value(r, v, eps) == pytest.approx(0.05, rel=1e-6)
+        assert dp_p_value(r, v, eps * 0.99) < 0.05 < dp_p_value(r, v, eps * 1.01 + 1e-9)
+    # The p-value itself against scipy's binomial tail.
+    p = 1 / (1 + math.exp(-1.0))
+    assert dp_p_value(r, v, 1.0) == pytest.approx(
+        stats.binom.sf(v - 1, r, p), rel=1e-12, abs=1e-300
+    )
+
+
+def test_epsilon_lower_bound_is_monotone_and_validates():
+    assert (
+        epsilon_lower_bound(100, 90) > epsilon_lower_bound(100, 80) > epsilon_lower_bound(100, 60)
+    )
+    assert epsilon_lower_bound(100, 90, alpha=0.01) < epsilon_lower_bound(100, 90, alpha=0.05)
+    assert epsilon_lower_bound(0, 0) == 0.0 and epsilon_lower_bound(100, 50) == 0.0
+    with pytest.raises(ValueError, match="num_correct must be an integer in 0..num_guesses=5"):
+        epsilon_lower_bound(5, 6)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        epsilon_lower_bound(5, 5, alpha=1.5)
+
+
+def test_error_rate_bound_is_conservative_and_informative():
+    # A perfect distinguisher on 1000 + 1000 trials gives a large bound; a coin gives 0.
+    assert epsilon_from_error_rates(1000, 1000, 0, 1000) > 5
+    assert epsilon_from_error_rates(500, 1000, 500, 1000) == 0.0
+
+
+def _rr_model_outputs(eps: float, k: int, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """A "model" whose output is the RR label itself: exactly ε-DP in the training label."""
+    noisy = RandomizedResponse(eps, k).privatize(labels, torch.Generator().manual_seed(seed))
+    return torch.nn.functional.one_hot(noisy, k).double()
+
+
+@pytest.mark.parametrize("eps", [0.5, 1.0, 2.0, 4.0])
+def test_a_randomized_response_model_is_bounded_by_its_epsilon_and_close_to_it(eps):
+    k, m = 10, 40_000
+    labels = torch.randint(0, k, (m,), generator=torch.Generator().manual_seed(0))
+    c = plant(labels, k, m // 2, m // 2, 100, torch.Generator().manual_seed(1))
+    trained_with = c.training_labels(labels)
+    probs = _rr_model_outputs(eps, k, trained_with, seed=2)
+    mem = memorization_attack(
+        probs[c.indices], c.canary_labels, c.other_labels, torch.Generator().manual_seed(3)
+    )
+    rows = torch.arange(len(c.audit_indices))
+    one = audit(
+        probs[c.audit_indices][rows, c.audit_a],
+        probs[c.audit_indices][rows, c.audit_b],
+        c.audit_is_a,
+    )
+    for result in (mem, one):
+        assert result["epsilon_lb"] <= eps
+        assert result["epsilon_lb"] >= eps - 0.25  # many canaries: close to ε
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    isolate_data_sources(monkeypatch, tmp_path)
+    return write_learnable_fashion(tmp_path / "data", n_train=400, n_test=100)
+
+
+def test_canaries_are_planted_before_the_method_sees_labels(data_dir, tmp_path, monkeypatch):
+    seen = {}
+    original = RandomizedResponse.privatize
+
+    def spy(self, labels, generator=None):
+        seen["labels"] = labels.clone()
+        return original(self, labels, generator)
+
+    monkeypatch.setattr(RandomizedResponse, "privatize", spy)
+    config = RunConfig(
+        dataset="fashion-mnist",
+        train=TrainConfig(epochs=1, batch_size=50),
+        method="rr",
+        method_options={"epsilon": 1.0},
+        canaries=40,
+        audit_canaries=30,
+    )
+    train_run(config, tmp_path / "run", Environment(data_dir=str(data_dir), progress=False))
+    c = torch.load(tmp_path / "run" / "canaries.pt", weights_only=True)
+    assert torch.equal(seen["labels"][c["indices"]], c["canary_labels"])
+    audit_labels = torch.where(c["audit_is_a"], c["audit_a"], c["audit_b"])
+    assert torch.equal(seen["labels"][c["audit_indices"]], audit_labels)
+    assert len(c["control_indices"]) == 40
+    outputs = torch.load(tmp_path / "run" / "outputs.pt", weights_only=True)
+    assert outputs["canary"]["softmax"].shape == (40, 10) and outputs["audit"]["softmax"].shape == (
+        30,
+        10,
+    )
+
+
+def test_canary_choice_is_label_independent_and_labels_are_wrong_and_uniform():
+    g = lambda: torch.Generator().manual_seed(9)  # noqa: E731
+    a = plant(torch.zeros(5000, dtype=torch.long), 10, 3000, 1000, 50, g())
+    b = plant(torch.arange(5000) % 10, 10, 3000, 1000, 50, g())
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.audit_indices, b.audit_indices)
+    assert not set(b.indices.tolist()) & set(b.audit_indices.tolist())
+    assert bool((b.canary_labels != b.original_labels).all())
+    assert bool(((b.other_labels != b.original_labels) & (b.other_labels != b.canary_labels)).all())
+    offsets = torch.bincount((b.canary_labels - b.original_labels) % 10, minlength=10)[1:]
+    assert stats.chisquare(offsets.numpy()).pvalue > 1e-4
+    assert bool((b.audit_a != b.audit_b).all())
+    assert stats.binomtest(int(b.audit_is_a.sum()), 1000).pvalue > 1e-4
+
+
+def test_a_memorizing_non_private_model_gives_a_large_lower_bound(data_dir, tmp_path):
+    config = RunConfig(
+        dataset="fashion-mnist",
+        train=TrainConfig(epochs=40, batch_size=50, lr=0.05),
+        crop_padding=0,
+        hflip=False,
+        canaries=100,
+        audit_canaries=100,
+    )
+    train_run(config, tmp_path / "none", Environment(data_dir=str(data_dir), progress=False))
+    result = attack_run(tmp_path / "none")
+    assert result["memorization"]["epsilon_lb"] > 1.5
+    assert result["one_run"]["epsilon_lb"] > 1.5
+    assert result["label_inference"]["gap"] > 0
+    assert json.loads((tmp_path / "none" / "attack.json").read_text())["method"] == "none"
+
+
+def test_attack_cli_on_runs_with_and_without_canaries(data_dir, tmp_path, capsys):
+    base = [
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--data-dir",
+        str(data_dir),
+        "--quiet",
+    ]
+    assert cli.main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert (
+        cli.main(
+            [
+                *base,
+                "--out",
+                str(tmp_path / "rr"),
+                "--method",
+                "rr",
+                "--epsilon",
+                "2",
+                "--canaries",
+                "40",
+                "--audit-canaries",
+                "40",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert cli.main(["attack", str(tmp_path / "plain"), str(tmp_path / "rr")]) == 0
+    out = capsys.readouterr().out
+    assert "ε_LB memorization" in out and "no canaries in this run" in out
+    result = json.loads((tmp_path / "rr" / "attack.json").read_text())
+    assert result["memorization"]["epsilon_lb"] <= 2 and result["one_run"]["epsilon_lb"] <= 2
+    assert cli.main(["attack", str(tmp_path / "missing")]) == 2
