@@ -254,6 +254,10 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> dict[str, 
     metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.json"
     if config_path.exists():
         recorded = json.loads(config_path.read_text())["run"]
+        try:  # options added since the run was made take their defaults
+            recorded = RunConfig.from_dict(recorded).to_dict()
+        except (ConfigError, TypeError, KeyError):
+            pass
         if recorded != config.to_dict():
             raise ConfigError(
                 f"{run_dir} holds a run with other options; choose another --out "
