@@ -6,8 +6,10 @@ indices, never by looking at labels):
 - memorization canaries (Malek et al. 2021): the label is replaced by a uniformly random
   wrong label y′; the attack later compares the model's confidence on y′ with that on
   another wrong label y″, drawn now (uniform among the K − 2 others);
-- audit canaries (Steinke et al. 2023): two distinct candidate labels (a, b) drawn
-  uniformly, and the training label set by a fair coin between them.
+- audit canaries (Steinke et al. 2023): two distinct wrong candidate labels (a, b) drawn
+  the same way, and the training label set by a fair coin between them. Wrong candidates
+  keep the model's generalization to the true class from diluting the audit; the coin is
+  independent of everything else, which is all the DP argument needs.
 
 Control images: as many random test images as memorization canaries, whose outputs the
 run stores too (a reference for how the model treats images it never trained on).
@@ -61,8 +63,16 @@ class Canaries:
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
 
 
-def _other_label(labels: torch.Tensor, offsets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return (labels + offsets) % num_classes
+def _two_wrong_labels(
+    labels: torch.Tensor, num_classes: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second): first uniform among the K − 1 labels ≠ label, second uniform among
+    the K − 2 labels ≠ label and ≠ first."""
+    n = labels.shape[0]
+    offset1 = torch.randint(1, num_classes, (n,), generator=generator)
+    offset2 = torch.randint(1, max(num_classes - 1, 2), (n,), generator=generator)
+    offset2 = offset2 + (offset2 >= offset1).long()  # skip offset1: uniform over the rest
+    return (labels + offset1) % num_classes, (labels + offset2) % num_classes
 
 
 def plant(
@@ -85,20 +95,14 @@ def plant(
         )
     if num_canaries and num_classes < 3:
         raise ConfigError("memorization canaries need at least 3 classes (y′ and another wrong y″)")
+    if num_audit and num_classes < 3:
+        raise ConfigError("audit canaries need at least 3 classes (two wrong candidate labels)")
     labels = labels.cpu()
     order = torch.randperm(n, generator=generator)
     idx, audit_idx = order[:num_canaries], order[num_canaries : num_canaries + num_audit]
     original = labels[idx]
-    # y′ uniform among the K − 1 wrong labels; y″ uniform among the K − 2 others.
-    offset1 = torch.randint(1, num_classes, (num_canaries,), generator=generator)
-    canary = _other_label(original, offset1, num_classes)
-    offset2 = torch.randint(1, max(num_classes - 1, 2), (num_canaries,), generator=generator)
-    offset2 = offset2 + (offset2 >= offset1).long()  # skip y′: uniform over the rest
-    other = _other_label(original, offset2, num_classes)
-    a = torch.randint(0, num_classes, (num_audit,), generator=generator)
-    b = _other_label(
-        a, torch.randint(1, num_classes, (num_audit,), generator=generator), num_classes
-    )
+    canary, other = _two_wrong_labels(original, num_classes, generator)
+    a, b = _two_wrong_labels(labels[audit_idx], num_classes, generator)
     coin = torch.rand(num_audit, generator=generator) < 0.5
     control = torch.randperm(num_test, generator=generator)[: min(num_canaries, num_test)]
     return Canaries(idx, original, canary, other, audit_idx, a, b, coin, control)

@@ -1,4 +1,5 @@
-"""Fashion-MNIST test accuracy of the label-DP methods across ε, one table.
+"""Fashion-MNIST test accuracy of the label-DP methods across ε, one table; with
+--canaries / --audit-canaries, the attacks' ε_LB next to each ε.
 
 Every run uses the same model (small CNN) and the same training budget: the same epochs,
 batch size and schedule for every model trained (LP-MST trains one model per stage, each
@@ -6,7 +7,12 @@ for that many epochs on the labels it has). Runs are recorded in run folders und
 --runs-dir and skipped when already finished, so an interrupted table resumes.
 
     python experiments/label_mechanisms_table.py --epsilons 0.5 1 2 4 --epochs 8
-writes results/fashion_mnist_label_mechanisms.md (and .json) with its provenance.
+writes results/fashion_mnist_label_mechanisms.md (and .json) with its provenance;
+
+    python experiments/label_mechanisms_table.py --methods rr alibi --epsilons 1 2 4 \
+        --canaries 1000 --audit-canaries 1000 --runs-dir runs/audits \
+        --out results/fashion_mnist_audits.md
+adds the memorization and one-run ε_LB of every run.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from attacks.harness import attack_run
 from labeldp.io import atomic_write_json, atomic_write_text
 from labeldp.provenance import provenance
 from labeldp.runner import Environment, RunConfig, train_run
@@ -29,6 +36,39 @@ def steps(metrics: dict, batch_size: int, epochs: int) -> int:
     return sum(math.ceil(size / batch_size) * epochs for size in sizes)
 
 
+def _lb(part: dict | None) -> str:
+    if part is None:
+        return "–"
+    value = part["epsilon_lb"]
+    text = "∞" if value == "inf" else f"{value:.2f}"
+    return f"{text} ({part['correct']}/{part['guesses']})"
+
+
+def audit_lines(rows: list[dict], args: argparse.Namespace) -> list[str]:
+    """The attacks' table: claimed ε, ε_LB of both audits (right/guesses), label inference."""
+    lines = [
+        "",
+        f"## What the runs leak: {args.canaries} memorization canaries, "
+        f"{args.audit_canaries} audit canaries, α = 0.05",
+        "",
+        "ε_LB (right guesses / guesses). Memorization: threshold chosen on half the canaries, "
+        "bound on the other half; one-run: Bonferroni over 5 guess counts. Label inference: "
+        "argmax accuracy on training labels minus on held-out labels.",
+        "",
+        "| method | ε | test acc (%) | ε_LB memorization | ε_LB one-run | label-inference gap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        a = r["attack"]
+        eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        lines.append(
+            f"| {r['method']} | {eps} | {100 * r['test_accuracy']:.2f} | "
+            f"{_lb(a['memorization'])} | {_lb(a['one_run'])} | "
+            f"{a['label_inference']['gap']:+.4f} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["rr", "lp-2st", "alibi"])
@@ -36,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--canaries", type=int, default=0)
+    parser.add_argument("--audit-canaries", type=int, default=0)
+    parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--crop-padding", type=int, default=None)
     parser.add_argument("--runs-dir", default="runs/label-mechanisms")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="results/fashion_mnist_label_mechanisms.md")
@@ -49,21 +93,29 @@ def main(argv: list[str] | None = None) -> int:
         options = {} if eps is None else {"epsilon": eps}
         name = method if eps is None else f"{method}-eps{eps:g}"
         config = RunConfig(
-            dataset="fashion-mnist", train=train, method=method, method_options=options
+            dataset="fashion-mnist",
+            train=train,
+            method=method,
+            method_options=options,
+            train_size=args.train_size,
+            crop_padding=args.crop_padding,
+            canaries=args.canaries,
+            audit_canaries=args.audit_canaries,
         )
-        metrics = train_run(
-            config, Path(args.runs_dir) / f"{name}-seed{args.seed}", env, resume=True
-        )
-        rows.append(
-            {
-                "method": method,
-                "epsilon": eps,
-                "test_accuracy": metrics["test_accuracy"],
-                "steps": steps(metrics, args.batch_size, args.epochs),
-                "train_seconds": metrics["train_seconds"],
-                "git_commit": metrics["git_commit"],
-            }
-        )
+        run_dir = Path(args.runs_dir) / f"{name}-seed{args.seed}"
+        metrics = train_run(config, run_dir, env, resume=True)
+        row = {
+            "method": method,
+            "epsilon": eps,
+            "test_accuracy": metrics["test_accuracy"],
+            "steps": steps(metrics, args.batch_size, args.epochs),
+            "train_seconds": metrics["train_seconds"],
+            "git_commit": metrics["git_commit"],
+        }
+        if args.canaries or args.audit_canaries:
+            attack = attack_run(run_dir)
+            row["attack"] = {k: attack[k] for k in ("memorization", "one_run", "label_inference")}
+        rows.append(row)
         print(
             f"[{i}/{len(grid)}] {name}: {metrics['test_accuracy']:.4f}", file=sys.stderr, flush=True
         )
@@ -102,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(
         f"| none (ε = ∞) | {100 * none['test_accuracy']:.2f} (all ε) |" + " |" * len(args.epsilons)
     )
+    if args.canaries or args.audit_canaries:
+        lines += audit_lines(rows, args)
     atomic_write_text(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -152,6 +152,8 @@ def test_canary_choice_is_label_independent_and_labels_are_wrong_and_uniform():
     offsets = torch.bincount((b.canary_labels - b.original_labels) % 10, minlength=10)[1:]
     assert stats.chisquare(offsets.numpy()).pvalue > 1e-4
     assert bool((b.audit_a != b.audit_b).all())
+    true_audit = (torch.arange(5000) % 10)[b.audit_indices]
+    assert bool(((b.audit_a != true_audit) & (b.audit_b != true_audit)).all())
     assert stats.binomtest(int(b.audit_is_a.sum()), 1000).pvalue > 1e-4
 
 
