@@ -16,7 +16,7 @@ import torch
 
 from labeldp.errors import ConfigError
 from labeldp.io import atomic_write_json
-from labeldp.train import derive_seed
+from labeldp.seeding import Stream, derive_seed
 
 from .canaries import Canaries
 from .label_inference import label_inference
@@ -35,6 +35,11 @@ def _json_number(x: float | None) -> float | str | None:
 
 def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
     return {k: _json_number(v) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def _probabilities(part: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float64 softmax from the stored logits (finer than the stored float32 softmax)."""
+    return torch.softmax(part["logits"].double(), dim=1)
 
 
 def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
@@ -61,10 +66,10 @@ def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
     canaries_path = run_dir / "canaries.pt"
     canaries = Canaries.load(canaries_path) if canaries_path.exists() else None
     if canaries is not None and len(canaries.indices):
-        generator = torch.Generator().manual_seed(derive_seed(seed, 0, 7))
+        generator = torch.Generator().manual_seed(derive_seed(seed, Stream.ATTACK_SPLIT))
         result["memorization"] = _jsonable(
             memorization_attack(
-                outputs["canary"]["softmax"],
+                _probabilities(outputs["canary"]),
                 canaries.canary_labels,
                 canaries.other_labels,
                 generator,
@@ -72,12 +77,14 @@ def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
             )
         )
     if canaries is not None and len(canaries.audit_indices):
-        probs = outputs["audit"]["softmax"]
+        # Log-probabilities in float64: confident models leave tiny wrong-label
+        # probabilities that float32 differences would tie.
+        log_probs = torch.log_softmax(outputs["audit"]["logits"].double(), dim=1)
         rows = torch.arange(len(canaries.audit_indices))
         result["one_run"] = _jsonable(
             audit(
-                probs[rows, canaries.audit_a],
-                probs[rows, canaries.audit_b],
+                log_probs[rows, canaries.audit_a],
+                log_probs[rows, canaries.audit_b],
                 canaries.audit_is_a,
                 alpha,
             )
@@ -94,6 +101,7 @@ def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
         outputs["heldout"]["softmax"],
         outputs["heldout"]["labels"],
         metrics["epsilon"],
+        metrics["delta"],
     )
     atomic_write_json(run_dir / "attack.json", result)
     return result

@@ -31,15 +31,19 @@ def guess_counts(scores: torch.Tensor, truth_is_a: torch.Tensor, num_guesses: in
 
 
 def audit(
-    probs_a: torch.Tensor, probs_b: torch.Tensor, truth_is_a: torch.Tensor, alpha: float = 0.05
+    confidence_a: torch.Tensor,
+    confidence_b: torch.Tensor,
+    truth_is_a: torch.Tensor,
+    alpha: float = 0.05,
 ) -> dict[str, Any]:
     """ε_LB of the one-run audit.
 
-    probs_a, probs_b: the model's probabilities of each canary's candidates a and b, (m,).
+    confidence_a, confidence_b: the model's confidence in each canary's candidates a and
+    b, (m,): probabilities or log-probabilities (the score is their difference).
     truth_is_a: bool (m,), whether the coin chose a. alpha: overall level.
     Returns the bound, the r that gave it, its counts and the per-r table.
     """
-    scores = (probs_a - probs_b).double()
+    scores = (confidence_a - confidence_b).double()
     m = len(scores)
     sizes = sorted({max(1, round(share * m)) for share in GUESS_SHARES}, reverse=True) if m else []
     level = alpha / max(len(sizes), 1)

@@ -1,5 +1,6 @@
-"""What a finished run stores for the attacks: the model's softmax on canaries, audit
-canaries, control images, and samples for label inference (``outputs.pt``)."""
+"""What a finished run stores for the attacks: the model's logits and softmax on
+canaries, audit canaries, control images, and samples for label inference
+(``outputs.pt``)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def collect_outputs(
     true_train_labels: the labels before canaries were planted (label inference compares
     with the real training labels of non-canary examples)."""
 
-    def softmax(images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(predict_logits(model, images, normalize), dim=1).cpu()
+    def softmax(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = predict_logits(model, images, normalize).cpu()
+        return {"logits": logits, "softmax": torch.softmax(logits, dim=1)}
 
     n = train_images.shape[0]
     planted = torch.zeros(n, dtype=torch.bool)
@@ -49,12 +51,12 @@ def collect_outputs(
         "train_sample": {
             "indices": sample,
             "labels": true_train_labels.cpu()[sample],
-            "softmax": softmax(train_images[sample.to(device)]),
+            **softmax(train_images[sample.to(device)]),
         },
-        "heldout": {"labels": test_labels.cpu(), "softmax": softmax(test_images)},
+        "heldout": {"labels": test_labels.cpu(), **softmax(test_images)},
     }
     if canaries is not None:
-        out["canary"] = {"softmax": softmax(train_images[canaries.indices.to(device)])}
-        out["audit"] = {"softmax": softmax(train_images[canaries.audit_indices.to(device)])}
-        out["control"] = {"softmax": softmax(test_images[canaries.control_indices.to(device)])}
+        out["canary"] = softmax(train_images[canaries.indices.to(device)])
+        out["audit"] = softmax(train_images[canaries.audit_indices.to(device)])
+        out["control"] = softmax(test_images[canaries.control_indices.to(device)])
     return out

@@ -11,6 +11,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
@@ -157,11 +158,21 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="draw label noise from OS entropy instead of the run seed",
     )
     audit = p.add_argument_group("auditing (read by labeldp attack)")
-    audit.add_argument("--canaries", type=_number(int, 0), default=0, metavar="M",
-                       help="replace M random training labels by random wrong labels before the "
-                       "method sees them (memorization attack); M control test images too")
-    audit.add_argument("--audit-canaries", type=_number(int, 0), default=0, metavar="M",
-                       help="M canaries labelled by a fair coin between two labels (one-run audit)")
+    audit.add_argument(
+        "--canaries",
+        type=_number(int, 0),
+        default=0,
+        metavar="M",
+        help="replace M random training labels by random wrong labels before the "
+        "method sees them (memorization attack); M control test images too",
+    )
+    audit.add_argument(
+        "--audit-canaries",
+        type=_number(int, 0),
+        default=0,
+        metavar="M",
+        help="M canaries labelled by a fair coin between two labels (one-run audit)",
+    )
     how = p.add_argument_group("optimization")
     how.add_argument(
         "--epochs", type=_number(int, 1), default=8, help="passes over the training set"
@@ -379,10 +390,15 @@ def _add_attack_parser(sub: argparse._SubParsersAction) -> None:
         description="Run the memorization attack, the one-run audit and label inference on "
         "finished run folders; write RUN_DIR/attack.json and print a table.",
     )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="folders written by labeldp train")
-    p.add_argument("--alpha", type=_number(float, 0, strict=True, high=1), default=0.05,
-                   help="significance level of the lower bounds")
+    p.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by labeldp train"
+    )
+    p.add_argument(
+        "--alpha",
+        type=_number(float, 0, strict=True, high=1),
+        default=0.05,
+        help="significance level of the lower bounds",
+    )
     p.set_defaults(handler=_attack)
 
 
@@ -397,6 +413,117 @@ def _attack(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Profiles of `labeldp reproduce`: sweep files under experiments/.
+PROFILES = {
+    "quick": "fashion_mnist_quick.toml",
+    "full": "fashion_mnist_full.toml",
+    "cifar10-paper": "cifar10_paper.toml",
+    "cifar100-paper": "cifar100_paper.toml",
+}
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
+    common = _Parser(add_help=False)
+    common.add_argument("--store", default="results/runs.sqlite", help="the SQLite results store")
+    running = _Parser(add_help=False)
+    running.add_argument("--runs-dir", default="runs", help="run folders go to RUNS_DIR/<sweep>/")
+    running.add_argument(
+        "--workers",
+        type=_number(int, 1),
+        default=1,
+        help="runs at once (each gets an equal share of the CPU threads)",
+    )
+    running.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    running.add_argument(
+        "--data-dir", default=None, metavar="DIR", help="where datasets are looked for first"
+    )
+    running.add_argument("--quiet", action="store_true", help="no progress display")
+    outputs = _Parser(add_help=False)
+    outputs.add_argument("--results-dir", default="results", help="where tables go")
+    outputs.add_argument("--figures-dir", default="paper_figs", help="where figures go")
+
+    p = sub.add_parser(
+        "sweep",
+        parents=[common, running],
+        help="run a sweep file's grid into the store",
+        description="Run every grid point of a sweep file (experiments/*.toml) that "
+        "the store does not hold yet. Resumable: after Ctrl-C or kill -9, rerun it.",
+    )
+    p.add_argument("sweep_file", metavar="FILE")
+    p.set_defaults(handler=_sweep)
+    p = sub.add_parser(
+        "report",
+        parents=[common, outputs],
+        help="write a sweep's tables",
+        description="Write RESULTS_DIR/<sweep>.md and .csv from the store.",
+    )
+    p.add_argument("sweep_file", metavar="FILE")
+    p.set_defaults(handler=_report)
+    p = sub.add_parser(
+        "plot",
+        parents=[common, outputs],
+        help="draw a sweep's figures",
+        description="Draw FIGURES_DIR/<sweep>_utility and _audit (PNG and PDF).",
+    )
+    p.add_argument("sweep_file", metavar="FILE")
+    p.set_defaults(handler=_plot)
+    p = sub.add_parser(
+        "reproduce",
+        parents=[common, running, outputs],
+        help="sweep, attack, report and plot one profile",
+        description="Run a profile's sweep (with its attacks), then write its "
+        "tables and figures. Profiles: " + ", ".join(f"{k} ({v})" for k, v in PROFILES.items()),
+    )
+    p.add_argument("--profile", choices=list(PROFILES), default="quick")
+    p.set_defaults(handler=_reproduce)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .store import ResultsStore
+    from .sweep import SweepSpec, run_sweep
+
+    spec = SweepSpec.load(args.sweep_file)
+    env = Environment(data_dir=args.data_dir, device=args.device, progress=not args.quiet)
+    run_sweep(spec, ResultsStore(args.store), args.runs_dir, env, workers=args.workers)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .store import ResultsStore
+    from .sweep import SweepSpec
+
+    spec = SweepSpec.load(args.sweep_file)
+    for path in write_report(ResultsStore(args.store), spec, args.sweep_file, args.results_dir):
+        print(path)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from paper_figs.plots import write_figures
+
+    from .store import ResultsStore
+    from .sweep import SweepSpec
+
+    spec = SweepSpec.load(args.sweep_file)
+    paths = write_figures(ResultsStore(args.store), spec, args.figures_dir)
+    if not paths:
+        raise ConfigError(
+            f"the store {args.store} holds no runs of sweep {spec.name}; run labeldp sweep first"
+        )
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    args.sweep_file = str(EXPERIMENTS / PROFILES[args.profile])
+    for step in (_sweep, _report, _plot):
+        step(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="labeldp",
@@ -408,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_data_parser(sub)
     _add_attack_parser(sub)
+    _add_sweep_parsers(sub)
     return parser
 
 

@@ -35,7 +35,8 @@ from .methods import build_method
 from .methods.base import RunContext
 from .models import NORM_KINDS, build_model, model_builder
 from .provenance import provenance
-from .train import TrainConfig, derive_seed, device_description, resolve_device
+from .seeding import Stream, derive_seed
+from .train import TrainConfig, device_description, resolve_device
 
 DEFAULT_MODEL = {
     "fashion-mnist": "cnn",
@@ -145,7 +146,8 @@ def prepare_data(config: RunConfig, env: Environment) -> tuple[DeviceDataset, De
                 f"train_size must be in 1..{len(train)} for {config.dataset}, "
                 f"got {config.train_size}"
             )
-        subset = random_subset(len(train), config.train_size, derive_seed(config.train.seed, 0, 3))
+        seed = derive_seed(config.train.seed, Stream.TRAIN_SUBSET)
+        subset = random_subset(len(train), config.train_size, seed)
         train = train.subset(subset.to(train.device))
     return train, test
 
@@ -173,8 +175,12 @@ def train_run(
     canaries = None
     if config.canaries or config.audit_canaries:
         canaries = plant_canaries(
-            true_labels, info.num_classes, config.canaries, config.audit_canaries, len(test),
-            torch.Generator().manual_seed(derive_seed(config.train.seed, 0, 6)),
+            true_labels,
+            info.num_classes,
+            config.canaries,
+            config.audit_canaries,
+            len(test),
+            torch.Generator().manual_seed(derive_seed(config.train.seed, Stream.CANARIES)),
         )
         train = DeviceDataset(train.images, canaries.training_labels(true_labels), info)
     method = build_method(config.method, config.method_options)
@@ -185,7 +191,7 @@ def train_run(
             canaries.save(run_dir / "canaries.pt")
 
     def new_model() -> torch.nn.Module:
-        torch.manual_seed(derive_seed(config.train.seed, 0, 4))
+        torch.manual_seed(derive_seed(config.train.seed, Stream.MODEL_INIT))
         return build_model(
             config.model_name,
             num_classes=info.num_classes,
@@ -214,9 +220,18 @@ def train_run(
         fingerprint=fingerprint,
     )
     result = method.run(ctx)
+    sample_generator = torch.Generator().manual_seed(
+        derive_seed(config.train.seed, Stream.OUTPUT_SAMPLE)
+    )
     outputs = collect_outputs(
-        result.fit.eval_model, train.images, true_labels, test.images, test.labels, ctx.normalize,
-        canaries, torch.Generator().manual_seed(derive_seed(config.train.seed, 0, 8)),
+        result.fit.eval_model,
+        train.images,
+        true_labels,
+        test.images,
+        test.labels,
+        ctx.normalize,
+        canaries,
+        sample_generator,
     )
     ledger = result.ledger.to_dict()
     metrics = {

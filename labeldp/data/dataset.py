@@ -35,28 +35,38 @@ class DeviceDataset:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) -> None:
         if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            raise ConfigError(f"DeviceDataset needs torch tensors, got images of type "
-                              f"{type(images).__name__} and labels of type "
-                              f"{type(labels).__name__}")
+            raise ConfigError(
+                f"DeviceDataset needs torch tensors, got images of type "
+                f"{type(images).__name__} and labels of type "
+                f"{type(labels).__name__}"
+            )
         shape = (info.channels, info.image_size, info.image_size)
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != shape:
-            raise ConfigError(f"{info.name} images must be torch.uint8 of shape (N, "
-                              f"{', '.join(map(str, shape))}), got {images.dtype} of shape "
-                              f"{tuple(images.shape)}")
+            raise ConfigError(
+                f"{info.name} images must be torch.uint8 of shape (N, "
+                f"{', '.join(map(str, shape))}), got {images.dtype} of shape "
+                f"{tuple(images.shape)}"
+            )
         if labels.dtype != torch.int64 or labels.dim() != 1:
-            raise ConfigError(f"{info.name} labels must be torch.int64 of shape (N,), got "
-                              f"{labels.dtype} of shape {tuple(labels.shape)}")
+            raise ConfigError(
+                f"{info.name} labels must be torch.int64 of shape (N,), got "
+                f"{labels.dtype} of shape {tuple(labels.shape)}"
+            )
         if images.device != labels.device:
-            raise ConfigError(f"images are on {images.device} but labels on {labels.device}; "
-                              "they must be on one device")
+            raise ConfigError(
+                f"images are on {images.device} but labels on {labels.device}; "
+                "they must be on one device"
+            )
         if len(images) != len(labels):
             raise DataError(f"{info.name}: {len(images)} images but {len(labels)} labels")
         if len(labels) == 0:
             raise DataError(f"{info.name}: the dataset has no examples")
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= info.num_classes:
-            raise DataError(f"{info.name} labels must lie in 0..{info.num_classes - 1}, found "
-                            f"values from {low} to {high}")
+            raise DataError(
+                f"{info.name} labels must lie in 0..{info.num_classes - 1}, found "
+                f"values from {low} to {high}"
+            )
         self.images = images
         self.labels = labels
         self.info = info
@@ -65,8 +75,10 @@ class DeviceDataset:
         return len(self.labels)
 
     def __repr__(self) -> str:
-        return (f"DeviceDataset({self.info.name}, n={len(self)}, "
-                f"images={tuple(self.images.shape)}, device={self.device})")
+        return (
+            f"DeviceDataset({self.info.name}, n={len(self)}, "
+            f"images={tuple(self.images.shape)}, device={self.device})"
+        )
 
     @property
     def device(self) -> torch.device:
@@ -80,24 +92,32 @@ class DeviceDataset:
     def subset(self, indices: torch.Tensor) -> DeviceDataset:
         """The examples at ``indices`` (a 1-D integer tensor of values in 0..N-1, in the
         given order; repeats allowed) as a new dataset on the same device."""
-        if (not isinstance(indices, torch.Tensor) or indices.dim() != 1
-                or indices.dtype.is_floating_point or indices.dtype.is_complex
-                or indices.dtype == torch.bool):
-            raise ConfigError("subset indices must be a 1-D integer tensor (torch.long), got "
-                              f"{getattr(indices, 'dtype', type(indices).__name__)} of shape "
-                              f"{tuple(getattr(indices, 'shape', ()))}")
+        if (
+            not isinstance(indices, torch.Tensor)
+            or indices.dim() != 1
+            or indices.dtype.is_floating_point
+            or indices.dtype.is_complex
+            or indices.dtype == torch.bool
+        ):
+            raise ConfigError(
+                "subset indices must be a 1-D integer tensor (torch.long), got "
+                f"{getattr(indices, 'dtype', type(indices).__name__)} of shape "
+                f"{tuple(getattr(indices, 'shape', ()))}"
+            )
         if len(indices) == 0:
             raise ConfigError("subset indices are empty; a subset needs at least one example")
         indices = indices.to(device=self.device, dtype=torch.long)
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= len(self):
-            raise ConfigError(f"subset indices must lie in 0..{len(self) - 1}, found values "
-                              f"from {low} to {high}")
+            raise ConfigError(
+                f"subset indices must lie in 0..{len(self) - 1}, found values from {low} to {high}"
+            )
         return DeviceDataset(self.images[indices], self.labels[indices], self.info)
 
 
-def _load_split(info: DatasetInfo, folder: Path, files: tuple[str, ...], fix: str
-                ) -> tuple[np.ndarray, np.ndarray]:
+def _load_split(
+    info: DatasetInfo, folder: Path, files: tuple[str, ...], fix: str
+) -> tuple[np.ndarray, np.ndarray]:
     paths = []
     for name in files:
         path = find_file(info, folder, name)
@@ -107,12 +127,16 @@ def _load_split(info: DatasetInfo, folder: Path, files: tuple[str, ...], fix: st
     if info.format == "idx":
         images, labels = read_idx(paths[0], ndim=3, fix=fix), read_idx(paths[1], ndim=1, fix=fix)
         if len(images) != len(labels):
-            raise DataError(f"{paths[0]} holds {len(images)} images but {paths[1]} holds "
-                            f"{len(labels)} labels; {fix}")
+            raise DataError(
+                f"{paths[0]} holds {len(images)} images but {paths[1]} holds "
+                f"{len(labels)} labels; {fix}"
+            )
         size = (info.image_size, info.image_size)
         if images.shape[1:] != size:
-            raise DataError(f"{paths[0]} holds images of size {images.shape[1:]}, expected "
-                            f"{size} for {info.name}; {fix}")
+            raise DataError(
+                f"{paths[0]} holds images of size {images.shape[1:]}, expected "
+                f"{size} for {info.name}; {fix}"
+            )
         return images[:, None], labels.astype(np.int64)
     if info.format == "cifar":
         batches = [read_cifar_batch(p, info.label_key, fix=fix) for p in paths]
@@ -122,9 +146,13 @@ def _load_split(info: DatasetInfo, folder: Path, files: tuple[str, ...], fix: st
     raise ConfigError(f"{info.name}: unknown dataset format {info.format!r}")
 
 
-def load_splits(name: str | DatasetInfo, *, data_dir: str | os.PathLike | None = None,
-                download: bool = True, device: str | torch.device = "cpu",
-                ) -> tuple[DeviceDataset, DeviceDataset]:
+def load_splits(
+    name: str | DatasetInfo,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    device: str | torch.device = "cpu",
+) -> tuple[DeviceDataset, DeviceDataset]:
     """Load the (train, test) splits of a dataset onto ``device``.
 
     The files are found (and with ``download=True`` fetched) by
@@ -171,8 +199,9 @@ def random_subset(n: int, size: int, seed: int) -> torch.Tensor:
     if n < 1:
         raise ConfigError(f"cannot draw a subset of an empty dataset (n={n})")
     if not 1 <= size <= n:
-        raise ConfigError(f"size (--train-size) must be between 1 and {n} (the number of "
-                          f"examples), got {size}")
+        raise ConfigError(
+            f"size (--train-size) must be between 1 and {n} (the number of examples), got {size}"
+        )
     return _permutation(n, seed)[:size].sort().values
 
 
@@ -180,19 +209,24 @@ def _part_sizes(n: int, parts: int | Sequence[float]) -> list[int]:
     if isinstance(parts, (int, np.integer)) and not isinstance(parts, bool):
         k = int(parts)
         if not 1 <= k <= n:
-            raise ConfigError(f"parts must be between 1 and {n} (the number of examples) so "
-                              f"that every part is non-empty, got {k}")
+            raise ConfigError(
+                f"parts must be between 1 and {n} (the number of examples) so "
+                f"that every part is non-empty, got {k}"
+            )
         return [n // k + (1 if i < n % k else 0) for i in range(k)]
     try:
         fractions = [float(f) for f in parts]  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise ConfigError("parts must be a number of parts or a sequence of fractions "
-                          f"summing to 1, got {parts!r}") from None
+        raise ConfigError(
+            "parts must be a number of parts or a sequence of fractions "
+            f"summing to 1, got {parts!r}"
+        ) from None
     if not fractions or any(not math.isfinite(f) or f <= 0 for f in fractions):
         raise ConfigError(f"partition fractions must be positive, got {fractions}")
     if abs(math.fsum(fractions) - 1.0) > 1e-6:
-        raise ConfigError(f"partition fractions must sum to 1, got {fractions} "
-                          f"(sum {math.fsum(fractions):.8g})")
+        raise ConfigError(
+            f"partition fractions must sum to 1, got {fractions} (sum {math.fsum(fractions):.8g})"
+        )
     # Largest-remainder rounding: sizes sum to n and each is within 1 of fraction * n.
     exact = [f * n for f in fractions]
     sizes = [math.floor(e) for e in exact]
@@ -201,8 +235,10 @@ def _part_sizes(n: int, parts: int | Sequence[float]) -> list[int]:
         sizes[i] += 1
     empty = [fractions[i] for i, s in enumerate(sizes) if s == 0]
     if empty:
-        raise ConfigError(f"partition fractions {empty} of n={n} examples give empty parts; "
-                          "use larger fractions or fewer parts")
+        raise ConfigError(
+            f"partition fractions {empty} of n={n} examples give empty parts; "
+            "use larger fractions or fewer parts"
+        )
     return sizes
 
 

@@ -30,8 +30,12 @@ _IDX_UINT8 = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def read_idx(path: str | os.PathLike, *, ndim: int | None = None, fix: str = DEFAULT_FIX,
-             ) -> np.ndarray:
+def read_idx(
+    path: str | os.PathLike,
+    *,
+    ndim: int | None = None,
+    fix: str = DEFAULT_FIX,
+) -> np.ndarray:
     """Read an IDX file (raw or gzip-compressed) into a uint8 array of the stored shape.
 
     ``ndim``, if given, is the number of dimensions the file must have (3 for images,
@@ -48,30 +52,35 @@ def read_idx(path: str | os.PathLike, *, ndim: int | None = None, fix: str = DEF
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(
-                f"{path} is a corrupt or truncated gzip file ({exc}); {fix}") from exc
+            raise DataError(f"{path} is a corrupt or truncated gzip file ({exc}); {fix}") from exc
 
-    expected = (f"0x{_IDX_UINT8 << 8 | ndim:08x}" if ndim is not None
-                else "0x00000803 or 0x00000801")
+    expected = f"0x{_IDX_UINT8 << 8 | ndim:08x}" if ndim is not None else "0x00000803 or 0x00000801"
     if len(raw) < 4:
-        raise DataError(f"{path} is not a valid IDX file ({len(raw)} bytes, shorter than "
-                        f"the 4-byte magic {expected}); {fix}")
+        raise DataError(
+            f"{path} is not a valid IDX file ({len(raw)} bytes, shorter than "
+            f"the 4-byte magic {expected}); {fix}"
+        )
     magic = int.from_bytes(raw[:4], "big")
     zero, dtype, dims_n = magic >> 16, raw[2], raw[3]
     if zero != 0 or dtype != _IDX_UINT8 or dims_n == 0 or (ndim is not None and dims_n != ndim):
-        raise DataError(f"{path} is not a valid IDX file (bad magic 0x{magic:08x}, expected "
-                        f"{expected}); {fix}")
+        raise DataError(
+            f"{path} is not a valid IDX file (bad magic 0x{magic:08x}, expected {expected}); {fix}"
+        )
     header = 4 + 4 * dims_n
     if len(raw) < header:
-        raise DataError(f"{path} is truncated: its IDX header needs {header} bytes, the file "
-                        f"has {len(raw)}; {fix}")
+        raise DataError(
+            f"{path} is truncated: its IDX header needs {header} bytes, the file "
+            f"has {len(raw)}; {fix}"
+        )
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=dims_n, offset=4))
     want = int(np.prod(shape, dtype=np.int64))
     have = len(raw) - header
     if have != want:
         what = "truncated" if have < want else "longer than its header says"
-        raise DataError(f"{path} is {what}: shape {shape} needs {want} payload bytes, the file "
-                        f"has {have}; {fix}")
+        raise DataError(
+            f"{path} is {what}: shape {shape} needs {want} payload bytes, the file "
+            f"has {have}; {fix}"
+        )
     # Copy so the array is writable and owns its memory (torch.from_numpy needs that).
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
@@ -82,8 +91,10 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
         from numpy._core import multiarray, numeric  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core import multiarray, numeric
-    table: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray,
-                                         ("numpy", "dtype"): np.dtype}
+    table: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
     for module in ("numpy.core", "numpy._core"):
         table[(f"{module}.multiarray", "_reconstruct")] = multiarray._reconstruct
         table[(f"{module}.multiarray", "scalar")] = multiarray.scalar
@@ -92,9 +103,20 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
 
 
 _HARMLESS_BUILTINS = {
-    "list": list, "dict": dict, "tuple": tuple, "set": set, "frozenset": frozenset,
-    "bytes": bytes, "bytearray": bytearray, "str": str, "int": int, "float": float,
-    "complex": complex, "bool": bool, "slice": slice, "range": range,
+    "list": list,
+    "dict": dict,
+    "tuple": tuple,
+    "set": set,
+    "frozenset": frozenset,
+    "bytes": bytes,
+    "bytearray": bytearray,
+    "str": str,
+    "int": int,
+    "float": float,
+    "complex": complex,
+    "bool": bool,
+    "slice": slice,
+    "range": range,
 }
 
 
@@ -113,6 +135,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
                     allowed[(module, name)] = obj
             # Python 3 writes bytes as _codecs.encode(str, 'latin1') under protocol < 3.
             import _codecs
+
             allowed[("_codecs", "encode")] = _codecs.encode
             _RestrictedUnpickler._allowed = allowed
 
@@ -122,12 +145,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise DataError(
                 f"refusing to unpickle {module}.{name} from {self._path}: a CIFAR batch only "
                 "holds numpy arrays, lists and bytes, so the file is corrupt or not a CIFAR "
-                "batch; delete it and fetch the dataset again")
+                "batch; delete it and fetch the dataset again"
+            )
         return obj
 
 
-def read_cifar_batch(path: str | os.PathLike, label_key: str | bytes = "labels", *,
-                     fix: str = DEFAULT_FIX) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_batch(
+    path: str | os.PathLike, label_key: str | bytes = "labels", *, fix: str = DEFAULT_FIX
+) -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR python batch file.
 
     ``label_key`` is ``"labels"`` (CIFAR-10) or ``"fine_labels"`` (CIFAR-100).
@@ -146,30 +171,45 @@ def read_cifar_batch(path: str | os.PathLike, label_key: str | bytes = "labels",
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # pickle raises many types on corrupt input
-        raise DataError(f"{path} is not a valid CIFAR batch ({type(exc).__name__}: {exc}); "
-                        f"{fix}") from exc
+        raise DataError(
+            f"{path} is not a valid CIFAR batch ({type(exc).__name__}: {exc}); {fix}"
+        ) from exc
 
     if not isinstance(batch, dict):
-        raise DataError(f"{path} is not a valid CIFAR batch (holds a {type(batch).__name__}, "
-                        f"expected a dict); {fix}")
+        raise DataError(
+            f"{path} is not a valid CIFAR batch (holds a {type(batch).__name__}, "
+            f"expected a dict); {fix}"
+        )
     missing = [k for k in (b"data", key) if k not in batch]
     if missing:
-        raise DataError(f"{path} is not a valid CIFAR batch (no {missing} key; it has "
-                        f"{sorted(map(repr, batch))}); {fix}")
+        raise DataError(
+            f"{path} is not a valid CIFAR batch (no {missing} key; it has "
+            f"{sorted(map(repr, batch))}); {fix}"
+        )
     data, labels = batch[b"data"], batch[key]
-    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
-            or data.shape[1] != 3 * 32 * 32):
-        desc = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
-                else type(data).__name__)
-        raise DataError(f"{path}: b'data' is a {desc}, expected a uint8 array of shape "
-                        f"(N, 3072); {fix}")
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3 * 32 * 32
+    ):
+        desc = (
+            f"{data.dtype} array of shape {data.shape}"
+            if isinstance(data, np.ndarray)
+            else type(data).__name__
+        )
+        raise DataError(
+            f"{path}: b'data' is a {desc}, expected a uint8 array of shape (N, 3072); {fix}"
+        )
     try:
         labels = np.asarray(labels)
     except Exception as exc:
         raise DataError(f"{path}: {key!r} cannot be read as a list of ints; {fix}") from exc
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: {key!r} has dtype {labels.dtype} and shape {labels.shape}, "
-                        f"expected a list of {len(data)} ints; {fix}")
+        raise DataError(
+            f"{path}: {key!r} has dtype {labels.dtype} and shape {labels.shape}, "
+            f"expected a list of {len(data)} ints; {fix}"
+        )
     if len(labels) != len(data):
         raise DataError(f"{path}: {len(data)} images but {len(labels)} labels; {fix}")
     images = np.ascontiguousarray(data.reshape(len(data), 3, 32, 32))

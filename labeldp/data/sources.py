@@ -88,16 +88,24 @@ class DatasetInfo:
         return None
 
 
-_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def _idx_remotes(md5s: tuple[str, str, str, str], *bases: str) -> tuple[Remote, ...]:
-    return tuple(Remote(f"{name}.gz", md5, tuple(f"{base}{name}.gz" for base in bases))
-                 for name, md5 in zip(_IDX_FILES, md5s, strict=True))
+    return tuple(
+        Remote(f"{name}.gz", md5, tuple(f"{base}{name}.gz" for base in bases))
+        for name, md5 in zip(_IDX_FILES, md5s, strict=True)
+    )
 
 
-_FASHION_BASE = "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+_FASHION_BASE = (
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+)
 _FASHION_MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _MNIST_BASE = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 _MNIST_MIRROR = "https://storage.googleapis.com/cvdf-datasets/mnist/"
@@ -117,50 +125,116 @@ _CIFAR100_CLASSES = (
 
 DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo(
-        name="fashion-mnist", num_classes=10, channels=1, image_size=28,
-        mean=(0.2860,), std=(0.3530,),
-        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                     "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        hflip=True, format="idx",
-        train_files=_IDX_FILES[:2], test_files=_IDX_FILES[2:],
-        remotes=_idx_remotes(("8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                              "25c81989df183df01b3e8a0aad5dffbe",
-                              "bef4ecab320f06d8554ea6380940ec79",
-                              "bb300cfdad3c16e7a12a480ee83cd310"),
-                             _FASHION_BASE, _FASHION_MIRROR),
+        name="fashion-mnist",
+        num_classes=10,
+        channels=1,
+        image_size=28,
+        mean=(0.2860,),
+        std=(0.3530,),
+        class_names=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        hflip=True,
+        format="idx",
+        train_files=_IDX_FILES[:2],
+        test_files=_IDX_FILES[2:],
+        remotes=_idx_remotes(
+            (
+                "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "25c81989df183df01b3e8a0aad5dffbe",
+                "bef4ecab320f06d8554ea6380940ec79",
+                "bb300cfdad3c16e7a12a480ee83cd310",
+            ),
+            _FASHION_BASE,
+            _FASHION_MIRROR,
+        ),
     ),
     "mnist": DatasetInfo(
-        name="mnist", num_classes=10, channels=1, image_size=28,
-        mean=(0.1307,), std=(0.3081,),
+        name="mnist",
+        num_classes=10,
+        channels=1,
+        image_size=28,
+        mean=(0.1307,),
+        std=(0.3081,),
         class_names=tuple(str(d) for d in range(10)),
-        hflip=False, format="idx",
-        train_files=_IDX_FILES[:2], test_files=_IDX_FILES[2:],
-        remotes=_idx_remotes(("f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                              "d53e105ee54ea40749a09fcbcd1e9432",
-                              "9fb629c4189551a2d022fa330f9573f3",
-                              "ec29112dd5afa0611ce80d1b7f02629c"),
-                             _MNIST_BASE, _MNIST_MIRROR),
+        hflip=False,
+        format="idx",
+        train_files=_IDX_FILES[:2],
+        test_files=_IDX_FILES[2:],
+        remotes=_idx_remotes(
+            (
+                "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "d53e105ee54ea40749a09fcbcd1e9432",
+                "9fb629c4189551a2d022fa330f9573f3",
+                "ec29112dd5afa0611ce80d1b7f02629c",
+            ),
+            _MNIST_BASE,
+            _MNIST_MIRROR,
+        ),
     ),
     "cifar10": DatasetInfo(
-        name="cifar10", num_classes=10, channels=3, image_size=32,
-        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                     "horse", "ship", "truck"),
-        hflip=True, format="cifar",
-        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_files=("test_batch",),
-        remotes=(Remote("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
-                        (f"{_CIFAR_BASE}cifar-10-python.tar.gz",)),),
-        subdir="cifar-10-batches-py", label_key="labels",
+        name="cifar10",
+        num_classes=10,
+        channels=3,
+        image_size=32,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        class_names=(
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
+        ),
+        hflip=True,
+        format="cifar",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        remotes=(
+            Remote(
+                "cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a",
+                (f"{_CIFAR_BASE}cifar-10-python.tar.gz",),
+            ),
+        ),
+        subdir="cifar-10-batches-py",
+        label_key="labels",
     ),
     "cifar100": DatasetInfo(
-        name="cifar100", num_classes=100, channels=3, image_size=32,
-        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+        name="cifar100",
+        num_classes=100,
+        channels=3,
+        image_size=32,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
         class_names=tuple(_CIFAR100_CLASSES),
-        hflip=True, format="cifar",
-        train_files=("train",), test_files=("test",),
-        remotes=(Remote("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
-                        (f"{_CIFAR_BASE}cifar-100-python.tar.gz",)),),
-        subdir="cifar-100-python", label_key="fine_labels",
+        hflip=True,
+        format="cifar",
+        train_files=("train",),
+        test_files=("test",),
+        remotes=(
+            Remote(
+                "cifar-100-python.tar.gz",
+                "eb9058c3a382ffc7106e4002c42a8d85",
+                (f"{_CIFAR_BASE}cifar-100-python.tar.gz",),
+            ),
+        ),
+        subdir="cifar-100-python",
+        label_key="fine_labels",
     ),
 }
 
@@ -179,8 +253,9 @@ def get_info(name: str | DatasetInfo) -> DatasetInfo:
     try:
         return DATASETS[name]
     except (KeyError, TypeError):
-        raise ConfigError(f"unknown dataset {name!r}; known datasets: "
-                          f"{', '.join(sorted(DATASETS))}") from None
+        raise ConfigError(
+            f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}"
+        ) from None
 
 
 def cache_dir() -> Path:
@@ -189,8 +264,7 @@ def cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache") / "labeldp"
 
 
-def search_roots(name: str | DatasetInfo, data_dir: str | os.PathLike | None = None
-                 ) -> list[Path]:
+def search_roots(name: str | DatasetInfo, data_dir: str | os.PathLike | None = None) -> list[Path]:
     """The roots searched for a dataset, in priority order (see the module docstring)."""
     info = get_info(name)
     roots: list[Path] = []
@@ -235,15 +309,18 @@ def _wanted(info: DatasetInfo) -> str:
     return ", ".join(f"{f}{suffix}" for f in info.files)
 
 
-def _missing_message(info: DatasetInfo, searched: list[Path], partial: list[str],
-                     extra: str = "") -> str:
+def _missing_message(
+    info: DatasetInfo, searched: list[Path], partial: list[str], extra: str = ""
+) -> str:
     archive = f" (or the archive {info.archive})" if info.archive else ""
     how = [f"run `labeldp data fetch {info.name}`"]
     if info.name in DEBIAN_PACKAGES:
         how.append(f"`apt-get install {DEBIAN_PACKAGES[info.name]}`")
     how.append("pass --data-dir (or set $LABELDP_DATA) to a folder holding the files")
-    msg = (f"dataset {info.name!r} not found: looked for {_wanted(info)}{archive} in "
-           f"{', '.join(str(p) for p in searched)}")
+    msg = (
+        f"dataset {info.name!r} not found: looked for {_wanted(info)}{archive} in "
+        f"{', '.join(str(p) for p in searched)}"
+    )
     if partial:
         msg += f"; incomplete: {'; '.join(partial)}"
     if extra:
@@ -251,8 +328,9 @@ def _missing_message(info: DatasetInfo, searched: list[Path], partial: list[str]
     return msg + f"; to get it, {', or '.join(how)}"
 
 
-def _find_in_root(info: DatasetInfo, root: Path, searched: list[Path],
-                  partial: list[str]) -> Path | None:
+def _find_in_root(
+    info: DatasetInfo, root: Path, searched: list[Path], partial: list[str]
+) -> Path | None:
     """Look for the dataset in one root; extracts an archive found there. Records what it
     searched and which folders held only some of the files."""
     for folder in _candidate_dirs(info, root):
@@ -269,8 +347,9 @@ def _find_in_root(info: DatasetInfo, root: Path, searched: list[Path],
     return None
 
 
-def locate(name: str | DatasetInfo, data_dir: str | os.PathLike | None = None,
-           download: bool = False) -> Path:
+def locate(
+    name: str | DatasetInfo, data_dir: str | os.PathLike | None = None, download: bool = False
+) -> Path:
     """The folder holding all of a dataset's files, searched in the documented order.
 
     ``name`` is a registered name or a ``DatasetInfo`` (tests pass modified ones). With
@@ -304,8 +383,9 @@ def _download_root(data_dir: str | os.PathLike | None) -> Path:
     return cache_dir()
 
 
-def _download_dataset(info: DatasetInfo, data_dir: str | os.PathLike | None,
-                      searched: list[Path], partial: list[str]) -> Path:
+def _download_dataset(
+    info: DatasetInfo, data_dir: str | os.PathLike | None, searched: list[Path], partial: list[str]
+) -> Path:
     root = _download_root(data_dir)
     folder = root / info.name
     for remote in info.remotes:
@@ -321,13 +401,20 @@ def _download_dataset(info: DatasetInfo, data_dir: str | os.PathLike | None,
             except DataError as exc:
                 failures.append(str(exc))
         else:
-            raise DataError(_missing_message(
-                info, searched, partial,
-                extra=f"downloading into {folder} failed: {' | '.join(failures)}"))
+            raise DataError(
+                _missing_message(
+                    info,
+                    searched,
+                    partial,
+                    extra=f"downloading into {folder} failed: {' | '.join(failures)}",
+                )
+            )
     found = _find_in_root(info, root, [], [])
     if found is None:
-        raise DataError(f"downloaded {info.name!r} into {folder}, but it does not hold "
-                        f"{_wanted(info)}; delete {folder} and try again")
+        raise DataError(
+            f"downloaded {info.name!r} into {folder}, but it does not hold "
+            f"{_wanted(info)}; delete {folder} and try again"
+        )
     return found
 
 
@@ -351,8 +438,10 @@ def download(url: str, dest: str | os.PathLike, md5: str, timeout: float = 60) -
                     update(len(chunk))
         actual = digest.hexdigest()
         if actual != md5.lower():
-            raise DataError(f"checksum mismatch for {url}: expected md5 {md5}, got {actual}; "
-                            "the download is corrupt or the file changed upstream")
+            raise DataError(
+                f"checksum mismatch for {url}: expected md5 {md5}, got {actual}; "
+                "the download is corrupt or the file changed upstream"
+            )
 
     try:
         return atomic_write(dest, write)
@@ -377,8 +466,16 @@ class _Progress:
                 from tqdm import tqdm
             except ImportError:  # pragma: no cover - tqdm is a dependency
                 return
-            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
-                             unit_divisor=1024, file=sys.stderr, disable=None, leave=False)
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                disable=None,
+                leave=False,
+            )
 
     def __enter__(self):
         return self._bar.update if self._bar is not None else (lambda n: None)
@@ -392,11 +489,15 @@ def _safe_members(archive: Path, tar: tarfile.TarFile) -> Iterator[tarfile.TarIn
     for member in tar:
         parts = PurePosixPath(member.name).parts
         if member.name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-            raise DataError(f"refusing to extract {archive}: member {member.name!r} has an "
-                            "absolute path or '..'; the archive is corrupt or malicious")
+            raise DataError(
+                f"refusing to extract {archive}: member {member.name!r} has an "
+                "absolute path or '..'; the archive is corrupt or malicious"
+            )
         if not (member.isfile() or member.isdir()):
-            raise DataError(f"refusing to extract {archive}: member {member.name!r} is a "
-                            "link or special file, which dataset archives never hold")
+            raise DataError(
+                f"refusing to extract {archive}: member {member.name!r} is a "
+                "link or special file, which dataset archives never hold"
+            )
         yield member
 
 
@@ -414,8 +515,10 @@ def extract_archive(info: DatasetInfo, archive: Path, target: Path) -> Path:
         target.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".extract-{info.name}-", dir=target))
     except OSError as exc:
-        raise DataError(f"cannot extract {archive} into {target}: {exc.strerror or exc}; "
-                        "pass a writable --data-dir or extract it yourself") from exc
+        raise DataError(
+            f"cannot extract {archive} into {target}: {exc.strerror or exc}; "
+            "pass a writable --data-dir or extract it yourself"
+        ) from exc
     try:
         try:
             with tarfile.open(archive, "r:gz") as tar:

@@ -5,13 +5,13 @@ random bit from the operating system's entropy source (``os.urandom``), so no se
 that an adversary could guess or find in a config file.
 
 What secure mode guarantees: the noise is unpredictable, and the uniform variates are
-exact 53-bit dyadic numbers. What it does not: Laplace and Gaussian noise are still made
-from those uniforms with floating-point arithmetic (inverse CDF, Box–Muller), and the
-pattern of low-order bits of such floats can leak the value that was noised (Mironov
-2012, "On significance of the least significant bits for differential privacy"). Randomized
-response only compares uniforms with probabilities and is unaffected. A deployment that
-releases raw noisy values (rather than a model trained on them) should snap or discretize
-them first.
+exact dyadic numbers (k + 1/2)·2⁻⁵², strictly inside (0, 1). What it does not: Laplace
+and Gaussian noise are still made from those uniforms with floating-point arithmetic
+(inverse CDF, Box–Muller), and the pattern of low-order bits of such floats can leak the
+value that was noised (Mironov 2012, "On significance of the least significant bits for
+differential privacy"). Randomized response only compares uniforms with probabilities and
+is unaffected. A deployment that releases raw noisy values (rather than a model trained
+on them) should snap or discretize them first.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 
+_TWO_TO_MINUS_52 = 2.0**-52
 _TWO_TO_MINUS_53 = 2.0**-53
 
 
@@ -41,14 +42,15 @@ def uniform(
 ) -> torch.Tensor:
     """Uniform variates in the open interval (0, 1), float64, on ``device``.
 
-    Secure: (k + 1/2)·2⁻⁵³ for k uniform on 53-bit integers read from os.urandom.
+    Secure: (k + 1/2)·2⁻⁵² for k uniform on 52-bit integers read from os.urandom; every
+    such value is exactly representable in float64, so none rounds to 0 or 1.
     Seeded: torch.rand in float64 from ``generator`` (on the generator's device), moved to
     ``device``; an exact 0 (probability 2⁻⁵³) is replaced by 2⁻⁵⁴.
     """
     count = int(np.prod(shape)) if shape else 1
     if secure:
-        bits = np.frombuffer(os.urandom(8 * count), dtype=np.uint64) >> np.uint64(11)
-        values = (bits.astype(np.float64) + 0.5) * _TWO_TO_MINUS_53
+        bits = np.frombuffer(os.urandom(8 * count), dtype=np.uint64) >> np.uint64(12)
+        values = (bits.astype(np.float64) + 0.5) * _TWO_TO_MINUS_52
         return torch.from_numpy(values).reshape(shape).to(device)
     gen_device = generator.device if generator is not None else torch.device(device)
     values = torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device)

@@ -11,9 +11,9 @@ from ..errors import ConfigError
 from ..mechanisms import Alibi
 from ..mechanisms.validation import check_epsilon
 from ..privacy import PrivacyLedger
+from ..seeding import Stream
 from .base import MethodResult, RunContext
 
-NOISE_STREAM = 110
 PRIORS = ("model", "uniform")
 
 
@@ -78,7 +78,7 @@ class AlibiMethod:
             delta=self.delta,
             secure=self.secure_noise,
         )
-        generator = None if self.secure_noise else ctx.generator(NOISE_STREAM)
+        generator = None if self.secure_noise else ctx.generator(Stream.ALIBI_NOISE)
         noisy = ctx.privatized("alibi", lambda: mechanism.privatize(labels, generator))
         ledger = PrivacyLedger()
         ledger.record(mechanism.ledger_entry(examples=len(noisy), prior=self.prior))

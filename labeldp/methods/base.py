@@ -21,7 +21,8 @@ from ..augment import Normalize
 from ..data import DeviceDataset
 from ..io import atomic_write
 from ..privacy import PrivacyLedger
-from ..train import FitResult, TargetFn, TrainConfig, Trainer, derive_seed
+from ..seeding import Stream, derive_seed
+from ..train import FitResult, TargetFn, TrainConfig, Trainer
 from ..train.loop import Augmentation
 from ..train.sampling import BatchSampler
 from ..train.steps import GradientStep
@@ -53,10 +54,10 @@ class RunContext:
     checkpoint_every: int = 1
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
-    def generator(self, *purpose: int) -> torch.Generator:
-        """A generator on the training device seeded from (run seed, ``*purpose``); each
-        purpose (integers, the first ≥ 100 for methods by convention) gets its own stream."""
-        seed = derive_seed(self.config.seed, *purpose)
+    def generator(self, stream: Stream, *index: int) -> torch.Generator:
+        """A generator on the training device for ``stream`` (and e.g. a stage ``index``)
+        of this run's seed; see :mod:`labeldp.seeding`."""
+        seed = derive_seed(self.config.seed, stream, *index)
         return torch.Generator(device=self.train.device).manual_seed(seed)
 
     def privatized(self, name: str, draw: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -23,11 +23,9 @@ from ..errors import ConfigError
 from ..mechanisms import RandomizedResponse, RRWithPrior
 from ..mechanisms.validation import check_epsilon
 from ..privacy import PrivacyLedger
-from ..train import FitResult, HardLabels, derive_seed, predict_logits
+from ..seeding import Stream, derive_seed
+from ..train import FitResult, HardLabels, predict_logits
 from .base import MethodResult, RunContext
-
-NOISE_STREAM = 120
-SPLIT_STREAM = 121
 
 #: The paper's CIFAR-10 settings by ε: (share of the data in stage 1, prior temperature).
 PAPER_SETTINGS: dict[float, tuple[float, float]] = {
@@ -122,7 +120,7 @@ class LPMST:
         parts = [
             p.to(ctx.train.device)
             for p in random_partition(
-                n, self.stage_fractions, derive_seed(ctx.config.seed, SPLIT_STREAM, 0)
+                n, self.stage_fractions, derive_seed(ctx.config.seed, Stream.LPMST_SPLIT)
             )
         ]
         ledger = PrivacyLedger()
@@ -131,7 +129,7 @@ class LPMST:
         labels = ctx.train.labels
 
         def generator(stage: int) -> torch.Generator | None:  # one stream per stage
-            return None if self.secure_noise else ctx.generator(NOISE_STREAM, stage)
+            return None if self.secure_noise else ctx.generator(Stream.LPMST_NOISE, stage)
 
         # Stage 1: plain RR on part 1.
         noisy = ctx.privatized("stage1", lambda: rr.privatize(labels[parts[0]], generator(1)))

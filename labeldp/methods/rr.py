@@ -7,10 +7,9 @@ from typing import Any, ClassVar
 from ..mechanisms import RandomizedResponse
 from ..mechanisms.validation import check_epsilon
 from ..privacy import PrivacyLedger
+from ..seeding import Stream
 from ..train import HardLabels
 from .base import MethodResult, RunContext
-
-NOISE_STREAM = 100  # RunContext.generator purpose of this method's noise
 
 
 class RandomizedResponseMethod:
@@ -34,7 +33,7 @@ class RandomizedResponseMethod:
         mechanism = RandomizedResponse(
             self.epsilon, ctx.train.info.num_classes, secure=self.secure_noise
         )
-        generator = None if self.secure_noise else ctx.generator(NOISE_STREAM)
+        generator = None if self.secure_noise else ctx.generator(Stream.RR_NOISE)
         noisy = ctx.privatized("rr", lambda: mechanism.privatize(labels, generator))
         ledger = PrivacyLedger()
         ledger.record(mechanism.ledger_entry(examples=len(noisy)))

@@ -46,6 +46,10 @@ class LedgerEntry:
             raise ValueError(f"delta must be in [0, 1), got {self.delta}")
         if self.composition not in COMPOSITIONS:
             raise ValueError(f"composition must be one of {COMPOSITIONS}, got {self.composition!r}")
+        if self.composition == "parallel" and not self.group:
+            raise ValueError(
+                "a parallel entry needs a group naming the disjoint parts it belongs to"
+            )
 
 
 class PrivacyLedger:

@@ -4,7 +4,7 @@ sampler, CPU or CUDA. See :class:`Trainer`."""
 from .config import TrainConfig
 from .device import autocast_for, device_description, resolve_device
 from .ema import WeightAverage
-from .loop import FitResult, Trainer, accuracy, derive_seed, predict_logits
+from .loop import FitResult, Trainer, accuracy, predict_logits
 from .sampling import BatchSampler, ShuffledBatches
 from .schedule import learning_rate
 from .steps import BackpropStep, GradientStep, StepOutput
@@ -24,7 +24,6 @@ __all__ = [
     "WeightAverage",
     "accuracy",
     "autocast_for",
-    "derive_seed",
     "device_description",
     "learning_rate",
     "predict_logits",

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from ..augment import Normalize
 from ..errors import ConfigError
 from ..io import atomic_write
+from ..seeding import Stream, derive_seed
 from .config import TrainConfig
 from .device import autocast_for
 from .ema import WeightAverage
@@ -33,12 +33,6 @@ from .steps import BackpropStep, GradientStep
 from .targets import HardLabels, TargetFn, target_classes
 
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed derived from integers (e.g. run seed, epoch, purpose), well mixed so
-    that nearby inputs give unrelated streams."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @torch.no_grad()
@@ -253,8 +247,10 @@ class Trainer:
     # ------------------------------------------------------------------ internals
     def _train_epoch(self, epoch: int) -> None:
         cfg = self.config
-        torch.manual_seed(derive_seed(cfg.seed, epoch, 1))
-        generator = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, epoch, 2))
+        torch.manual_seed(derive_seed(cfg.seed, Stream.EPOCH_GLOBAL, epoch))
+        generator = torch.Generator(device=self.device).manual_seed(
+            derive_seed(cfg.seed, Stream.EPOCH_BATCHES, epoch)
+        )
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
@@ -321,4 +317,4 @@ class Trainer:
         )
 
 
-__all__ = ["FitResult", "HardLabels", "Trainer", "accuracy", "derive_seed", "predict_logits"]
+__all__ = ["FitResult", "HardLabels", "Trainer", "accuracy", "predict_logits"]

@@ -1,0 +1,142 @@
+"""Result tables of a sweep, from the store: results/<sweep>.md and results/<sweep>.csv.
+
+Accuracy is the mean ± sample standard deviation over seeds (in %), per method and ε;
+ε_LB columns give the mean over seeds of each audit's lower bound. The Markdown file
+starts with how to regenerate it and the commits, machines and dates of its runs; the
+published numbers of the paper a sweep mirrors are printed beside ours.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from .io import atomic_write_text
+from .provenance import provenance
+from .store import ResultsStore
+from .sweep import SweepSpec
+
+
+def summary(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
+    """One row per (method, ε): accuracy mean/std/count over seeds (fractions 0–1), mean
+    ε_LB of each audit, mean label-inference gap. ε is NaN for the non-private rows."""
+    rows = pd.DataFrame(store.rows(spec.name))
+    if rows.empty:
+        return rows
+    rows["epsilon"] = rows["epsilon"].astype(float)
+    grouped = rows.groupby(["method", "epsilon"], dropna=False, sort=False)
+    table = grouped.agg(
+        accuracy_mean=("test_accuracy", "mean"),
+        accuracy_std=("test_accuracy", "std"),
+        seeds=("seed", "nunique"),
+        eps_lb_memorization=("eps_lb_memorization", "mean"),
+        eps_lb_one_run=("eps_lb_one_run", "mean"),
+        label_inference_gap=("label_inference_gap", "mean"),
+        train_seconds=("train_seconds", "mean"),
+    ).reset_index()
+    order = {m: i for i, m in enumerate(["none", *spec.methods])}
+    table["order"] = table["method"].map(order).fillna(len(order))
+    return table.sort_values(["order", "epsilon"]).drop(columns="order").reset_index(drop=True)
+
+
+def _accuracy(mean: float, std: float, seeds: int) -> str:
+    if seeds > 1 and not math.isnan(std):
+        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return f"{100 * mean:.2f}"
+
+
+def _bound(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return "∞" if math.isinf(value) else f"{value:.2f}"
+
+
+def write_report(
+    store: ResultsStore, spec: SweepSpec, sweep_file: str | Path, out_dir: str | Path = "results"
+) -> tuple[Path, Path]:
+    """Writes results/<sweep>.md and .csv (atomically) and returns their paths."""
+    out_dir = Path(out_dir)
+    table = summary(store, spec)
+    csv_path, md_path = out_dir / f"{spec.name}.csv", out_dir / f"{spec.name}.md"
+    atomic_write_text(csv_path, table.to_csv(index=False))
+    runs = pd.DataFrame(store.rows(spec.name))
+    now = provenance()
+    lines = [f"# {spec.name}", ""]
+    if spec.description:
+        lines += [spec.description, ""]
+    if runs.empty:
+        lines.append("No finished runs in the store yet.")
+    else:
+        commits = ", ".join(sorted(set(runs["git_commit"].fillna("?"))))
+        machines = "; ".join(sorted(set(runs["machine"].fillna("?"))))
+        lines += [
+            f"- made by: `labeldp sweep {sweep_file}` then `labeldp report {sweep_file}` "
+            f"(or `labeldp reproduce`)",
+            f"- runs: {len(runs)} of {len(spec.runs())} in the grid, at commits {commits}",
+            f"- machines: {machines}",
+            f"- runs finished {runs['finished_at'].min()} to {runs['finished_at'].max()}; "
+            f"report written {now['date']} at commit {now['git_commit']}",
+            f"- {spec.dataset}, model {spec.model or 'default'}, seeds {spec.seeds}, "
+            f"training {spec.train}, train size {spec.train_size or 'all'}, "
+            f"canaries {spec.canaries}, audit canaries {spec.audit_canaries}",
+            "",
+            "## Test accuracy (%)" + (" — mean ± std over seeds" if len(spec.seeds) > 1 else ""),
+            "",
+        ]
+        eps_grid = [float(e) for e in spec.epsilons]
+        lines.append("| method | " + " | ".join(f"ε={e:g}" for e in eps_grid) + " |")
+        lines.append("|---" * (len(eps_grid) + 1) + "|")
+        for method in spec.methods:
+            cells = []
+            for e in eps_grid:
+                hit = table[(table["method"] == method) & (table["epsilon"] == e)]
+                cells.append(
+                    "–"
+                    if hit.empty
+                    else _accuracy(*hit.iloc[0][["accuracy_mean", "accuracy_std", "seeds"]])
+                )
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        none = table[table["method"] == "none"]
+        if not none.empty:
+            r = none.iloc[0]
+            lines.append(
+                f"| none (ε = ∞) | {_accuracy(r.accuracy_mean, r.accuracy_std, r.seeds)} |"
+                + " |" * (len(eps_grid) - 1)
+            )
+        if spec.reference:
+            ref = spec.reference
+            lines += ["", f"Published ({ref['source']}):", ""]
+            ref_eps = [float(e) for e in ref["epsilons"]]
+            lines.append("| method | " + " | ".join(f"ε={e:g}" for e in ref_eps) + " |")
+            lines.append("|---" * (len(ref_eps) + 1) + "|")
+            for method, values in ref["rows"].items():
+                lines.append(
+                    f"| {method} | "
+                    + " | ".join("–" if v is None else f"{v:g}" for v in values)
+                    + " |"
+                )
+        if spec.canaries or spec.audit_canaries:
+            lines += [
+                "",
+                "## What the runs leak (mean over seeds)",
+                "",
+                "ε_LB at α = 0.05: memorization attack (threshold chosen on half the canaries, "
+                "bound on the other half) and one-run audit (Bonferroni over 5 guess counts). "
+                "Label-inference gap: attack accuracy on training labels minus on held-out labels. "
+                "Each bound is valid at level α on its own; across the many runs of a sweep a few "
+                "false alarms (ε_LB > ε) are expected at that level, so treat a single one as a "
+                "prompt to rerun with more canaries, and several as a bug.",
+                "",
+                "| method | ε | ε_LB memorization | ε_LB one-run | label-inference gap |",
+                "|---|---|---|---|---|",
+            ]
+            for r in table.itertuples():
+                eps = "∞" if math.isnan(r.epsilon) else f"{r.epsilon:g}"
+                lines.append(
+                    f"| {r.method} | {eps} | {_bound(r.eps_lb_memorization)} | "
+                    f"{_bound(r.eps_lb_one_run)} | {r.label_inference_gap:+.4f} |"
+                )
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
+    return md_path, csv_path

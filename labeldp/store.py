@@ -1,0 +1,135 @@
+"""The results store: every finished run of every sweep, in one SQLite file.
+
+One row per (sweep, run key); the key is the run's configuration in canonical JSON, so a
+rerun of the same sweep finds its finished rows and skips them. A row is written once,
+in one transaction, after the run folder holds its metrics (and attack.json), so a crash
+or ``kill -9`` at any moment leaves either no row or a complete one: nothing is lost,
+nothing is duplicated (a UNIQUE constraint guards the key).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    sweep TEXT NOT NULL,
+    key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    method TEXT NOT NULL,
+    epsilon REAL,
+    seed INTEGER NOT NULL,
+    test_accuracy REAL NOT NULL,
+    eps_lb_memorization REAL,
+    eps_lb_one_run REAL,
+    label_inference_gap REAL,
+    train_seconds REAL,
+    run_dir TEXT NOT NULL,
+    config TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    attack TEXT,
+    git_commit TEXT,
+    machine TEXT,
+    finished_at TEXT NOT NULL,
+    UNIQUE (sweep, key)
+);
+"""
+
+
+def run_key(config: dict[str, Any]) -> str:
+    """Canonical JSON of a run configuration: equal configurations, equal keys."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def _bound(part: dict[str, Any] | None) -> float | None:
+    if not part:
+        return None
+    value = part["epsilon_lb"]
+    return float("inf") if value == "inf" else value
+
+
+class ResultsStore:
+    """The runs of all sweeps in the SQLite database at ``path`` (created if absent)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=60)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            with db:  # one transaction: committed on success, rolled back on error
+                yield db
+        finally:
+            db.close()
+
+    def finished_keys(self, sweep: str) -> set[str]:
+        with self._connect() as db:
+            return {row[0] for row in db.execute("SELECT key FROM runs WHERE sweep = ?", (sweep,))}
+
+    def record(
+        self,
+        sweep: str,
+        name: str,
+        config: dict[str, Any],
+        run_dir: str | Path,
+        metrics: dict[str, Any],
+        attack: dict[str, Any] | None,
+        finished_at: str,
+    ) -> bool:
+        """Stores one finished run; returns False (and changes nothing) when the sweep
+        already holds a run with this configuration."""
+        options = config.get("method_options", {})
+        row = (
+            sweep,
+            run_key(config),
+            name,
+            config["method"],
+            options.get("epsilon"),
+            config["train"]["seed"],
+            metrics["test_accuracy"],
+            _bound(attack and attack.get("memorization")),
+            _bound(attack and attack.get("one_run")),
+            attack["label_inference"]["gap"] if attack else None,
+            metrics["train_seconds"],
+            str(run_dir),
+            json.dumps(config, sort_keys=True),
+            json.dumps(metrics, sort_keys=True),
+            json.dumps(attack, sort_keys=True) if attack else None,
+            metrics.get("git_commit"),
+            metrics.get("machine"),
+            finished_at,
+        )
+        with self._connect() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO runs (sweep, key, name, method, epsilon, seed, "
+                "test_accuracy, eps_lb_memorization, eps_lb_one_run, label_inference_gap, "
+                "train_seconds, run_dir, config, metrics, attack, git_commit, machine, "
+                "finished_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            return cursor.rowcount == 1
+
+    def rows(self, sweep: str) -> list[dict[str, Any]]:
+        """Every stored run of ``sweep``, as dicts of the columns, in insertion order."""
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            return [
+                dict(r)
+                for r in db.execute("SELECT * FROM runs WHERE sweep = ? ORDER BY id", (sweep,))
+            ]
+
+    def sweeps(self) -> list[str]:
+        with self._connect() as db:
+            return [r[0] for r in db.execute("SELECT DISTINCT sweep FROM runs ORDER BY sweep")]

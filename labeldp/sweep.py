@@ -1,0 +1,198 @@
+"""Sweeps: a grid of runs defined in a TOML file, run resumably into the results store.
+
+A sweep file (experiments/*.toml) names a dataset, the methods, an ε grid, seeds, the
+training hyper-parameters and the canaries; see experiments/README.md for every key.
+:func:`run_sweep` runs each grid point into its own run folder (``<runs>/<sweep>/<name>``)
+and records it in the :class:`~labeldp.store.ResultsStore`. Finished runs are skipped; an
+unfinished one continues from its last checkpoint; a row is stored only once its run
+folder is complete. So Ctrl-C or ``kill -9`` at any point loses at most the epoch in
+progress, and a rerun neither repeats nor duplicates anything.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, fields
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .errors import ConfigError
+from .runner import Environment, RunConfig, format_epsilon, train_run
+from .store import ResultsStore, run_key
+from .train import TrainConfig
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """One sweep: the grid ``methods × epsilons × seeds`` (+ the non-private run per seed).
+
+    name: the sweep's name (the store and report key). dataset, model, norm, train_size,
+    crop_padding, canaries, audit_canaries: as in :class:`~labeldp.runner.RunConfig`.
+    train: TrainConfig keywords shared by every run (the seed comes from ``seeds``).
+    method_options: per method, extra hyper-parameters (e.g. ``{"alibi": {"noise": ...}}``).
+    reference: published numbers to print beside ours: ``{"source": str, "epsilons":
+    [...], "rows": {method: [accuracy in %, ...]}}``.
+    """
+
+    name: str
+    dataset: str
+    methods: list[str]
+    epsilons: list[float]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    include_nonprivate: bool = True
+    description: str = ""
+    model: str | None = None
+    norm: str = "batch"
+    train_size: int | None = None
+    crop_padding: int | None = None
+    canaries: int = 0
+    audit_canaries: int = 0
+    train: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> SweepSpec:
+        """Reads and validates a sweep file; every problem names the file and the key."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"sweep file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"sweep file {path} is not valid TOML: {exc}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        missing = [k for k in ("name", "dataset", "methods", "epsilons") if k not in data]
+        if missing:
+            raise ConfigError(f"{path}: missing keys {', '.join(missing)}")
+        if "seed" in data.get("train", {}):
+            raise ConfigError(f"{path}: put seeds in 'seeds', not in [train]")
+        spec = cls(**data)
+        try:
+            spec.runs()  # validates every grid point now, not halfway through the sweep
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{path}: bad [train] option: {exc}") from None
+        return spec
+
+    def runs(self) -> list[tuple[str, RunConfig]]:
+        """(name, config) of every grid point, seed by seed, non-private first."""
+        grid = []
+        for seed in self.seeds:
+            train = TrainConfig(**self.train, seed=seed)
+            points: list[tuple[str, float | None]] = (
+                [("none", None)] if self.include_nonprivate else []
+            )
+            points += [(m, float(e)) for m in self.methods for e in self.epsilons]
+            for method, eps in points:
+                options = dict(self.method_options.get(method, {}))
+                if eps is not None:
+                    options["epsilon"] = eps
+                config = RunConfig(
+                    dataset=self.dataset,
+                    train=train,
+                    method=method,
+                    method_options=options,
+                    model=self.model,
+                    norm=self.norm,
+                    train_size=self.train_size,
+                    crop_padding=self.crop_padding,
+                    canaries=self.canaries,
+                    audit_canaries=self.audit_canaries,
+                )
+                label = method if eps is None else f"{method}-eps{eps:g}"
+                grid.append((f"{label}-seed{seed}", config))
+        return grid
+
+
+def _execute(
+    name: str, config: dict[str, Any], run_dir: str, env: dict[str, Any], threads: int | None
+):
+    """Runs one grid point (in this process or a worker): train, attack, report back."""
+    if threads:
+        torch.set_num_threads(threads)
+    from attacks.harness import attack_run
+
+    run_config = RunConfig.from_dict(config)
+    metrics = train_run(run_config, run_dir, Environment(**env), resume=True)
+    attack = attack_run(run_dir) if run_config.canaries or run_config.audit_canaries else None
+    return name, config, run_dir, metrics, attack
+
+
+def run_sweep(
+    spec: SweepSpec,
+    store: ResultsStore,
+    runs_root: str | Path = "runs",
+    env: Environment | None = None,
+    workers: int = 1,
+) -> int:
+    """Runs every grid point of ``spec`` not yet in ``store``; returns how many it ran.
+
+    workers: runs at once (≥ 1); each worker process gets an equal share of the CPU
+    threads. Progress shows as one bar over the grid and a line per finished run."""
+    if workers < 1:
+        raise ConfigError(f"workers must be an integer ≥ 1, got {workers}")
+    env = env or Environment()
+    inner = asdict(env) | {"progress": env.progress and workers == 1}
+    done = store.finished_keys(spec.name)
+    grid = spec.runs()
+    todo = [(n, c.to_dict()) for n, c in grid if run_key(c.to_dict()) not in done]
+    bar = tqdm(
+        total=len(grid),
+        initial=len(grid) - len(todo),
+        desc=f"sweep {spec.name}",
+        unit="run",
+        disable=not env.progress,
+        dynamic_ncols=True,
+    )
+
+    def finish(name, config, run_dir, metrics, attack) -> None:
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        store.record(spec.name, name, config, run_dir, metrics, attack, stamp)
+        bar.update(1)
+        bound = (
+            ""
+            if not attack or not attack.get("memorization")
+            else f", ε_LB {attack['memorization']['epsilon_lb']}"
+        )
+        bar.write(
+            f"{name}: accuracy {metrics['test_accuracy']:.4f}, "
+            f"ε = {format_epsilon(metrics['epsilon'])}{bound}"
+        )
+
+    folder = Path(runs_root) / spec.name
+    if workers == 1:
+        for name, config in todo:
+            finish(*_execute(name, config, str(folder / name), inner, None))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [
+                pool.submit(_execute, n, c, str(folder / n), inner, threads) for n, c in todo
+            ]
+            for future in as_completed(futures):
+                finish(*future.result())
+    bar.close()
+    if env.progress:
+        print(
+            f"sweep {spec.name}: {len(grid)} runs in the store ({len(todo)} new)", file=sys.stderr
+        )
+    return len(todo)

@@ -1,0 +1,1 @@
+"""Plotting code for the figures in this folder (drawn by ``labeldp plot``)."""

@@ -1,0 +1,156 @@
+"""Sweeps, the results store, reports and figures, on tiny generated data; a sweep killed
+with SIGKILL and rerun loses and duplicates nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fakes import isolate_data_sources, write_learnable_fashion
+
+from labeldp import cli
+from labeldp.errors import ConfigError
+from labeldp.runner import Environment
+from labeldp.store import ResultsStore
+from labeldp.sweep import SweepSpec, run_sweep
+
+TINY = """
+name = "tiny"
+dataset = "fashion-mnist"
+methods = ["rr", "alibi"]
+epsilons = [1, 4]
+seeds = [0, 1]
+canaries = 20
+audit_canaries = 20
+crop_padding = 0
+
+[train]
+epochs = {epochs}
+batch_size = 50
+"""
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    isolate_data_sources(monkeypatch, tmp_path)
+    return write_learnable_fashion(tmp_path / "data", n_train=300, n_test=100)
+
+
+def _sweep_file(tmp_path: Path, epochs: int = 1, text: str = TINY) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(text.format(epochs=epochs))
+    return path
+
+
+def test_sweep_runs_the_grid_once_and_reports_it(data_dir, tmp_path):
+    spec = SweepSpec.load(_sweep_file(tmp_path))
+    assert len(spec.runs()) == 2 * (1 + 2 * 2)
+    store = ResultsStore(tmp_path / "runs.sqlite")
+    env = Environment(data_dir=str(data_dir), progress=False)
+    assert run_sweep(spec, store, tmp_path / "runs", env) == 10
+    assert run_sweep(spec, store, tmp_path / "runs", env) == 0  # everything finished
+    rows = store.rows("tiny")
+    assert len(rows) == 10 and len({r["key"] for r in rows}) == 10
+    assert all(r["eps_lb_memorization"] is not None for r in rows)
+    assert {r["epsilon"] for r in rows} == {None, 1.0, 4.0}
+
+    results, figures = tmp_path / "results", tmp_path / "figs"
+    common = [
+        "--store",
+        str(tmp_path / "runs.sqlite"),
+        "--results-dir",
+        str(results),
+        "--figures-dir",
+        str(figures),
+        str(tmp_path / "tiny.toml"),
+    ]
+    assert cli.main(["report", *common]) == 0
+    assert cli.main(["plot", *common]) == 0
+    text = (results / "tiny.md").read_text()
+    assert "| rr |" in text and "±" in text and "ε_LB memorization" in text and "commits" in text
+    csv = (results / "tiny.csv").read_text().splitlines()
+    assert csv[0].startswith("method,epsilon,accuracy_mean,accuracy_std,seeds") and len(csv) == 6
+    for kind in ("utility", "audit"):
+        for suffix in ("png", "pdf"):
+            assert (figures / f"tiny_{kind}.{suffix}").stat().st_size > 1000
+
+
+def test_sweep_files_are_validated_with_the_file_and_key_named(tmp_path):
+    bad = {
+        "unknown keys colour": 'colour = "red"\n' + TINY,
+        "missing keys epsilons": TINY.replace("epsilons = [1, 4]", ""),
+        "bad [train] option": TINY.replace("batch_size = 50", "batch_size = 50\nmomentumm = 0.9"),
+        "put seeds in 'seeds'": TINY.replace("batch_size = 50", "batch_size = 50\nseed = 3"),
+        "epsilon must be a finite number > 0": TINY.replace("[1, 4]", "[0, 4]"),
+        "method must be one of": TINY.replace('"alibi"]', '"magic"]'),
+    }
+    for fragment, text in bad.items():
+        path = _sweep_file(tmp_path, text=text)
+        with pytest.raises(ConfigError) as info:
+            SweepSpec.load(path)
+        assert fragment in str(info.value) and str(path) in str(info.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        SweepSpec.load(tmp_path / "nope.toml")
+
+
+def test_the_shipped_sweep_files_are_valid():
+    experiments = Path(__file__).resolve().parent.parent / "experiments"
+    names = {SweepSpec.load(p).name for p in experiments.glob("*.toml")}
+    assert {"fashion_mnist_quick", "fashion_mnist_full", "cifar10_paper", "cifar100_paper"} <= names
+
+
+def _rows(db: Path) -> list[tuple]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT id, key, finished_at FROM runs ORDER BY id").fetchall()
+    except sqlite3.OperationalError:  # the table is not created yet
+        return []
+
+
+def test_a_sweep_killed_with_sigkill_resumes_without_loss_or_duplicates(data_dir, tmp_path):
+    sweep_file = _sweep_file(tmp_path, epochs=12)
+    db, runs = tmp_path / "runs.sqlite", tmp_path / "runs"
+    argv = [
+        "sweep",
+        str(sweep_file),
+        "--store",
+        str(db),
+        "--runs-dir",
+        str(runs),
+        "--data-dir",
+        str(data_dir),
+        "--quiet",
+    ]
+    code = f"import sys; from labeldp.cli import main; sys.exit(main({argv!r}))"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    env.pop("LABELDP_DATA", None)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 240
+    while len(_rows(db)) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = _rows(db)
+    assert 2 <= len(before) < 10, "the sweep should have been killed part-way"
+    finished = {
+        name: (runs / "tiny" / name / "metrics.json").stat().st_mtime_ns
+        for name in os.listdir(runs / "tiny")
+        if (runs / "tiny" / name / "metrics.json").exists()
+    }
+
+    assert cli.main(argv) == 0
+    after = _rows(db)
+    assert len(after) == 10 and len({key for _, key, _ in after}) == 10  # nothing lost or twice
+    assert after[: len(before)] == before  # finished rows untouched
+    for name, mtime in finished.items():  # finished runs were not redone
+        assert (runs / "tiny" / name / "metrics.json").stat().st_mtime_ns == mtime
