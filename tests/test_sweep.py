@@ -154,3 +154,12 @@ def test_a_sweep_killed_with_sigkill_resumes_without_loss_or_duplicates(data_dir
     assert after[: len(before)] == before  # finished rows untouched
     for name, mtime in finished.items():  # finished runs were not redone
         assert (runs / "tiny" / name / "metrics.json").stat().st_mtime_ns == mtime
+
+
+def test_a_sweep_with_two_workers_stores_every_run_once(data_dir, tmp_path):
+    spec = SweepSpec.load(_sweep_file(tmp_path, text=TINY.replace("seeds = [0, 1]", "seeds = [0]")))
+    store = ResultsStore(tmp_path / "runs.sqlite")
+    env = Environment(data_dir=str(data_dir), progress=False)
+    assert run_sweep(spec, store, tmp_path / "runs", env, workers=2) == 5
+    rows = store.rows("tiny")
+    assert sorted(r["name"] for r in rows) == sorted(name for name, _ in spec.runs())
