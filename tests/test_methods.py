@@ -132,6 +132,11 @@ def test_lp_2st_randomizes_every_label_exactly_once_in_parallel(data_dir, tmp_pa
     stage1 = torch.load(tmp_path / "lp" / "stage1.noisy.pt")
     stage2 = torch.load(tmp_path / "lp" / "stage2.noisy.pt")
     assert len(stage1) + len(stage2) == 400
+    histories = metrics["method_details"]["stage_histories"]
+    assert len(histories) == 2
+    assert metrics["train_seconds"] == pytest.approx(
+        sum(h["seconds"] for hs in histories for h in hs)
+    )
     sizes = metrics["method_details"]["stage_training_sizes"]
     assert sizes[0] == len(stage1) and len(stage2) <= sizes[1] <= 400
 

@@ -138,6 +138,7 @@ class LPMST:
         )
         seen, seen_noisy = parts[0], noisy
         fit: FitResult = ctx.fit(HardLabels(noisy), name="stage1", subset=parts[0])
+        stage_fits = [fit]
         stage_sizes = [len(parts[0])]
 
         for t in range(2, self.stages + 1):
@@ -159,9 +160,14 @@ class LPMST:
             model = ctx.build_model()
             model.load_state_dict(previous.state_dict())
             fit = ctx.fit(HardLabels(subset_labels), name=f"stage{t}", subset=subset, model=model)
+            stage_fits.append(fit)
             stage_sizes.append(len(subset))
             seen, seen_noisy = torch.cat([seen, part]), torch.cat([seen_noisy, noisy])
+        # The run's cost and record cover every stage, not only the last model's.
         fit.extra["stage_training_sizes"] = stage_sizes
+        fit.extra["stage_histories"] = [f.history for f in stage_fits]
+        fit.train_seconds = sum(f.train_seconds for f in stage_fits)
+        fit.eval_seconds = sum(f.eval_seconds for f in stage_fits)
         return MethodResult(fit=fit, ledger=ledger)
 
 
