@@ -39,7 +39,7 @@ class SweepSpec:
     """One sweep: the grid ``methods × epsilons × seeds`` (+ the non-private run per seed).
 
     name: the sweep's name (the store and report key). dataset, model, norm, train_size,
-    crop_padding, canaries, audit_canaries: as in :class:`~labeldp.runner.RunConfig`.
+    crop_padding, hflip, canaries, audit_canaries: as in :class:`~labeldp.runner.RunConfig`.
     train: TrainConfig keywords shared by every run (the seed comes from ``seeds``).
     method_options: per method, extra hyper-parameters (e.g. ``{"alibi": {"noise": ...}}``).
     reference: published numbers to print beside ours: ``{"source": str, "epsilons":
@@ -57,6 +57,7 @@ class SweepSpec:
     norm: str = "batch"
     train_size: int | None = None
     crop_padding: int | None = None
+    hflip: bool | None = None
     canaries: int = 0
     audit_canaries: int = 0
     train: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +116,7 @@ class SweepSpec:
                     norm=self.norm,
                     train_size=self.train_size,
                     crop_padding=self.crop_padding,
+                    hflip=self.hflip,
                     canaries=self.canaries,
                     audit_canaries=self.audit_canaries,
                 )
