@@ -15,6 +15,7 @@ import pandas as pd
 
 from .io import atomic_write_text
 from .provenance import provenance
+from .runner import DEFAULT_MODEL
 from .store import ResultsStore
 from .sweep import SweepSpec
 
@@ -78,7 +79,8 @@ def write_report(
             f"- machines: {machines}",
             f"- runs finished {runs['finished_at'].min()} to {runs['finished_at'].max()}; "
             f"report written {now['date']} at commit {now['git_commit']}",
-            f"- {spec.dataset}, model {spec.model or 'default'}, seeds {spec.seeds}, "
+            f"- {spec.dataset}, model {spec.model or DEFAULT_MODEL[spec.dataset]}, "
+            f"seeds {spec.seeds}, "
             f"training {spec.train}, train size {spec.train_size or 'all'}, "
             f"canaries {spec.canaries}, audit canaries {spec.audit_canaries}",
             "",
