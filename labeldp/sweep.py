@@ -167,7 +167,10 @@ def run_sweep(
     )
 
     def finish(name, config, run_dir, metrics, attack) -> None:
-        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        # When the run itself finished (its provenance date), not when it was stored.
+        stamp = metrics.get("date") or _dt.datetime.now(_dt.timezone.utc).isoformat(
+            timespec="seconds"
+        )
         store.record(spec.name, name, config, run_dir, metrics, attack, stamp)
         bar.update(1)
         bound = (
