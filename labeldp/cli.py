@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -518,7 +519,9 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    args.sweep_file = str(EXPERIMENTS / PROFILES[args.profile])
+    path = EXPERIMENTS / PROFILES[args.profile]
+    relative = os.path.relpath(path)  # as a user would type it, when under the cwd
+    args.sweep_file = path if relative.startswith("..") else relative
     for step in (_sweep, _report, _plot):
         step(args)
     return 0
