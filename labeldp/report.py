@@ -79,10 +79,11 @@ def write_report(
             f"- machines: {machines}",
             f"- runs finished {runs['finished_at'].min()} to {runs['finished_at'].max()}; "
             f"report written {now['date']} at commit {now['git_commit']}",
-            f"- {spec.dataset}, model {spec.model or DEFAULT_MODEL[spec.dataset]}, "
-            f"seeds {spec.seeds}, "
-            f"training {spec.train}, train size {spec.train_size or 'all'}, "
-            f"canaries {spec.canaries}, audit canaries {spec.audit_canaries}",
+            f"- {spec.dataset}, model {spec.run.get('model') or DEFAULT_MODEL[spec.dataset]}, "
+            f"seeds {spec.seeds}, training {spec.train}, "
+            f"train size {spec.run.get('train_size') or 'all'}, "
+            f"canaries {spec.run.get('canaries', 0)}, "
+            f"audit canaries {spec.run.get('audit_canaries', 0)}",
             "",
             "## Test accuracy (%)" + (" — mean ± std over seeds" if len(spec.seeds) > 1 else ""),
             "",
@@ -119,7 +120,7 @@ def write_report(
                     + " | ".join("–" if v is None else f"{v:g}" for v in values)
                     + " |"
                 )
-        if spec.canaries or spec.audit_canaries:
+        if spec.audited:
             lines += [
                 "",
                 "## What the runs leak (mean over seeds)",

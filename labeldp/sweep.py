@@ -33,13 +33,19 @@ from .runner import Environment, RunConfig, format_epsilon, train_run
 from .store import ResultsStore, run_key
 from .train import TrainConfig
 
+#: RunConfig fields that a sweep varies itself; every other RunConfig field (dataset,
+#: model, norm, train_size, crop_padding, hflip, canaries, ...) may be set once, at the top
+#: level of the sweep file, for all its runs.
+VARIED = ("train", "method", "method_options")
+
 
 @dataclass(frozen=True)
 class SweepSpec:
     """One sweep: the grid ``methods × epsilons × seeds`` (+ the non-private run per seed).
 
-    name: the sweep's name (the store and report key). dataset, model, norm, train_size,
-    crop_padding, hflip, canaries, audit_canaries: as in :class:`~labeldp.runner.RunConfig`.
+    name: the sweep's name (the store and report key). run: the RunConfig fields shared
+    by all runs (``dataset`` required; model, norm, train_size, canaries, ...), written at
+    the top level of the sweep file.
     train: TrainConfig keywords shared by every run (the seed comes from ``seeds``).
     method_options: per method, extra hyper-parameters (e.g. ``{"alibi": {"noise": ...}}``).
     reference: published numbers to print beside ours: ``{"source": str, "epsilons":
@@ -47,19 +53,12 @@ class SweepSpec:
     """
 
     name: str
-    dataset: str
     methods: list[str]
     epsilons: list[float]
+    run: dict[str, Any]
     seeds: list[int] = field(default_factory=lambda: [0])
     include_nonprivate: bool = True
     description: str = ""
-    model: str | None = None
-    norm: str = "batch"
-    train_size: int | None = None
-    crop_padding: int | None = None
-    hflip: bool | None = None
-    canaries: int = 0
-    audit_canaries: int = 0
     train: dict[str, Any] = field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference: dict[str, Any] | None = None
@@ -74,18 +73,21 @@ class SweepSpec:
             raise ConfigError(f"sweep file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"sweep file {path} is not valid TOML: {exc}") from None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        own = {f.name for f in fields(cls)} - {"run"}
+        shared = {f.name for f in fields(RunConfig)} - set(VARIED)
+        unknown = sorted(set(data) - own - shared)
         if unknown:
-            raise ConfigError(
-                f"{path}: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+            known = ", ".join(sorted(own | shared))
+            raise ConfigError(f"{path}: unknown keys {', '.join(unknown)}; known: {known}")
         missing = [k for k in ("name", "dataset", "methods", "epsilons") if k not in data]
         if missing:
             raise ConfigError(f"{path}: missing keys {', '.join(missing)}")
         if "seed" in data.get("train", {}):
             raise ConfigError(f"{path}: put seeds in 'seeds', not in [train]")
-        spec = cls(**data)
+        spec = cls(
+            **{k: v for k, v in data.items() if k in own},
+            run={k: v for k, v in data.items() if k in shared},
+        )
         try:
             spec.runs()  # validates every grid point now, not halfway through the sweep
         except ConfigError as exc:
@@ -93,6 +95,15 @@ class SweepSpec:
         except TypeError as exc:
             raise ConfigError(f"{path}: bad [train] option: {exc}") from None
         return spec
+
+    @property
+    def dataset(self) -> str:
+        return self.run["dataset"]
+
+    @property
+    def audited(self) -> bool:
+        """Whether the runs carry canaries (and are therefore attacked)."""
+        return bool(self.run.get("canaries") or self.run.get("audit_canaries"))
 
     def runs(self) -> list[tuple[str, RunConfig]]:
         """(name, config) of every grid point, seed by seed, non-private first."""
@@ -107,19 +118,7 @@ class SweepSpec:
                 options = dict(self.method_options.get(method, {}))
                 if eps is not None:
                     options["epsilon"] = eps
-                config = RunConfig(
-                    dataset=self.dataset,
-                    train=train,
-                    method=method,
-                    method_options=options,
-                    model=self.model,
-                    norm=self.norm,
-                    train_size=self.train_size,
-                    crop_padding=self.crop_padding,
-                    hflip=self.hflip,
-                    canaries=self.canaries,
-                    audit_canaries=self.audit_canaries,
-                )
+                config = RunConfig(**self.run, train=train, method=method, method_options=options)
                 label = method if eps is None else f"{method}-eps{eps:g}"
                 grid.append((f"{label}-seed{seed}", config))
         return grid

@@ -114,7 +114,7 @@ def write_figures(
     if table.empty:
         return []
     figures = {"utility": privacy_utility(table, spec)}
-    if spec.canaries or spec.audit_canaries:
+    if spec.audited:
         figures["audit"] = audit(table, spec)
     paths = []
     for kind, fig in figures.items():
