@@ -16,14 +16,22 @@ import pandas as pd
 from .io import atomic_write_text
 from .provenance import provenance
 from .runner import DEFAULT_MODEL
-from .store import ResultsStore
+from .store import ResultsStore, run_key
 from .sweep import SweepSpec
+
+
+def grid_rows(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
+    """The stored runs of ``spec`` whose configuration is in its current grid (rows left
+    by an earlier version of the sweep file are not counted)."""
+    keys = {run_key(config.to_dict()) for _, config in spec.runs()}
+    rows = pd.DataFrame([r for r in store.rows(spec.name) if r["key"] in keys])
+    return rows
 
 
 def summary(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
     """One row per (method, ε): accuracy mean/std/count over seeds (fractions 0–1), mean
     ε_LB of each audit, mean label-inference gap. ε is NaN for the non-private rows."""
-    rows = pd.DataFrame(store.rows(spec.name))
+    rows = grid_rows(store, spec)
     if rows.empty:
         return rows
     rows["epsilon"] = rows["epsilon"].astype(float)
@@ -62,7 +70,7 @@ def write_report(
     table = summary(store, spec)
     csv_path, md_path = out_dir / f"{spec.name}.csv", out_dir / f"{spec.name}.md"
     atomic_write_text(csv_path, table.to_csv(index=False))
-    runs = pd.DataFrame(store.rows(spec.name))
+    runs = grid_rows(store, spec)
     now = provenance()
     lines = [f"# {spec.name}", ""]
     if spec.description:

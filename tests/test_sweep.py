@@ -60,6 +60,13 @@ def test_sweep_runs_the_grid_once_and_reports_it(data_dir, tmp_path):
     assert all(r["eps_lb_memorization"] is not None for r in rows)
     assert {r["epsilon"] for r in rows} == {None, 1.0, 4.0}
 
+    # Rows of an earlier version of the sweep file are kept but not reported.
+    edited = SweepSpec.load(_sweep_file(tmp_path, text=TINY.replace("[1, 4]", "[4]")))
+    from labeldp.report import summary
+
+    assert set(summary(store, edited)["epsilon"].dropna()) == {4.0}
+    _sweep_file(tmp_path)  # restore the file for the CLI below
+
     results, figures = tmp_path / "results", tmp_path / "figs"
     common = [
         "--store",
