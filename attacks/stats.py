@@ -15,12 +15,11 @@ import math
 
 from scipy import stats
 
-from labeldp.errors import ConfigError
+from labeldp.errors import ConfigError, check_int
 
 
 def _check_counts(num_guesses: int, num_correct: int, alpha: float) -> None:
-    if isinstance(num_guesses, bool) or not isinstance(num_guesses, int) or num_guesses < 0:
-        raise ConfigError(f"num_guesses must be an integer ≥ 0, got {num_guesses!r}")
+    check_int("num_guesses", num_guesses, 0)
     if (
         isinstance(num_correct, bool)
         or not isinstance(num_correct, int)

@@ -17,3 +17,10 @@ class ConfigError(LabelDPError, ValueError):
 
 class DataError(LabelDPError):
     """A dataset file is missing, corrupt, or fails its checksum."""
+
+
+def check_int(name: str, value: object, low: int) -> int:
+    """``value`` if it is an integer (not a bool) ≥ ``low``; else ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    return value

@@ -29,7 +29,7 @@ from attacks.outputs import collect_outputs
 
 from .augment import Normalize, WeakAugment
 from .data import DATASETS, DeviceDataset, load_splits, random_subset
-from .errors import ConfigError
+from .errors import ConfigError, check_int
 from .io import atomic_write, atomic_write_json
 from .methods import build_method
 from .methods.base import RunContext
@@ -81,9 +81,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name in ("canaries", "audit_canaries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an integer ≥ 0, got {value!r}")
+            check_int(name, getattr(self, name), 0)
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.train_size is not None and (

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 
 PRIOR_TOLERANCE = 1e-4  # rows of a prior must sum to 1 within this (float32 softmax)
 
@@ -23,9 +23,7 @@ def check_epsilon(epsilon: float) -> float:
 
 def check_num_classes(num_classes: int) -> int:
     """K must be an integer ≥ 2."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ConfigError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
-    return num_classes
+    return check_int("num_classes", num_classes, 2)
 
 
 def check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..data import random_partition
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from ..mechanisms import RandomizedResponse, RRWithPrior
 from ..mechanisms.validation import check_epsilon
 from ..privacy import PrivacyLedger
@@ -69,8 +69,7 @@ class LPMST:
         secure_noise: bool = False,
     ) -> None:
         self.epsilon = check_epsilon(epsilon)
-        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 2:
-            raise ConfigError(f"stages must be an integer ≥ 2, got {stages!r}")
+        check_int("stages", stages, 2)
         share, temperature = paper_setting(self.epsilon)
         if stage_fractions is None:
             rest = (1.0 - share) / (stages - 1)
