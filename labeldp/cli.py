@@ -101,13 +101,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--epsilon",
         type=_number(float, 0, strict=True),
         default=None,
-        help="ε per label (rr, lp-mst, lp-2st, alibi); required by them",
+        help="ε per label (rr, lp-mst, lp-2st, alibi), or the budget of dp-sgd (add/remove "
+        "one example); required by them",
     )
     private.add_argument(
         "--delta",
         type=_number(float, 0, strict=True, high=1),
         default=None,
-        help="δ (alibi with --alibi-noise gaussian)",
+        help="δ (alibi with --alibi-noise gaussian; dp-sgd, default 1e-5)",
     )
     private.add_argument(
         "--stages",
@@ -156,7 +157,39 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         dest="secure_noise",
         action="store_true",
         default=None,
-        help="draw label noise from OS entropy instead of the run seed",
+        help="draw label noise (dp-sgd: gradient noise and batch sampling) from OS "
+        "entropy instead of the run seed",
+    )
+    dpsgd = p.add_argument_group(
+        "DP-SGD (--method dp-sgd; --batch-size is the expected batch size of Poisson "
+        "sampling, --epsilon the budget at --delta, default 1e-5)"
+    )
+    dpsgd.add_argument(
+        "--max-grad-norm",
+        type=_number(float, 0, strict=True),
+        default=None,
+        metavar="C",
+        help="per-example L2 clipping norm (default 1)",
+    )
+    dpsgd.add_argument(
+        "--noise-multiplier",
+        type=_number(float, 0, strict=True),
+        default=None,
+        metavar="SIGMA",
+        help="noise std / C; default: calibrated so that ε reaches --epsilon",
+    )
+    dpsgd.add_argument(
+        "--accountant",
+        choices=["pld", "rdp"],
+        default=None,
+        help="privacy accountant (default pld)",
+    )
+    dpsgd.add_argument(
+        "--physical-batch-size",
+        type=_number(int, 1),
+        default=None,
+        metavar="B",
+        help="per-example gradients held in memory at once (default 256)",
     )
     audit = p.add_argument_group("auditing (read by labeldp attack)")
     audit.add_argument(
@@ -295,6 +328,10 @@ METHOD_FLAGS = {
     "noise": "--alibi-noise",
     "prior": "--alibi-prior",
     "secure_noise": "--secure-noise",
+    "max_grad_norm": "--max-grad-norm",
+    "noise_multiplier": "--noise-multiplier",
+    "accountant": "--accountant",
+    "physical_batch_size": "--physical-batch-size",
 }
 
 
@@ -382,6 +419,61 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("dataset", choices=list(DATASETS))
     f.add_argument("--data-dir", default=None, metavar="DIR", help="look and download here first")
     f.set_defaults(handler=lambda args: print(fetch(args.dataset, data_dir=args.data_dir)) or 0)
+
+
+def _add_account_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "account",
+        help="privacy accounting without training",
+        description="Compute ε of a mechanism from its parameters, or calibrate its noise.",
+    )
+    kinds = p.add_subparsers(dest="kind", required=True, parser_class=_Parser)
+    d = kinds.add_parser(
+        "dp-sgd",
+        help="ε of DP-SGD, or the noise multiplier for a target ε",
+        description="ε (add/remove one example) of DP-SGD with Poisson sampling for a noise "
+        "multiplier, or, with --epsilon, the noise multiplier that reaches that ε. The "
+        "sample rate is --sample-rate, or --batch-size / --examples; the steps are --steps, "
+        "or --epochs × ceil(examples / batch size).",
+    )
+    what = d.add_mutually_exclusive_group(required=True)
+    what.add_argument("--noise-multiplier", type=_number(float, 0, strict=True), metavar="SIGMA")
+    what.add_argument("--epsilon", type=_number(float, 0, strict=True), help="target ε")
+    d.add_argument("--delta", type=_number(float, 0, strict=True, high=1), default=1e-5)
+    d.add_argument("--sample-rate", type=_number(float, 0, strict=True, high=1), metavar="Q")
+    d.add_argument("--steps", type=_number(int, 1), metavar="T")
+    d.add_argument("--examples", type=_number(int, 1), metavar="N")
+    d.add_argument("--batch-size", type=_number(int, 1), metavar="B", help="expected batch size")
+    d.add_argument("--epochs", type=_number(int, 1))
+    d.add_argument("--accountant", choices=["pld", "rdp"], default="pld")
+    d.set_defaults(handler=_account_dpsgd)
+
+
+def _account_dpsgd(args: argparse.Namespace) -> int:
+    from .privacy import calibrate_dpsgd_noise, dpsgd_epsilon
+
+    q = args.sample_rate
+    if q is None:
+        if args.examples is None or args.batch_size is None:
+            raise ConfigError("give --sample-rate, or --examples and --batch-size")
+        if args.batch_size > args.examples:
+            raise ConfigError("--batch-size must be at most --examples")
+        q = args.batch_size / args.examples
+    steps = args.steps
+    if steps is None:
+        if args.epochs is None or args.examples is None or args.batch_size is None:
+            raise ConfigError("give --steps, or --epochs with --examples and --batch-size")
+        steps = args.epochs * -(-args.examples // args.batch_size)
+    if args.epsilon is None:
+        sigma = args.noise_multiplier
+    else:
+        sigma = calibrate_dpsgd_noise(args.epsilon, args.delta, q, steps, args.accountant)
+    eps = dpsgd_epsilon(sigma, q, steps, args.delta, args.accountant)
+    print(
+        f"noise multiplier {sigma:.6g}, sample rate {q:.6g}, steps {steps}: "
+        f"ε = {eps:.6g} at δ = {args.delta:g} ({args.accountant}, add/remove one example)"
+    )
+    return 0
 
 
 def _add_attack_parser(sub: argparse._SubParsersAction) -> None:
@@ -538,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_data_parser(sub)
     _add_attack_parser(sub)
+    _add_account_parser(sub)
     _add_sweep_parsers(sub)
     return parser
 

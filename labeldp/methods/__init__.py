@@ -8,12 +8,14 @@ from typing import Any
 from ..errors import ConfigError
 from .alibi import AlibiMethod
 from .base import Method, MethodResult, RunContext
+from .dpsgd import DPSGDMethod
 from .lp_mst import LP2ST, LPMST
 from .none import NonPrivate
 from .rr import RandomizedResponseMethod
 
 METHODS: dict[str, type] = {
-    cls.name: cls for cls in (NonPrivate, RandomizedResponseMethod, LP2ST, LPMST, AlibiMethod)
+    cls.name: cls
+    for cls in (NonPrivate, RandomizedResponseMethod, LP2ST, LPMST, AlibiMethod, DPSGDMethod)
 }
 
 
@@ -49,6 +51,7 @@ __all__ = [
     "LPMST",
     "METHODS",
     "AlibiMethod",
+    "DPSGDMethod",
     "Method",
     "MethodResult",
     "NonPrivate",

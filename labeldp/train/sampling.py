@@ -34,3 +34,44 @@ class ShuffledBatches:
     def batches(self, num_examples: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
         order = torch.randperm(num_examples, generator=generator, device=generator.device)
         yield from torch.tensor_split(order, self.steps_per_epoch(num_examples))
+
+
+class PoissonBatches:
+    """Poisson sampling, as DP-SGD's accounting assumes: in every step each example joins
+    the batch independently with probability q = expected_batch_size / N, so batch sizes
+    vary (Binomial(N, q)) and may be 0. An "epoch" is ceil(N / expected_batch_size) steps.
+
+    expected_batch_size: q·N, ≥ 1 and ≤ N (checked when N is known).
+    secure: draw the membership coins from OS entropy instead of the epoch's generator.
+    """
+
+    def __init__(self, expected_batch_size: int, secure: bool = False) -> None:
+        if isinstance(expected_batch_size, bool) or expected_batch_size < 1:
+            raise ValueError(f"expected_batch_size must be ≥ 1, got {expected_batch_size}")
+        self.expected_batch_size = expected_batch_size
+        self.secure = secure
+
+    def sample_rate(self, num_examples: int) -> float:
+        """q = expected_batch_size / N, in (0, 1]."""
+        if num_examples < self.expected_batch_size:
+            raise ValueError(
+                f"expected_batch_size ({self.expected_batch_size}) must be at most the number "
+                f"of training examples ({num_examples})"
+            )
+        return self.expected_batch_size / num_examples
+
+    def steps_per_epoch(self, num_examples: int) -> int:
+        return -(-num_examples // self.expected_batch_size)
+
+    def batches(self, num_examples: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        from ..mechanisms.randomness import uniform
+
+        q = self.sample_rate(num_examples)
+        for _ in range(self.steps_per_epoch(num_examples)):
+            if self.secure:
+                coins = uniform((num_examples,), secure=True, device=generator.device)
+            else:
+                coins = torch.rand(
+                    num_examples, generator=generator, dtype=torch.float64, device=generator.device
+                )
+            yield torch.nonzero(coins < q).flatten()

@@ -17,12 +17,18 @@ import torch.nn.functional as F
 
 
 class TargetFn(Protocol):
+    """``uses_logits`` (optional attribute, default True): False when the targets do not
+    depend on the logits, so a step may skip the forward pass that computes them and pass
+    None (DP-SGD does)."""
+
     def __call__(self, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor: ...
 
 
 class HardLabels:
     """Fixed hard labels, one per training example (true labels, or labels that a
     mechanism randomized once). ``labels``: int64 (N,) on the training device."""
+
+    uses_logits = False
 
     def __init__(self, labels: torch.Tensor) -> None:
         if labels.dtype != torch.int64 or labels.dim() != 1:
@@ -31,7 +37,7 @@ class HardLabels:
             )
         self.labels = labels
 
-    def __call__(self, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, indices: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
         return self.labels[indices]
 
 
@@ -39,9 +45,11 @@ def target_loss(
     logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
     """Cross-entropy of ``logits`` (B, K) against hard labels (B,) or soft targets (B, K):
-    ``−Σ_k t_k log softmax(logits)_k``. Computed in float32 whatever the autocast dtype.
+    ``−Σ_k t_k log softmax(logits)_k``, in float32 (float64 for float64 logits) whatever
+    the autocast dtype.
     ``reduction``: "mean" or "none" (per example)."""
-    logits = logits.float()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     if targets.dtype == torch.int64:
         return F.cross_entropy(logits, targets, reduction=reduction)
     per_example = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)

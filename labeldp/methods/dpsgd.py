@@ -1,0 +1,148 @@
+"""dp-sgd: DP-SGD on the true labels, the baseline that protects features as well as labels."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from ..errors import ConfigError, check_int
+from ..mechanisms.validation import check_epsilon
+from ..privacy import LedgerEntry, PrivacyLedger
+from ..privacy.dpsgd_accounting import (
+    ACCOUNTANTS,
+    calibrate_dpsgd_noise,
+    dpsgd_epsilon,
+    replace_one_bound,
+)
+from ..train import HardLabels
+from ..train.dpsgd import DPSGDStep, check_per_example_model
+from ..train.sampling import PoissonBatches
+from .base import MethodResult, RunContext
+
+
+class DPSGDMethod:
+    """DP-SGD (Abadi et al. 2016) with Poisson sampling, flat clipping and Gaussian noise.
+
+    The training configuration's ``batch_size`` is the *expected* (logical) batch size B:
+    the sample rate is q = B / N and a run takes T = epochs · ceil(N / B) steps.
+
+    epsilon: the budget ε > 0 (add/remove one example, at ``delta``); the run's ε never
+        exceeds it. Without ``noise_multiplier`` the noise is calibrated to reach it.
+    delta: δ in (0, 1), default 1e-5.
+    max_grad_norm: C > 0, the per-example L2 clipping norm.
+    noise_multiplier: σ > 0 to use instead of calibrating; refused if its ε exceeds the
+        budget.
+    accountant: "pld" (default) or "rdp".
+    physical_batch_size: per-example gradients held at once (memory bound), ≥ 1.
+    secure_noise: Gaussian noise and Poisson coins from OS entropy.
+    """
+
+    name: ClassVar[str] = "dp-sgd"
+
+    def __init__(
+        self,
+        epsilon: float,
+        delta: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        noise_multiplier: float | None = None,
+        accountant: str = "pld",
+        physical_batch_size: int = 256,
+        secure_noise: bool = False,
+    ) -> None:
+        self.epsilon = check_epsilon(epsilon)
+        if not 0 < delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {delta}")
+        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ConfigError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
+        if noise_multiplier is not None and not (
+            math.isfinite(noise_multiplier) and noise_multiplier > 0
+        ):
+            raise ConfigError(
+                f"noise_multiplier must be a finite number > 0, got {noise_multiplier}"
+            )
+        if accountant not in ACCOUNTANTS:
+            raise ConfigError(
+                f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}"
+            )
+        check_int("physical_batch_size", physical_batch_size, 1)
+        self.delta = float(delta)
+        self.max_grad_norm = float(max_grad_norm)
+        self.noise_multiplier = noise_multiplier
+        self.accountant = accountant
+        self.physical_batch_size = physical_batch_size
+        self.secure_noise = bool(secure_noise)
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "max_grad_norm": self.max_grad_norm,
+            "noise_multiplier": self.noise_multiplier,
+            "accountant": self.accountant,
+            "physical_batch_size": self.physical_batch_size,
+            "secure_noise": self.secure_noise,
+        }
+
+    def plan(self, num_examples: int, batch_size: int, epochs: int) -> dict[str, Any]:
+        """The sample rate q, the steps T, the noise multiplier σ and the run's ε for
+        ``num_examples`` examples, expected batch ``batch_size`` and ``epochs``."""
+        sampler = PoissonBatches(batch_size)
+        try:
+            q = sampler.sample_rate(num_examples)
+        except ValueError as exc:
+            raise ConfigError(f"batch_size: {exc}") from None
+        steps = epochs * sampler.steps_per_epoch(num_examples)
+        sigma = self.noise_multiplier
+        if sigma is None:
+            sigma = calibrate_dpsgd_noise(self.epsilon, self.delta, q, steps, self.accountant)
+        epsilon = dpsgd_epsilon(sigma, q, steps, self.delta, self.accountant)
+        if epsilon > self.epsilon:
+            raise ConfigError(
+                f"noise_multiplier {sigma} gives ε = {epsilon:.4f} over {steps} steps at sample "
+                f"rate {q:.6g}, above the budget epsilon = {self.epsilon}; raise the noise, "
+                "lower the epochs or the batch size, or omit noise_multiplier to calibrate"
+            )
+        return {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "epsilon": epsilon}
+
+    def run(self, ctx: RunContext) -> MethodResult:
+        model = ctx.build_model()
+        check_per_example_model(model)
+        n = len(ctx.train.labels)
+        plan = self.plan(n, ctx.config.batch_size, ctx.config.epochs)
+        sampler = PoissonBatches(ctx.config.batch_size, secure=self.secure_noise)
+        step = DPSGDStep(
+            self.max_grad_norm,
+            plan["noise_multiplier"],
+            expected_batch_size=ctx.config.batch_size,
+            physical_batch_size=self.physical_batch_size,
+            secure_noise=self.secure_noise,
+        )
+        fit = ctx.fit(HardLabels(ctx.train.labels), model=model, step=step, sampler=sampler)
+        steps_done = fit.history[-1]["epoch"] * sampler.steps_per_epoch(n) if fit.history else 0
+        if steps_done != plan["steps"]:  # the accountant assumed exactly plan["steps"]
+            raise RuntimeError(f"DP-SGD took {steps_done} steps, accounted {plan['steps']}")
+        eps_replace, delta_replace = replace_one_bound(plan["epsilon"], self.delta)
+        ledger = PrivacyLedger()
+        ledger.record(
+            LedgerEntry(
+                mechanism="dp-sgd",
+                epsilon=plan["epsilon"],
+                delta=self.delta,
+                examples=n,
+                details={
+                    "accountant": self.accountant,
+                    "neighboring_relation": "add or remove one example",
+                    "event": {
+                        "self_composed": plan["steps"],
+                        "poisson_sampled": plan["sample_rate"],
+                        "gaussian_noise_multiplier": plan["noise_multiplier"],
+                    },
+                    "max_grad_norm": self.max_grad_norm,
+                    "expected_batch_size": ctx.config.batch_size,
+                    "epsilon_budget": self.epsilon,
+                    "replace_one_bound": {"epsilon": eps_replace, "delta": delta_replace},
+                    "protects": "features and labels",
+                },
+            )
+        )
+        return MethodResult(fit=fit, ledger=ledger)
