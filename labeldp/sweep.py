@@ -48,6 +48,9 @@ class SweepSpec:
     the top level of the sweep file.
     train: TrainConfig keywords shared by every run (the seed comes from ``seeds``).
     method_options: per method, extra hyper-parameters (e.g. ``{"alibi": {"noise": ...}}``).
+    per_method: per method (or "none"), RunConfig fields that replace the shared ones for
+        its runs, and under "train" TrainConfig keywords that replace [train]'s; e.g.
+        DP-SGD's own model, norm and batch size (``[per_method.dp-sgd]`` in TOML).
     reference: published numbers to print beside ours: ``{"source": str, "epsilons":
     [...], "rows": {method: [accuracy in %, ...]}}``.
     """
@@ -61,6 +64,7 @@ class SweepSpec:
     description: str = ""
     train: dict[str, Any] = field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference: dict[str, Any] | None = None
 
     @classmethod
@@ -84,6 +88,17 @@ class SweepSpec:
             raise ConfigError(f"{path}: missing keys {', '.join(missing)}")
         if "seed" in data.get("train", {}):
             raise ConfigError(f"{path}: put seeds in 'seeds', not in [train]")
+        for method, override in data.get("per_method", {}).items():
+            if method not in [*data.get("methods", []), "none"]:
+                raise ConfigError(f"{path}: [per_method.{method}] names no method of the sweep")
+            bad = sorted(set(override) - shared - {"train"})
+            if bad:
+                raise ConfigError(
+                    f"{path}: [per_method.{method}] cannot set {', '.join(bad)}; it takes "
+                    f"train and {', '.join(sorted(shared))}"
+                )
+            if "seed" in override.get("train", {}):
+                raise ConfigError(f"{path}: put seeds in 'seeds', not in [per_method.{method}]")
         spec = cls(
             **{k: v for k, v in data.items() if k in own},
             run={k: v for k, v in data.items() if k in shared},
@@ -109,7 +124,6 @@ class SweepSpec:
         """(name, config) of every grid point, seed by seed, non-private first."""
         grid = []
         for seed in self.seeds:
-            train = TrainConfig(**self.train, seed=seed)
             points: list[tuple[str, float | None]] = (
                 [("none", None)] if self.include_nonprivate else []
             )
@@ -118,7 +132,11 @@ class SweepSpec:
                 options = dict(self.method_options.get(method, {}))
                 if eps is not None:
                     options["epsilon"] = eps
-                config = RunConfig(**self.run, train=train, method=method, method_options=options)
+                override = dict(self.per_method.get(method, {}))
+                train = TrainConfig(**{**self.train, **override.pop("train", {})}, seed=seed)
+                config = RunConfig(
+                    **{**self.run, **override}, train=train, method=method, method_options=options
+                )
                 label = method if eps is None else f"{method}-eps{eps:g}"
                 grid.append((f"{label}-seed{seed}", config))
         return grid

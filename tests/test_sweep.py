@@ -96,6 +96,8 @@ def test_sweep_files_are_validated_with_the_file_and_key_named(tmp_path):
         "put seeds in 'seeds'": TINY.replace("batch_size = 50", "batch_size = 50\nseed = 3"),
         "epsilon must be a finite number > 0": TINY.replace("[1, 4]", "[0, 4]"),
         "method must be one of": TINY.replace('"alibi"]', '"magic"]'),
+        "[per_method.lp-2st] names no method": TINY + "[per_method.lp-2st]\nnorm = 'group'\n",
+        "[per_method.rr] cannot set colour": TINY + "[per_method.rr]\ncolour = 1\n",
     }
     for fragment, text in bad.items():
         path = _sweep_file(tmp_path, text=text)
@@ -104,6 +106,15 @@ def test_sweep_files_are_validated_with_the_file_and_key_named(tmp_path):
         assert fragment in str(info.value) and str(path) in str(info.value)
     with pytest.raises(ConfigError, match="does not exist"):
         SweepSpec.load(tmp_path / "nope.toml")
+
+
+def test_per_method_settings_replace_the_shared_ones_for_that_method_only(tmp_path):
+    text = TINY + '[per_method.rr]\nnorm = "group"\n[per_method.rr.train]\nbatch_size = 30\n'
+    runs = dict(SweepSpec.load(_sweep_file(tmp_path, text=text)).runs())
+    rr, alibi = runs["rr-eps1-seed1"], runs["alibi-eps1-seed1"]
+    assert (rr.norm, rr.train.batch_size, rr.train.seed) == ("group", 30, 1)
+    assert (alibi.norm, alibi.train.batch_size) == ("batch", 50)
+    assert rr.crop_padding == alibi.crop_padding == 0
 
 
 def test_the_shipped_sweep_files_are_valid():

@@ -1,4 +1,4 @@
-"""The model zoo: small CNN, ResNet-18 and Wide ResNets, built by name.
+"""The model zoo: small CNN, the DP-SGD tanh CNN, ResNet-18 and Wide ResNets, by name.
 
 ``build_model("wrn28-2", num_classes=10, in_channels=3, image_size=32, norm="group")``
 returns a ready model. :data:`MODELS` maps each listed name to its builder; besides those,
@@ -25,6 +25,7 @@ from labeldp.models.norm import (
     make_norm,
 )
 from labeldp.models.resnet import ResNet18
+from labeldp.models.tanh_cnn import TanhCNN
 from labeldp.models.wrn import WideResNet
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "ModelBuilder",
     "ResNet18",
     "SmallCNN",
+    "TanhCNN",
     "WideResNet",
     "build_model",
     "convert_batchnorm_to_groupnorm",
@@ -56,6 +58,10 @@ class ModelBuilder(Protocol):
 
 def _build_cnn(*, num_classes: int, in_channels: int, image_size: int, norm: str) -> nn.Module:
     return SmallCNN(num_classes, in_channels=in_channels, image_size=image_size, norm=norm)
+
+
+def _build_tanh_cnn(*, num_classes: int, in_channels: int, image_size: int, norm: str) -> nn.Module:
+    return TanhCNN(num_classes, in_channels=in_channels, image_size=image_size, norm=norm)
 
 
 def _build_resnet18(*, num_classes: int, in_channels: int, image_size: int, norm: str) -> nn.Module:
@@ -88,6 +94,7 @@ def _wrn_builder(name: str) -> ModelBuilder:
 
 MODELS: dict[str, ModelBuilder] = {
     "cnn": _build_cnn,
+    "cnn-tanh": _build_tanh_cnn,
     "resnet18": _build_resnet18,
     **{f"wrn28-{k}": _wrn_builder(f"wrn28-{k}") for k in (2, 4, 8, 10)},
 }

@@ -18,6 +18,7 @@ this module only builds the event, validates arguments and calibrates.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import dp_accounting
@@ -76,8 +77,16 @@ def dpsgd_epsilon(
     """
     _check(noise_multiplier, sample_rate, steps, delta)
     acc = _accountant(accountant)
-    acc.compose(dpsgd_event(noise_multiplier, sample_rate, steps))
-    return float(acc.get_epsilon(delta))
+    # RDP logs a warning for each Rényi order whose series does not converge and is left
+    # out (which can only make ε larger, never smaller); keep that out of users' output.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        acc.compose(dpsgd_event(noise_multiplier, sample_rate, steps))
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
 def calibrate_dpsgd_noise(
