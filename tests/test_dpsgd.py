@@ -244,3 +244,31 @@ def test_an_interrupted_dp_sgd_run_resumes_bit_exactly(tmp_path):
         strict=True,
     ):
         assert torch.equal(a, b)
+
+
+def test_empty_poisson_batches_train_and_training_statistics_are_withheld():
+    from labeldp.augment import Normalize
+    from labeldp.train import Trainer
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 2, (30,), generator=g)
+    images = torch.randint(0, 255, (30, 1, 4, 4), generator=g, dtype=torch.uint8)
+    sizes = []
+
+    class Recording(DPSGDStep):
+        def __call__(self, model, inputs, indices, targets, autocast):
+            sizes.append(len(indices))
+            return super().__call__(model, inputs, indices, targets, autocast)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    step = Recording(1.0, 0.5, 1.0)
+    result = Trainer(
+        model, images, HardLabels(labels), TrainConfig(epochs=2, batch_size=1, lr=0.1),
+        normalize=Normalize((0.5,), (0.3,)), step=step, sampler=PoissonBatches(1),
+        progress=False,
+    ).fit()  # fmt: skip
+    assert len(sizes) == step.steps_taken == 60  # every step taken, empty or not
+    assert sizes.count(0) > 5  # P(empty) = (29/30)^30 ≈ 0.36 per step
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(h["train_loss"] is None and h["train_accuracy"] is None for h in result.history)

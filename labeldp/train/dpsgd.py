@@ -63,7 +63,13 @@ class DPSGDStep:
     secure_noise: draw the noise from OS entropy; otherwise from torch's global
         generator, which the training loop seeds from (seed, epoch) each epoch, so resumed
         runs are bit-exact.
+
+    The loss and logits it returns are computed on the raw training data, outside the
+    guarantee, so it sets ``private_outputs``: the loop neither shows nor records the
+    training loss and accuracy (they would leak beyond ε if the run folder were shared).
     """
+
+    private_outputs = True
 
     def __init__(
         self,

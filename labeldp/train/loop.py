@@ -67,7 +67,8 @@ class FitResult:
     """The outcome of :meth:`Trainer.fit`.
 
     history: one dict per finished epoch (epoch, lr, train_loss, train_accuracy against
-        the training targets, test_accuracy or None, seconds).
+        the training targets — None when the step withholds them, as DP-SGD does —
+        test_accuracy or None, seconds).
     test_accuracy: accuracy in [0, 1] of ``eval_model`` on the test split after the last
         epoch, or None without a test split.
     train_seconds: wall-clock seconds spent in training steps, over all sessions of a
@@ -137,6 +138,10 @@ class Trainer:
         self.test_images = test_images
         self.test_labels = test_labels
         self.step = step or BackpropStep()
+        # A step whose loss and logits are statistics of the raw training data that its
+        # privacy guarantee does not cover (DP-SGD: true labels and features) sets
+        # ``private_outputs``; the loop then neither shows nor records them.
+        self.track_training_statistics = not getattr(self.step, "private_outputs", False)
         self.sampler = sampler or ShuffledBatches(config.batch_size)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.checkpoint_every = checkpoint_every
@@ -279,12 +284,17 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.model)
             batch = indices.shape[0]
-            loss_sum += out.loss * batch
-            correct += (out.logits.argmax(dim=1) == target_classes(out.targets)).sum()
+            if self.track_training_statistics:
+                loss_sum += out.loss * batch
+                correct += (out.logits.argmax(dim=1) == target_classes(out.targets)).sum()
             seen += batch
             step += 1
             bar.update(1)
-            if self.progress and (step % 25 == 0 or step == (epoch + 1) * self.steps_per_epoch):
+            if (
+                self.progress
+                and self.track_training_statistics
+                and (step % 25 == 0 or step == (epoch + 1) * self.steps_per_epoch)
+            ):
                 bar.set_postfix(
                     loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}"
                 )
@@ -298,8 +308,12 @@ class Trainer:
             {
                 "epoch": epoch + 1,
                 "lr": lr,
-                "train_loss": loss_sum.item() / max(seen, 1),
-                "train_accuracy": correct.item() / max(seen, 1),
+                "train_loss": loss_sum.item() / max(seen, 1)
+                if self.track_training_statistics
+                else None,
+                "train_accuracy": correct.item() / max(seen, 1)
+                if self.track_training_statistics
+                else None,
                 "test_accuracy": None,
                 "seconds": seconds,
             }
@@ -310,10 +324,14 @@ class Trainer:
             return
         h = self.history[-1]
         test = f"  test acc {h['test_accuracy']:.4f}" if h["test_accuracy"] is not None else ""
+        train = (
+            f"loss {h['train_loss']:.4f}  train acc {h['train_accuracy']:.4f}"
+            if h["train_loss"] is not None
+            else "training statistics withheld (private)"
+        )
         tqdm.write(
             f"{self.description} epoch {h['epoch']}/{self.config.epochs}: "
-            f"loss {h['train_loss']:.4f}"
-            f"  train acc {h['train_accuracy']:.4f}{test}  ({h['seconds']:.1f} s)"
+            f"{train}{test}  ({h['seconds']:.1f} s)"
         )
 
 
