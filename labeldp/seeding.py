@@ -28,6 +28,7 @@ class Stream(IntEnum):
     ALIBI_NOISE = 110
     LPMST_NOISE = 120  # per stage
     LPMST_SPLIT = 121
+    DPSGD_NOISE = 130  # per epoch
 
 
 def derive_seed(seed: int, stream: Stream, *index: int) -> int:

@@ -272,3 +272,97 @@ def test_empty_poisson_batches_train_and_training_statistics_are_withheld():
     assert sizes.count(0) > 5  # P(empty) = (29/30)^30 ≈ 0.36 per step
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(h["train_loss"] is None and h["train_accuracy"] is None for h in result.history)
+
+
+class BatchMean(nn.Module):
+    """Mixes the examples of a batch (subtracts the batch mean): per-example clipping must
+    still bound each example's influence (the step falls back to torch.func)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        return self.b(torch.tanh(h - h.mean(0, keepdim=True)))
+
+
+class BroadcastNorm(nn.Module):
+    """A supported layer applied to a (1, ·) buffer, broadcast over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("const", torch.ones(1, 4))
+        self.norm = nn.GroupNorm(1, 4)
+        self.a = nn.Linear(12, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.flatten(1)) + self.norm(self.const * 3 + 1)))
+
+
+class Functional(nn.Module):
+    """Uses a layer's weight without calling the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(F.linear(x.flatten(1), self.a.weight, self.a.bias)))
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 12)
+        self.b = nn.Linear(12, 12)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x.flatten(1))))))
+
+
+class MyLinear(nn.Linear):
+    def forward(self, x):  # weight standardization: not what nn.Linear's formula assumes
+        w = self.weight - self.weight.mean()
+        return F.linear(x, w, self.bias)
+
+
+class Subclassed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = MyLinear(12, 3)
+
+    def forward(self, x):
+        return self.a(x.flatten(1))
+
+
+@pytest.mark.parametrize(
+    "make_model", [_mlp, BatchMean, BroadcastNorm, Functional, Tied, Subclassed]
+)
+def test_removing_one_example_moves_the_clipped_sum_by_at_most_c(make_model):
+    """The sensitivity the accountant assumes, measured: the noiseless sum of clipped
+    gradients with and without one example differs by at most C in L2 norm, whatever the
+    model does (including mixing examples or hiding parameters from the layer hooks)."""
+    torch.manual_seed(0)
+    model = make_model().double()
+    x = torch.randn(16, 3, 4, dtype=torch.float64) * 3
+    y = torch.randint(0, 3, (16,))
+    c = 0.01  # far below every gradient norm: each example contributes exactly C
+
+    def clipped_sum(keep):
+        for p in model.parameters():
+            p.grad = None
+        step = DPSGDStep(c, 0.0, expected_batch_size=1.0, physical_batch_size=5)
+        step(model, x[keep], keep, HardLabels(y), nullcontext)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    everyone = torch.arange(16)
+    full = clipped_sum(everyone)
+    for j in (0, 7, 15):
+        diff = torch.linalg.vector_norm(full - clipped_sum(everyone[everyone != j])).item()
+        assert diff <= c * (1 + 1e-6), (j, diff / c)

@@ -180,3 +180,11 @@ def test_unsupported_layers_are_detected():
     assert not layerwise_supported(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
     assert not layerwise_supported(nn.Conv2d(4, 4, 3, groups=2))
     assert layerwise_supported(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+
+    class Standardized(nn.Linear):  # a subclass may compute something else
+        pass
+
+    assert not layerwise_supported(nn.Sequential(Standardized(3, 3)))
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    assert not layerwise_supported(tied)

@@ -14,6 +14,7 @@ from ..privacy.dpsgd_accounting import (
     dpsgd_epsilon,
     replace_one_bound,
 )
+from ..seeding import Stream, derive_seed
 from ..train import HardLabels
 from ..train.dpsgd import DPSGDStep, check_per_example_model
 from ..train.sampling import PoissonBatches
@@ -108,6 +109,8 @@ class DPSGDMethod:
         model = ctx.build_model()
         check_per_example_model(model)
         n = len(ctx.train.labels)
+        if ctx.train.images.shape[0] != n:
+            raise RuntimeError("DP-SGD: images and labels disagree on the number of examples")
         plan = self.plan(n, ctx.config.batch_size, ctx.config.epochs)
         sampler = PoissonBatches(ctx.config.batch_size, secure=self.secure_noise)
         step = DPSGDStep(
@@ -116,11 +119,16 @@ class DPSGDMethod:
             expected_batch_size=ctx.config.batch_size,
             physical_batch_size=self.physical_batch_size,
             secure_noise=self.secure_noise,
+            seed=derive_seed(ctx.config.seed, Stream.DPSGD_NOISE),
         )
         fit = ctx.fit(HardLabels(ctx.train.labels), model=model, step=step, sampler=sampler)
-        steps_done = fit.history[-1]["epoch"] * sampler.steps_per_epoch(n) if fit.history else 0
-        if steps_done != plan["steps"]:  # the accountant assumed exactly plan["steps"]
-            raise RuntimeError(f"DP-SGD took {steps_done} steps, accounted {plan['steps']}")
+        # The accountant assumed exactly plan["steps"] steps: the ones of earlier sessions
+        # (resumed from a checkpoint) plus the ones this session took.
+        earlier = fit.resumed_from_epoch * sampler.steps_per_epoch(n)
+        if earlier + step.steps_taken != plan["steps"]:
+            raise RuntimeError(
+                f"DP-SGD took {earlier + step.steps_taken} steps, accounted {plan['steps']}"
+            )
         eps_replace, delta_replace = replace_one_bound(plan["epsilon"], self.delta)
         ledger = PrivacyLedger()
         ledger.record(
@@ -142,6 +150,10 @@ class DPSGDMethod:
                     "epsilon_budget": self.epsilon,
                     "replace_one_bound": {"epsilon": eps_replace, "delta": delta_replace},
                     "protects": "features and labels",
+                    "secure_noise": self.secure_noise,
+                    "noise_source": "os entropy (noise and sampling)"
+                    if self.secure_noise
+                    else "seeded from the run seed: the guarantee holds while the seed is secret",
                 },
             )
         )

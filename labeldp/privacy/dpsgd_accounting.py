@@ -134,21 +134,23 @@ def calibrate_dpsgd_noise(
         if e_low > target_epsilon:
             break
         high, e_high = low, e_low
-    # Illinois false position on ε(σ) − target, keeping the bracket.
+    # Illinois false position on ε(σ) − target; f_low / f_high are the interpolation
+    # values (halved on a stuck side), e_high the true ε at ``high`` that decides when to stop.
+    f_low, f_high = e_low, e_high
     side = 0
     while e_high < (1 - rel_tol) * target_epsilon and high - low > 1e-9 * high:
-        mid = high - (e_high - target_epsilon) * (high - low) / (e_high - e_low)
+        mid = high - (f_high - target_epsilon) * (high - low) / (f_high - f_low)
         mid = min(max(mid, low + 1e-3 * (high - low)), high - 1e-3 * (high - low))
         e_mid = eps(mid)
         if e_mid > target_epsilon:
-            low, e_low = mid, e_mid
+            low, e_low, f_low = mid, e_mid, e_mid
             if side == -1:
-                e_high = target_epsilon + (e_high - target_epsilon) / 2
+                f_high = target_epsilon + (f_high - target_epsilon) / 2
             side = -1
         else:
-            high, e_high = mid, e_mid
+            high, e_high, f_high = mid, e_mid, e_mid
             if side == 1:
-                e_low = target_epsilon + (e_low - target_epsilon) / 2
+                f_low = target_epsilon + (f_low - target_epsilon) / 2
             side = 1
     return high
 

@@ -20,7 +20,7 @@ GroupNorm (``--norm group`` or :func:`labeldp.models.convert_batchnorm_to_groupn
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..mechanisms.randomness import standard_normal
 from ..models.norm import has_batch_statistics
+from ..seeding import Stream, derive_seed
 from .per_example import (
     LayerwiseClipping,
     LayerwiseUnsupported,
@@ -60,9 +61,11 @@ class DPSGDStep:
     expected_batch_size: q·N > 0, the divisor of the noisy sum (the sampler's expected
         batch size). physical_batch_size: at most this many per-example gradients are held
         at once (≥ 1).
-    secure_noise: draw the noise from OS entropy; otherwise from torch's global
-        generator, which the training loop seeds from (seed, epoch) each epoch, so resumed
-        runs are bit-exact.
+    secure_noise: draw the noise from OS entropy. Otherwise it comes from a generator
+        seeded from (``seed``, epoch) at the start of every epoch (the loop calls
+        :meth:`start_epoch`), so resumed runs are bit-exact — and anyone who knows the
+        seed can regenerate the noise: the guarantee then holds only while the seed is
+        secret. Without a ``seed``, torch's global generator is used (tests).
 
     The loss and logits it returns are computed on the raw training data, outside the
     guarantee, so it sets ``private_outputs``: the loop neither shows nor records the
@@ -78,6 +81,7 @@ class DPSGDStep:
         expected_batch_size: float,
         physical_batch_size: int = 256,
         secure_noise: bool = False,
+        seed: int | None = None,
     ) -> None:
         if not max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}")
@@ -94,15 +98,51 @@ class DPSGDStep:
         self.expected_batch_size = float(expected_batch_size)
         self.physical_batch_size = int(physical_batch_size)
         self.secure_noise = bool(secure_noise)
+        self.seed = seed
         self.steps_taken = 0
+        self._generator: torch.Generator | None = None
+        self._epoch_seed: int | None = None
         self._fallback: set[int] = set()  # models the layer-wise path could not follow
+        self._verified: set[int] = set()  # models whose layer-wise norms were checked
+
+    def start_epoch(self, epoch: int) -> None:
+        """Reseeds the noise generator for ``epoch`` (called by the training loop)."""
+        if self.seed is not None and not self.secure_noise:
+            self._epoch_seed = derive_seed(self.seed, Stream.DPSGD_NOISE, epoch)
+            self._generator = None
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator | None:
+        if self._epoch_seed is None:
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self._epoch_seed)
+        return self._generator
 
     def _layerwise(self, model: nn.Module) -> LayerwiseClipping | None:
         if id(model) in self._fallback or not layerwise_supported(model):
             return None
         return LayerwiseClipping(model)
 
+    def _verify(self, lc, model, x, idx, targets) -> None:
+        """Once per model: the layer-wise norms must equal torch.func's on a few examples
+        (catches operations that mix examples, which layer types alone cannot reveal)."""
+        few, few_idx = x[:8], idx[:8]  # in float32: autocast would blur the comparison
+        lc.forward_backward(few, lambda logits: targets(few_idx, logits), nullcontext)
+        layerwise = lc.sq_norms().sqrt()
+        lc.clipped_sums(torch.ones_like(layerwise))  # releases the stored tensors
+        current = None
+        if getattr(targets, "uses_logits", True):
+            with torch.no_grad():
+                current = model(few).float()
+        grads, _, _ = per_example_gradients(model, few, targets(few_idx, current))
+        reference = gradient_norms(grads).to(layerwise.dtype)
+        if not torch.allclose(layerwise, reference, rtol=1e-3, atol=1e-6):
+            raise LayerwiseUnsupported("layer-wise norms differ from per-example gradients")
+        self._verified.add(id(model))
+
     def _layerwise_chunk(self, lc, x, idx, targets, autocast):
+        if id(lc.model) not in self._verified:
+            self._verify(lc, lc.model, x, idx, targets)
         loss, out, t = lc.forward_backward(x, lambda logits: targets(idx, logits), autocast)
         factors = clip_factors(lc.sq_norms().sqrt(), self.max_grad_norm)
         return lc.clipped_sums(factors), loss, out, t
@@ -156,7 +196,12 @@ class DPSGDStep:
             logits.append(out.float())
             batch_targets.append(t)
         for k, p in params:
-            noise = standard_normal(tuple(p.shape), secure=self.secure_noise, device=p.device)
+            noise = standard_normal(
+                tuple(p.shape),
+                generator=self._noise_generator(p.device),
+                secure=self.secure_noise,
+                device=p.device,
+            )
             noise = noise.to(sums[k].dtype)
             p.grad = (
                 (sums[k] + self.noise_multiplier * self.max_grad_norm * noise)
@@ -164,10 +209,11 @@ class DPSGDStep:
             ).to(p.dtype)
         self.steps_taken += 1
         if not losses:  # an empty Poisson sample: noise only
-            num_classes = _num_outputs(model)
+            with torch.no_grad(), autocast():
+                empty_logits = model(inputs).float()
             return StepOutput(
                 torch.zeros((), device=inputs.device),
-                torch.zeros((0, num_classes), device=inputs.device),
+                empty_logits,
                 torch.zeros(0, dtype=torch.int64, device=inputs.device),
             )
         return StepOutput(torch.cat(losses).mean(), torch.cat(logits), torch.cat(batch_targets))
@@ -176,8 +222,3 @@ class DPSGDStep:
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
     """float32 for float16/bfloat16/float32 parameters, float64 for float64 ones."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _num_outputs(model: nn.Module) -> int:
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return last[-1].out_features if last else 1

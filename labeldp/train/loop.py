@@ -256,6 +256,9 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(
             derive_seed(cfg.seed, Stream.EPOCH_BATCHES, epoch)
         )
+        start_epoch = getattr(self.step, "start_epoch", None)
+        if start_epoch is not None:  # a step with its own per-epoch random stream
+            start_epoch(epoch)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)

@@ -20,6 +20,7 @@ Both are tested against Opacus (grad samples) and against each other.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -61,6 +62,20 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+class _exact_float32(contextlib.ContextDecorator):
+    """TF32 off for CUDA matmuls and convolutions while norms and clipped sums are formed:
+    a clipped contribution must not exceed the norm it was clipped by (TF32 rounds to
+    10-bit mantissas)."""
+
+    def __enter__(self) -> None:
+        self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved
+
+
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     """Per-example scale min(1, C / (‖g‖₂ + 1e-6)) for per-example norms (B,)."""
     return (max_grad_norm / (norms + NORM_EPS)).clamp(max=1.0)
@@ -78,31 +93,42 @@ class LayerwiseUnsupported(Exception):
     called twice, an output changed in place); use :func:`per_example_gradients`."""
 
 
+_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.Embedding)
+
+
 def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, nn.Conv2d):
+    # Exact types only: a subclass may override forward (e.g. weight standardization), and
+    # the per-layer formulas would then describe a different function.
+    if type(module) not in _LAYERS:
+        return False
+    names = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    if not names <= {"weight", "bias"}:
+        return False
+    if type(module) is nn.Conv2d:
         return (
             module.groups == 1
             and module.padding_mode == "zeros"
             and not isinstance(module.padding, str)
         )
-    if isinstance(module, nn.GroupNorm):
-        return True
-    if isinstance(module, nn.Embedding):
+    if type(module) is nn.Embedding:
         return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
-    return False
+    return True
 
 
 def layerwise_supported(model: nn.Module) -> bool:
-    """True if every trainable parameter belongs directly to a supported layer (Linear,
-    Conv2d with groups 1 and zero padding, GroupNorm, Embedding without max_norm,
-    frequency scaling or sparse gradients)."""
+    """True if every trainable parameter is the weight or bias of exactly one layer of an
+    exactly supported type (Linear, Conv2d with groups 1 and zero padding, GroupNorm,
+    Embedding without max_norm, frequency scaling or sparse gradients) and no parameter is
+    shared between layers. The forward pass is checked further at run time (see
+    :class:`LayerwiseClipping`)."""
+    owners: dict[int, int] = {}
     for module in model.modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if own and not _supported(module):
             return False
-    return True
+        for p in own:
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return all(count == 1 for count in owners.values())
 
 
 def unfold2d(
@@ -172,12 +198,21 @@ class LayerwiseClipping:
         finally:
             for h in handles:
                 h.remove()
-        for name, outs in self._outputs.items():
+        batch = inputs.shape[0]
+        for name, _ in self.layers:
+            outs = self._outputs.get(name, [])
             if len(outs) != 1:
+                # 0 calls: its parameters may be used functionally, out of the hooks' sight
                 raise LayerwiseUnsupported(f"layer {name} ran {len(outs)} times in one pass")
             output, version = outs[0]
             if output._version != version:
                 raise LayerwiseUnsupported(f"the output of layer {name} was modified in place")
+            layer_input = self._inputs[name][0]
+            if layer_input.shape[:1] != (batch,) or output.shape[:1] != (batch,):
+                raise LayerwiseUnsupported(
+                    f"layer {name} does not map the batch row by row (input "
+                    f"{tuple(layer_input.shape)}, output {tuple(output.shape)}, batch {batch})"
+                )
         batch_targets = targets(logits.detach())
         losses = target_loss(logits, batch_targets, reduction="none")
         names = list(self._outputs)
@@ -188,15 +223,14 @@ class LayerwiseClipping:
 
     def _recorder(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if len(args) != 1 or not isinstance(output, torch.Tensor):
+                raise LayerwiseUnsupported(f"layer {name} was called with {len(args)} inputs")
             self._inputs.setdefault(name, []).append(args[0].detach())
             self._outputs.setdefault(name, []).append((output, output._version))
 
         return hook
 
-    def _layer(self, name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-        module = dict(self.layers)[name]
-        return module, self._inputs[name][0], self._grads[name]
-
+    @_exact_float32()
     def sq_norms(self) -> torch.Tensor:
         """Per-example squared gradient norm over all parameters, (B,), float32 (float64 for a
         float64 model)."""
@@ -208,7 +242,7 @@ class LayerwiseClipping:
             total = part if total is None else total + part
         if total is None:
             raise RuntimeError("no layer with parameters took part in the forward pass")
-        return total
+        return total.clamp_min(0)  # Gram-matrix norms may round a hair below 0
 
     def _layer_sq_norm(self, m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         a = a if isinstance(m, nn.Embedding) else _wide(a)
@@ -251,6 +285,7 @@ class LayerwiseClipping:
         dims = tuple(range(2, g.dim()))
         return (g * normalized).sum(dims), g.sum(dims)
 
+    @_exact_float32()
     def clipped_sums(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Σᵢ cᵢ gᵢ for every trainable parameter (name -> tensor of its shape, float32, or
         float64 for a float64 model)."""
@@ -277,10 +312,12 @@ class LayerwiseClipping:
             g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
             return {"weight": g2.t() @ a2, "bias": g2.sum(0)}
         if isinstance(m, nn.Conv2d):
-            weight = torch.nn.grad.conv2d_weight(
-                a, m.weight.shape, g, m.stride, m.padding, m.dilation, m.groups
-            )
-            return {"weight": weight, "bias": g.sum((0, 2, 3))}
+            # The same products as the norms (not a cuDNN weight-gradient kernel, whose
+            # algorithm and TF32 use could differ from what was measured).
+            u = unfold2d(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, d, T)
+            g3 = g.flatten(2)  # (B, p, T)
+            weight = torch.einsum("bpt,bdt->pd", g3, u).reshape(m.weight.shape)
+            return {"weight": weight, "bias": g3.sum((0, 2))}
         if isinstance(m, nn.GroupNorm):
             gw, gb = self._groupnorm_parts(m, a, g)
             return {"weight": gw.sum(0), "bias": gb.sum(0)}
