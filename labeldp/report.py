@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .io import atomic_write_text
+from .methods import METHODS
 from .provenance import provenance
 from .runner import DEFAULT_MODEL
 from .store import ResultsStore, run_key
@@ -92,6 +93,11 @@ def write_report(
             f"train size {spec.run.get('train_size') or 'all'}, "
             f"canaries {spec.run.get('canaries', 0)}, "
             f"audit canaries {spec.run.get('audit_canaries', 0)}",
+            *(
+                [f"- per-method settings (replacing the shared ones): {spec.per_method}"]
+                if spec.per_method
+                else []
+            ),
             "",
             "## Test accuracy (%)" + (" — mean ± std over seeds" if len(spec.seeds) > 1 else ""),
             "",
@@ -116,6 +122,10 @@ def write_report(
                 f"| none (ε = ∞) | {_accuracy(r.accuracy_mean, r.accuracy_std, r.seeds)} |"
                 + " |" * (len(eps_grid) - 1)
             )
+        for method in spec.methods:
+            meaning = getattr(METHODS.get(method), "epsilon_meaning", None)
+            if meaning:
+                lines += ["", f"{method}: {meaning}"]
         if spec.reference:
             ref = spec.reference
             lines += ["", f"Published ({ref['source']}):", ""]

@@ -39,6 +39,11 @@ class DPSGDMethod:
     """
 
     name: ClassVar[str] = "dp-sgd"
+    #: How to read this method's ε beside label-DP methods (reports print it).
+    epsilon_meaning: ClassVar[str] = (
+        "ε is DP-SGD's for adding or removing one example (features and label together); "
+        "for changing one label it implies (2ε, (1 + e^ε)·δ) by group privacy"
+    )
 
     def __init__(
         self,
