@@ -312,12 +312,12 @@ class LayerwiseClipping:
             g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
             return {"weight": g2.t() @ a2, "bias": g2.sum(0)}
         if isinstance(m, nn.Conv2d):
-            # The same products as the norms (not a cuDNN weight-gradient kernel, whose
-            # algorithm and TF32 use could differ from what was measured).
-            u = unfold2d(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, d, T)
-            g3 = g.flatten(2)  # (B, p, T)
-            weight = torch.einsum("bpt,bdt->pd", g3, u).reshape(m.weight.shape)
-            return {"weight": weight, "bias": g3.sum((0, 2))}
+            # A weight-gradient convolution on the scaled output gradients; TF32 is off here
+            # (see _exact_float32), so it sums the same fp32 products the norms measured.
+            weight = torch.nn.grad.conv2d_weight(
+                a, m.weight.shape, g, m.stride, m.padding, m.dilation, m.groups
+            )
+            return {"weight": weight, "bias": g.sum((0, 2, 3))}
         if isinstance(m, nn.GroupNorm):
             gw, gb = self._groupnorm_parts(m, a, g)
             return {"weight": gw.sum(0), "bias": gb.sum(0)}
