@@ -6,7 +6,16 @@ Each has an ε (and δ), a ``privatize`` that randomizes every label once, and a
 
 from .alibi import Alibi, gaussian_sigma
 from .base import LabelMechanism
+from .confident_gnmax import Aggregation, ConfidentGNMax
 from .rr import RandomizedResponse
 from .rr_prior import RRWithPrior
 
-__all__ = ["Alibi", "LabelMechanism", "RRWithPrior", "RandomizedResponse", "gaussian_sigma"]
+__all__ = [
+    "Aggregation",
+    "Alibi",
+    "ConfidentGNMax",
+    "LabelMechanism",
+    "RRWithPrior",
+    "RandomizedResponse",
+    "gaussian_sigma",
+]
