@@ -29,6 +29,7 @@ class Stream(IntEnum):
     LPMST_NOISE = 120  # per stage
     LPMST_SPLIT = 121
     DPSGD_NOISE = 130  # per epoch
+    FIXMATCH_UNLABELED = 140  # unlabeled draws and their augmentation, per epoch
 
 
 def derive_seed(seed: int, stream: Stream, *index: int) -> int:
