@@ -30,6 +30,7 @@ class Stream(IntEnum):
     LPMST_SPLIT = 121
     DPSGD_NOISE = 130  # per epoch
     FIXMATCH_UNLABELED = 140  # unlabeled draws and their augmentation, per epoch
+    ENSEMBLE_STEP = 141  # an ensemble's labeled/unlabeled draws and augmentation, per step
 
 
 def derive_seed(seed: int, stream: Stream, *index: int) -> int:

@@ -33,19 +33,29 @@ from .targets import TargetFn, target_loss
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
+def pseudo_label_losses(
+    weak_logits: torch.Tensor, strong_logits: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example terms of FixMatch's unlabeled loss, for logits of shape (..., K).
+
+    Returns (mask · CE(strong, pseudo-label), mask), both of the leading shape, where
+    pseudo-label = argmax softmax(weak) and mask = its probability ≥ ``threshold``. No
+    gradient flows through the weak view."""
+    probs = torch.softmax(weak_logits.detach().float(), dim=-1)
+    confidence, pseudo = probs.max(dim=-1)
+    mask = confidence >= threshold
+    k = strong_logits.shape[-1]
+    ce = F.cross_entropy(strong_logits.reshape(-1, k).float(), pseudo.flatten(), reduction="none")
+    return ce.view(mask.shape) * mask, mask
+
+
 def unlabeled_loss(
     weak_logits: torch.Tensor, strong_logits: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FixMatch's unlabeled loss and the confidence mask.
-
-    weak_logits, strong_logits: (U, K). Returns (mean over all U of mask · CE(strong,
-    pseudo-label), mask (U,) bool) where pseudo-label = argmax softmax(weak) and mask =
-    its probability ≥ ``threshold``. No gradient flows through the weak view."""
-    probs = torch.softmax(weak_logits.detach().float(), dim=1)
-    confidence, pseudo = probs.max(dim=1)
-    mask = confidence >= threshold
-    per_example = F.cross_entropy(strong_logits.float(), pseudo, reduction="none")
-    return (per_example * mask).mean(), mask
+    """FixMatch's unlabeled loss over (U, K) logits: the mean over all U examples of the
+    masked cross-entropy (unconfident ones count as 0), and the mask (U,)."""
+    losses, mask = pseudo_label_losses(weak_logits, strong_logits, threshold)
+    return losses.mean(), mask
 
 
 class FixMatchStep:

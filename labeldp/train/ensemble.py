@@ -1,0 +1,232 @@
+"""Many small models trained at once: stacked parameters, one vmap'd forward pass.
+
+PATE trains hundreds of teachers of one architecture on disjoint label sets. Training them
+one after another repeats the same small kernels hundreds of times; here the n teachers'
+parameters are stacked along a new leading dimension (``torch.func.stack_module_state``)
+and one ``vmap`` of a functional call runs all of them on their own inputs (n, B, ...).
+Each teacher's loss is a mean over its own batch and the total is their sum, so each
+teacher's gradient is exactly the one it would get alone; SGD (momentum, Nesterov, weight
+decay) and the EMA act elementwise, so they too are per-teacher.
+
+:func:`train_fixmatch_ensemble` is FixMatch (see :mod:`labeldp.train.fixmatch`) for such
+an ensemble: each step every teacher draws B labeled examples from its own part (uniformly
+with replacement) and μ·B unlabeled images from all images. Models must be free of batch
+statistics (BatchNorm would need per-teacher running statistics under vmap).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from tqdm.auto import tqdm
+
+from ..augment import Normalize
+from ..errors import ConfigError, check_int
+from ..io import atomic_write
+from ..models.norm import has_batch_statistics
+from ..seeding import Stream, derive_seed
+from .fixmatch import Augmentation, pseudo_label_losses
+from .schedule import learning_rate
+
+
+class StackedModels:
+    """n models of one architecture, parameters and buffers stacked along dim 0.
+
+    ``self(x)`` with x of shape (n, B, ...) returns (n, B, K): model i on x[i]."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        if not models:
+            raise ConfigError("an ensemble needs at least one model")
+        if any(has_batch_statistics(m) for m in models):
+            raise ConfigError(
+                "ensemble models must not have BatchNorm (use norm='group'): vmap over "
+                "teachers cannot keep per-teacher running statistics"
+            )
+        params, buffers = stack_module_state(list(models))
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
+        self.base = copy.deepcopy(models[0]).to("meta")
+        self.size = len(models)
+
+    def __call__(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
+        def one(p, b, xi):
+            return functional_call(self.base, (p, b), (xi,))
+
+        return vmap(one, randomness="different")(params or self.params, self.buffers, x)
+
+    def model(self, i: int, params: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Model ``i`` as an ordinary module (a copy, on the parameters' device)."""
+        params = params or self.params
+        module = copy.deepcopy(self.base).to_empty(device=next(iter(params.values())).device)
+        state = {k: v[i].detach().clone() for k, v in params.items()}
+        state |= {k: v[i].clone() for k, v in self.buffers.items()}
+        module.load_state_dict(state)
+        return module
+
+
+@dataclass(frozen=True)
+class EnsembleFixMatchConfig:
+    """FixMatch hyper-parameters for an ensemble (the spec's values as defaults, except
+    the step count, which depends on the budget).
+
+    steps: optimizer steps per teacher (≥ 1). batch_size: labeled examples per teacher and
+    step (≥ 1). mu: unlabeled per labeled (≥ 1). threshold: τ in (0, 1]. lambda_u ≥ 0.
+    lr, momentum, nesterov, weight_decay: SGD; schedule: "cosine" (to 0) or "constant".
+    ema_decay: in (0, 1). seed ≥ 0. checkpoint_every: steps between checkpoints (≥ 1).
+    """
+
+    steps: int
+    batch_size: int = 16
+    mu: int = 7
+    threshold: float = 0.95
+    lambda_u: float = 1.0
+    lr: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "mu", "checkpoint_every"):
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if not self.lr > 0 or not self.lambda_u >= 0 or not self.weight_decay >= 0:
+            raise ConfigError("lr must be > 0, lambda_u and weight_decay ≥ 0")
+
+
+def _padded(parts: Sequence[torch.Tensor], device: torch.device):
+    sizes = torch.tensor([len(p) for p in parts], device=device)
+    if int(sizes.min()) < 1:
+        raise ConfigError("every teacher needs at least one labeled example")
+    table = torch.zeros(len(parts), int(sizes.max()), dtype=torch.int64, device=device)
+    for i, part in enumerate(parts):
+        table[i, : len(part)] = part.to(device)
+    return table, sizes
+
+
+def train_fixmatch_ensemble(
+    ensemble: StackedModels,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    parts: Sequence[torch.Tensor],
+    config: EnsembleFixMatchConfig,
+    *,
+    normalize: Normalize,
+    weak: Augmentation,
+    strong: Augmentation,
+    checkpoint_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Trains teacher i of ``ensemble`` with FixMatch on labels ``labels[parts[i]]`` and
+    every image of ``images`` unlabeled. Returns the EMA parameters (stacked).
+
+    images: uint8 (N, C, H, W) on the device; labels: int64 (N,) (only the entries in the
+    parts are read); parts: one index tensor per teacher (disjoint, label-independent).
+    checkpoint_path: resumable state, written atomically every ``checkpoint_every`` steps.
+    """
+    if len(parts) != ensemble.size:
+        raise ConfigError(f"{len(parts)} label parts for {ensemble.size} teachers")
+    device = images.device
+    n, b, u = ensemble.size, config.batch_size, config.mu * config.batch_size
+    table, sizes = _padded(parts, device)
+    params = list(ensemble.params.values())
+    optimizer = torch.optim.SGD(
+        params,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+    ema = {k: v.detach().clone() for k, v in ensemble.params.items()}
+    start = 0
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if path is not None and path.exists():
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state["config"] != repr(config) or state["teachers"] != n:
+            raise ConfigError(f"{path} was written by another ensemble configuration")
+        with torch.no_grad():
+            for k, v in ensemble.params.items():
+                v.copy_(state["params"][k])
+        optimizer.load_state_dict(state["optimizer"])
+        ema, start = state["ema"], state["step"]
+    generator = torch.Generator(device=device)
+    bar = tqdm(total=config.steps, initial=start, desc="teachers", disable=not progress)
+    for step in range(start, config.steps):
+        # One seed per step: a resumed run draws exactly what the uninterrupted one drew.
+        generator.manual_seed(derive_seed(config.seed, Stream.ENSEMBLE_STEP, step))
+        pos = (torch.rand(n, b, generator=generator, device=device) * sizes[:, None]).long()
+        labeled = table.gather(1, pos)  # (n, B) dataset indices
+        unlabeled = torch.randint(0, len(images), (n, u), generator=generator, device=device)
+
+        def view(idx: torch.Tensor, augment: Augmentation) -> torch.Tensor:
+            x = normalize(augment(images[idx.flatten()], generator))
+            return x.view(n, idx.shape[1], *x.shape[1:])
+
+        x = torch.cat([view(labeled, weak), view(unlabeled, weak), view(unlabeled, strong)], 1)
+        lr = learning_rate(step, config.steps, config.lr, config.schedule, 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        logits = ensemble(x)  # (n, B + 2u, K)
+        k = logits.shape[-1]
+        supervised = F.cross_entropy(
+            logits[:, :b].reshape(-1, k), labels[labeled.flatten()], reduction="none"
+        )
+        weak_logits, strong_logits = logits[:, b : b + u], logits[:, b + u :]
+        per_u, _ = pseudo_label_losses(weak_logits, strong_logits, config.threshold)
+        loss = supervised.view(n, b).mean(1).sum() + config.lambda_u * per_u.mean(1).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for key, value in ensemble.params.items():
+                ema[key].lerp_(value, 1.0 - config.ema_decay)
+        bar.update(1)
+        last = step + 1 == config.steps
+        if path is not None and ((step + 1) % config.checkpoint_every == 0 or last):
+            snapshot = {
+                "config": repr(config),
+                "teachers": n,
+                "step": step + 1,
+                "params": {k: v.detach() for k, v in ensemble.params.items()},
+                "optimizer": optimizer.state_dict(),
+                "ema": ema,
+            }
+            atomic_write(path, lambda handle, s=snapshot: torch.save(s, handle))
+    bar.close()
+    return ema
+
+
+@torch.no_grad()
+def ensemble_votes(
+    ensemble: StackedModels,
+    params: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    normalize: Normalize,
+    num_classes: int,
+    batch_size: int = 500,
+) -> torch.Tensor:
+    """Vote histograms (Q, K) int64 of the stacked models with ``params`` on uint8 query
+    ``images`` (Q, C, H, W): each model votes its argmax."""
+    counts = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size])
+        logits = ensemble(x.unsqueeze(0).expand(ensemble.size, *x.shape), params)
+        votes = logits.argmax(-1)  # (n, q)
+        counts.append(F.one_hot(votes, num_classes).sum(0))
+    return torch.cat(counts)
