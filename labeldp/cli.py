@@ -108,7 +108,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--delta",
         type=_number(float, 0, strict=True, high=1),
         default=None,
-        help="δ (alibi with --alibi-noise gaussian; dp-sgd, default 1e-5)",
+        help="δ (alibi with --alibi-noise gaussian; dp-sgd and pate-fm, default 1e-5)",
     )
     private.add_argument(
         "--stages",
@@ -190,6 +190,33 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="B",
         help="per-example gradients held in memory at once (default 256)",
+    )
+    pate = p.add_argument_group(
+        "PATE-FM (--method pate-fm; --epsilon is the budget of the data-dependent ε at "
+        "--delta; the student's labeled batch is --batch-size, set --ema 0.999)"
+    )
+    for flag, kind, low, meta, text in (
+        ("--teachers", int, 2, "N", "number of teachers (disjoint label parts)"),
+        ("--queries", int, 1, "M", "query pool: training images the teachers label"),
+        ("--threshold", float, None, "T", "Confident-GNMax threshold, in votes"),
+        ("--sigma1", float, 0, "S1", "threshold noise standard deviation, in votes"),
+        ("--sigma2", float, 0, "S2", "argmax noise standard deviation, in votes"),
+        ("--teacher-steps", int, 1, "K", "FixMatch steps per teacher (default 500)"),
+        ("--teacher-batch", int, 1, "B", "labeled batch per teacher and step (default 16)"),
+        ("--teacher-lr", float, 0, "LR", "teachers' learning rate (default 0.03)"),
+        ("--teacher-group", int, 1, "G", "teachers trained at once (default 50)"),
+        ("--mu", int, 1, "MU", "FixMatch unlabeled per labeled (default 7)"),
+        ("--fixmatch-threshold", float, 0, "TAU", "FixMatch confidence τ (default 0.95)"),
+    ):
+        if low is None:
+            parse = float
+        elif kind is int:
+            parse = _number(int, low)
+        else:
+            parse = _number(float, low, strict=True)
+        pate.add_argument(flag, type=parse, default=None, metavar=meta, help=text)
+    pate.add_argument(
+        "--teacher-model", default=None, metavar="NAME", help="teachers' model (default --model)"
     )
     audit = p.add_argument_group("auditing (read by labeldp attack)")
     audit.add_argument(
@@ -332,6 +359,18 @@ METHOD_FLAGS = {
     "noise_multiplier": "--noise-multiplier",
     "accountant": "--accountant",
     "physical_batch_size": "--physical-batch-size",
+    "teachers": "--teachers",
+    "queries": "--queries",
+    "threshold": "--threshold",
+    "sigma1": "--sigma1",
+    "sigma2": "--sigma2",
+    "teacher_steps": "--teacher-steps",
+    "teacher_batch": "--teacher-batch",
+    "teacher_lr": "--teacher-lr",
+    "teacher_model": "--teacher-model",
+    "teacher_group": "--teacher-group",
+    "mu": "--mu",
+    "fixmatch_threshold": "--fixmatch-threshold",
 }
 
 

@@ -188,15 +188,18 @@ def train_run(
         if canaries is not None:
             canaries.save(run_dir / "canaries.pt")
 
-    def new_model() -> torch.nn.Module:
-        torch.manual_seed(derive_seed(config.train.seed, Stream.MODEL_INIT))
+    def named_model(name: str | None = None) -> torch.nn.Module:
         return build_model(
-            config.model_name,
+            name or config.model_name,
             num_classes=info.num_classes,
             in_channels=info.channels,
             image_size=info.image_size,
             norm=config.norm,
         )
+
+    def new_model() -> torch.nn.Module:
+        torch.manual_seed(derive_seed(config.train.seed, Stream.MODEL_INIT))
+        return named_model()
 
     crop = (
         config.crop_padding
@@ -208,6 +211,7 @@ def train_run(
         train=train,
         test=test,
         build_model=new_model,
+        build_named_model=named_model,
         config=config.train,
         normalize=Normalize(info.mean, info.std),
         augment=WeakAugment(crop_padding=crop, hflip=hflip),

@@ -31,6 +31,10 @@ class Stream(IntEnum):
     DPSGD_NOISE = 130  # per epoch
     FIXMATCH_UNLABELED = 140  # unlabeled draws and their augmentation, per epoch
     ENSEMBLE_STEP = 141  # an ensemble's labeled/unlabeled draws and augmentation, per step
+    PATE_PARTITION = 150  # teachers' label parts
+    PATE_TEACHERS = 151  # teacher initialisation (per teacher) and training draws
+    PATE_QUERIES = 152  # the query pool
+    PATE_NOISE = 153  # Confident-GNMax noise
 
 
 def derive_seed(seed: int, stream: Stream, *index: int) -> int:

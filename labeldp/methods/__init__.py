@@ -11,11 +11,20 @@ from .base import Method, MethodResult, RunContext
 from .dpsgd import DPSGDMethod
 from .lp_mst import LP2ST, LPMST
 from .none import NonPrivate
+from .pate_fm import PateFM
 from .rr import RandomizedResponseMethod
 
 METHODS: dict[str, type] = {
     cls.name: cls
-    for cls in (NonPrivate, RandomizedResponseMethod, LP2ST, LPMST, AlibiMethod, DPSGDMethod)
+    for cls in (
+        NonPrivate,
+        RandomizedResponseMethod,
+        LP2ST,
+        LPMST,
+        AlibiMethod,
+        DPSGDMethod,
+        PateFM,
+    )
 }
 
 
@@ -55,6 +64,7 @@ __all__ = [
     "Method",
     "MethodResult",
     "NonPrivate",
+    "PateFM",
     "RandomizedResponseMethod",
     "RunContext",
     "build_method",

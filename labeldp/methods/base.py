@@ -35,6 +35,8 @@ class RunContext:
     train, test: the splits, on the training device (``train`` already restricted to
         ``--train-size`` examples when asked).
     build_model: returns a freshly initialised model (seeded by the run).
+    build_named_model: builds the model called ``name`` (None: the run's model) for this
+        dataset, with torch's current seed (the caller seeds it), e.g. PATE's teachers.
     config: the core loop's hyper-parameters.
     normalize, augment: batch preprocessing for this dataset.
     run_dir: the run's folder for checkpoints, or None to keep nothing on disk.
@@ -51,6 +53,7 @@ class RunContext:
     run_dir: Path | None = None
     resume: bool = False
     progress: bool = True
+    build_named_model: Callable[[str | None], nn.Module] | None = None
     checkpoint_every: int = 1
     fingerprint: dict[str, Any] = field(default_factory=dict)
 

@@ -38,9 +38,7 @@ from scipy.special import log_ndtr, logsumexp
 from ..errors import ConfigError
 
 #: Rényi orders λ > 1 at which RDP is evaluated and the (ε, δ) conversion minimized.
-ORDERS = np.concatenate(
-    [np.linspace(1.1, 10.9, 50), np.arange(11.0, 100.0), np.logspace(2, 4, 60)]
-)
+ORDERS = np.concatenate([np.linspace(1.1, 10.9, 50), np.arange(11.0, 100.0), np.logspace(2, 4, 60)])
 
 
 def _log1mexp(x: np.ndarray | float) -> np.ndarray | float:

@@ -1,0 +1,72 @@
+"""pate-fm end to end on tiny generated data: teachers, votes, aggregation within the
+budget, the student, the ledger, and resuming without retraining finished teachers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fakes import isolate_data_sources, write_learnable_fashion
+
+from labeldp import cli
+from labeldp.methods import pate_fm
+from labeldp.privacy import pate_epsilon
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    isolate_data_sources(monkeypatch, tmp_path)
+    return write_learnable_fashion(tmp_path / "data", n_train=400, n_test=100)
+
+
+def _argv(data_dir, out, *extra):
+    return [
+        "train", "--dataset", "fashion-mnist", "--method", "pate-fm", "--epsilon", "500",
+        "--teachers", "4", "--queries", "60", "--threshold", "2", "--sigma1", "1",
+        "--sigma2", "1", "--teacher-steps", "15", "--teacher-batch", "8", "--mu", "2", "--teacher-lr", "0.1",
+        "--teacher-group", "2", "--teacher-model", "cnn-tanh", "--fixmatch-threshold", "0.9",
+        "--norm", "group", "--model", "cnn-tanh", "--epochs", "2", "--batch-size", "10",
+        "--crop-padding", "0", "--data-dir", str(data_dir), "--out", str(out), "--quiet",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_pate_fm_runs_records_a_data_dependent_epsilon_and_resumes(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(_argv(data_dir, out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    entry = metrics["ledger"]["entries"][0]
+    assert entry["mechanism"] == "confident-gnmax" and entry["details"]["data_dependent"]
+    assert metrics["epsilon"] <= 500
+    assert entry["details"]["epsilon_data_independent"] >= metrics["epsilon"]
+    assert metrics["method_details"]["answered"] > 0
+    record = torch.load(out / "pate.noisy.pt", weights_only=True)
+    considered = int((record[0] >= 0).sum())
+    votes = record[3:, :considered].T.numpy()
+    assert (votes.sum(1) == 4).all()  # every teacher voted on every query
+    answered = record[0, :considered].numpy().astype(bool)
+    assert metrics["epsilon"] == pytest.approx(pate_epsilon(votes, answered, 2, 1, 1, 1e-5))
+    assert sorted(p.name for p in out.glob("votes-*.pt")) == ["votes-0.pt", "votes-2.pt"]
+    details = metrics["method_details"]
+    assert details["answered"] == int(answered.sum()) and details["considered"] == considered
+    assert 0 <= details["label_accuracy_of_answers"] <= 1
+
+
+def test_a_resumed_run_reuses_finished_teachers(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    original = pate_fm.train_fixmatch_ensemble
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # dies while training the second group
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pate_fm, "train_fixmatch_ensemble", counted)
+    assert cli.main(_argv(data_dir, out)) == 130
+    assert (out / "votes-0.pt").exists() and not (out / "votes-2.pt").exists()
+    assert cli.main(_argv(data_dir, out, "--resume")) == 0
+    assert len(calls) == 3  # the first group was not trained again
