@@ -25,7 +25,8 @@ def _argv(data_dir, out, *extra):
     return [
         "train", "--dataset", "fashion-mnist", "--method", "pate-fm", "--epsilon", "500",
         "--teachers", "4", "--queries", "60", "--threshold", "2", "--sigma1", "1",
-        "--sigma2", "1", "--teacher-steps", "15", "--teacher-batch", "8", "--mu", "2", "--teacher-lr", "0.1",
+        "--sigma2", "1", "--teacher-steps", "15", "--teacher-batch", "8", "--mu", "2",
+        "--teacher-lr", "0.1",
         "--teacher-group", "2", "--teacher-model", "cnn-tanh", "--fixmatch-threshold", "0.9",
         "--norm", "group", "--model", "cnn-tanh", "--epochs", "2", "--batch-size", "10",
         "--crop-padding", "0", "--data-dir", str(data_dir), "--out", str(out), "--quiet",
