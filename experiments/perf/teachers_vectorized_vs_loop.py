@@ -1,0 +1,152 @@
+"""Benchmark: FixMatch teachers trained all at once (stacked, vmap) against a Python loop
+over the same teachers, in one process.
+
+Both train ``--teachers`` copies of the tanh CNN on Fashion-MNIST-shaped images, each
+teacher on its own 160 labels plus unlabeled images, for the same number of FixMatch
+steps (labeled batch 16, μ = 7, weak crop + strong RandAugment/Cutout). Vectorized:
+:func:`labeldp.train.ensemble.train_fixmatch_ensemble` on all teachers. Loop: for each
+teacher, the training core (:class:`labeldp.train.Trainer`) with
+:class:`labeldp.train.fixmatch.FixMatchStep` — what one writes without the ensemble.
+Rounds alternate (vectorized first, then loop first); the report gives teacher-steps per
+second, medians, and the ratio vectorized ÷ loop (> 1: the ensemble is faster).
+
+    python experiments/perf/teachers_vectorized_vs_loop.py --teachers 50
+writes results/perf/teachers_vectorized_vs_loop-<device>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from labeldp.augment import Normalize, WeakAugment
+from labeldp.io import atomic_write_json, atomic_write_text
+from labeldp.models import build_model
+from labeldp.provenance import provenance
+from labeldp.strong_augment import StrongAugment
+from labeldp.train import HardLabels, TrainConfig, Trainer, device_description, resolve_device
+from labeldp.train.ensemble import EnsembleFixMatchConfig, StackedModels, train_fixmatch_ensemble
+from labeldp.train.fixmatch import FixMatchStep
+
+LABELS_PER_TEACHER, BATCH, MU = 160, 16, 7
+NORMALIZE = Normalize((0.286,), (0.353,))
+WEAK = WeakAugment(crop_padding=2, hflip=True)
+STRONG = StrongAugment()
+
+
+def teachers(n: int, device: torch.device) -> list[torch.nn.Module]:
+    out = []
+    for i in range(n):
+        torch.manual_seed(i)
+        model = build_model("cnn-tanh", num_classes=10, in_channels=1, image_size=28)
+        out.append(model.to(device))
+    return out
+
+
+def vectorized(images, labels, parts, epochs, device) -> float:
+    config = EnsembleFixMatchConfig(
+        steps=epochs * LABELS_PER_TEACHER // BATCH, batch_size=BATCH, mu=MU, lr=0.03
+    )
+    stacked = StackedModels(teachers(len(parts), device))
+    start = time.perf_counter()
+    train_fixmatch_ensemble(
+        stacked, images, labels, parts, config, normalize=NORMALIZE, weak=WEAK,
+        strong=STRONG, progress=False,
+    )  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def loop(images, labels, parts, epochs, device) -> float:
+    start = time.perf_counter()
+    for i, model in enumerate(teachers(len(parts), device)):
+        step = FixMatchStep(images, NORMALIZE, WEAK, STRONG, mu=MU, seed=i)
+        Trainer(
+            model, images[parts[i]], HardLabels(labels[parts[i]]),
+            TrainConfig(epochs=epochs, batch_size=BATCH, lr=0.03, schedule="cosine",
+                        warmup_fraction=0.0, ema_decay=0.999, seed=i),
+            normalize=NORMALIZE, augment=WEAK, step=step, progress=False,
+        ).fit()  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teachers", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=2, help="passes over each teacher's labels")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out-dir", default="results/perf")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    n_images = 20_000
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_images, 1, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n_images,), generator=g)
+    images, labels = images.to(device), labels.to(device)
+    parts = [
+        torch.arange(i * LABELS_PER_TEACHER, (i + 1) * LABELS_PER_TEACHER, device=device)
+        for i in range(args.teachers)
+    ]
+    steps = args.epochs * LABELS_PER_TEACHER // BATCH
+    vectorized(images, labels, parts[:2], 1, device)  # warm-up
+    loop(images, labels, parts[:2], 1, device)
+    contenders = {"vectorized": vectorized, "loop": loop}
+    seconds: dict[str, list[float]] = {k: [] for k in contenders}
+    for r in range(args.rounds):
+        order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
+        for name in order:
+            seconds[name].append(contenders[name](images, labels, parts, args.epochs, device))
+            print(f"round {r + 1} {name}: {seconds[name][-1]:.1f} s", file=sys.stderr)
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    throughput = {k: args.teachers * steps / v for k, v in median.items()}
+    ratio = throughput["vectorized"] / throughput["loop"]
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    record = {
+        "benchmark": "teachers_vectorized_vs_loop",
+        "command": command,
+        "device": device_description(device),
+        "teachers": args.teachers,
+        "steps_per_teacher": steps,
+        "seconds": seconds,
+        "teacher_steps_per_second": throughput,
+        "vectorized_over_loop": ratio,
+        **provenance(),
+    }
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    out = Path(args.out_dir)
+    atomic_write_json(out / f"teachers_vectorized_vs_loop-{tag}.json", record)
+    lines = [
+        f"# FixMatch teachers: vectorized vs Python loop ({tag})",
+        "",
+        f"- command: `{command}`",
+        f"- commit: {record['git_commit']}{' (dirty)' if record['git_dirty'] else ''}",
+        f"- machine: {record['machine']}; device: {record['device']}",
+        f"- date: {record['date']}",
+        f"- {args.teachers} tanh-CNN teachers, {LABELS_PER_TEACHER} labels each, {steps} FixMatch "
+        f"steps each (labeled batch {BATCH}, μ = {MU}), {args.rounds} alternating rounds, medians",
+        "",
+        "| training | median s | teacher-steps / s |",
+        "|---|---|---|",
+        *(f"| {k} | {median[k]:.1f} | {throughput[k]:.2f} |" for k in contenders),
+        "",
+        f"vectorized ÷ loop throughput: **{ratio:.2f}×**",
+    ]
+    atomic_write_text(out / f"teachers_vectorized_vs_loop-{tag}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps({"vectorized_over_loop": ratio}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
