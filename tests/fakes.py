@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from labeldp.data import sources
 
@@ -64,3 +65,15 @@ def isolate_data_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(sources, "DEBIAN_DIRS", {})
     return tmp_path / "xdg" / "labeldp"
+
+
+def two_class_halves(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Toy images (n, 1, 8, 8) uint8 and labels (n,): class 1 has the brighter left half,
+    class 0 the brighter right half (a linear model learns it in a few steps)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    images = torch.randint(0, 100, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+    bright = images[:, :, :, :4].clone() + 120
+    images[labels == 1, :, :, :4] = bright[labels == 1]
+    images[labels == 0, :, :, 4:] = bright[labels == 0]
+    return images, labels

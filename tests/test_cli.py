@@ -20,8 +20,22 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _train(data_dir: Path, out: Path, *extra: str) -> int:
     return cli.main(
-        ["train", "--dataset", "fashion-mnist", "--epochs", "2", "--batch-size", "50",
-         "--data-dir", str(data_dir), "--out", str(out), "--quiet", "--no-download", *extra]
+        [
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "50",
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--quiet",
+            "--no-download",
+            *extra,
+        ]
     )
 
 
@@ -122,8 +136,9 @@ def test_invalid_options_exit_2_with_one_line(args, fragment, data_dir, tmp_path
 
 def test_missing_data_is_one_clear_line_exit_1(tmp_path, monkeypatch, capsys):
     isolate_data_sources(monkeypatch, tmp_path)
-    code = cli.main(["train", "--dataset", "mnist", "--out", str(tmp_path / "x"), "--no-download",
-                     "--quiet"])
+    code = cli.main(
+        ["train", "--dataset", "mnist", "--out", str(tmp_path / "x"), "--no-download", "--quiet"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "labeldp data fetch mnist" in err and "train-images" in err
     assert len(err.strip().splitlines()) == 1, err

@@ -34,9 +34,11 @@ class Py2Pickler(pickle._Pickler):
 
 def cifar_batch(images: np.ndarray, labels: list[int], *, cifar100: bool = False) -> dict:
     n = len(images)
-    batch = {b"batch_label": b"training batch 1 of 5",
-             b"data": images.reshape(n, 3072),
-             b"filenames": [b"img_%05d.png" % i for i in range(n)]}
+    batch = {
+        b"batch_label": b"training batch 1 of 5",
+        b"data": images.reshape(n, 3072),
+        b"filenames": [b"img_%05d.png" % i for i in range(n)],
+    }
     if cifar100:
         batch[b"fine_labels"] = list(labels)
         batch[b"coarse_labels"] = [label // 5 for label in labels]
@@ -48,6 +50,7 @@ def cifar_batch(images: np.ndarray, labels: list[int], *, cifar100: bool = False
 def py2_pickle(obj: object) -> bytes:
     """Protocol-2 pickle as written by Python 2 with numpy 1.x (module numpy.core)."""
     import io
+
     buf = io.BytesIO()
     Py2Pickler(buf, protocol=2).dump(obj)
     return buf.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
@@ -174,14 +177,22 @@ def test_other_globals_refused(tmp_path: Path, target: str) -> None:
         (b"not a pickle at all", "not a valid CIFAR batch"),
         (pickle.dumps([1, 2, 3], protocol=2), "expected a dict"),
         (pickle.dumps({b"labels": [1]}, protocol=2), "b'data'"),
-        (pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, protocol=2),
-         r"shape \(N, 3072\)"),
-        (pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, protocol=2),
-         "float32"),
-        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, protocol=2),
-         "2 images but 1 labels"),
-        (pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [b"x"]}, protocol=2),
-         "expected a list of 1 ints"),
+        (
+            pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, protocol=2),
+            r"shape \(N, 3072\)",
+        ),
+        (
+            pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, protocol=2),
+            "float32",
+        ),
+        (
+            pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, protocol=2),
+            "2 images but 1 labels",
+        ),
+        (
+            pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [b"x"]}, protocol=2),
+            "expected a list of 1 ints",
+        ),
     ],
 )
 def test_cifar_invalid(tmp_path: Path, content: bytes, fragment: str) -> None:

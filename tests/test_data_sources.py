@@ -45,10 +45,12 @@ def cifar10_tar(path: Path, per_batch: int = 4, extra: dict[str, bytes] | None =
     members: dict[str, bytes] = {}
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for i, name in enumerate(names):
-        batch = {b"batch_label": name.encode(),
-                 b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
-                 b"data": np.full((per_batch, 3072), i, np.uint8),
-                 b"filenames": [b"f%d.png" % j for j in range(per_batch)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
+            b"data": np.full((per_batch, 3072), i, np.uint8),
+            b"filenames": [b"f%d.png" % j for j in range(per_batch)],
+        }
         members[f"cifar-10-batches-py/{name}"] = pickle.dumps(batch, protocol=2)
     members["cifar-10-batches-py/batches.meta"] = pickle.dumps({b"label_names": []}, protocol=2)
     members.update(extra or {})
@@ -69,8 +71,9 @@ def md5(path: Path) -> str:
 
 
 def test_unknown_dataset() -> None:
-    with pytest.raises(ConfigError, match="unknown dataset 'svhn'.*cifar10, cifar100, "
-                                          "fashion-mnist, mnist"):
+    with pytest.raises(
+        ConfigError, match="unknown dataset 'svhn'.*cifar10, cifar100, fashion-mnist, mnist"
+    ):
         locate("svhn")
 
 
@@ -122,22 +125,30 @@ def test_incomplete_folder_is_skipped_and_reported(tmp_path: Path, isolated: Pat
     write_mnist_like(isolated / "mnist", 2)
     assert locate("mnist", tmp_path / "dd") == isolated / "mnist"
     (isolated / "mnist" / "train-images-idx3-ubyte.gz").unlink()
-    with pytest.raises(DataError, match="holds only train-images-idx3-ubyte, "
-                                        "train-labels-idx1-ubyte, t10k-images"):
+    with pytest.raises(
+        DataError, match="holds only train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images"
+    ):
         locate("mnist", tmp_path / "dd")
 
 
-def test_missing_everywhere_names_every_folder(tmp_path: Path, isolated: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_everywhere_names_every_folder(
+    tmp_path: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LABELDP_DATA", str(tmp_path / "env"))
     monkeypatch.setattr(sources, "DEBIAN_DIRS", {"fashion-mnist": tmp_path / "deb"})
     with pytest.raises(DataError) as info:
         locate("fashion-mnist", tmp_path / "dd", download=False)
     msg = str(info.value)
-    for folder in (tmp_path / "dd" / "fashion-mnist", tmp_path / "dd",
-                   tmp_path / "env" / "fashion-mnist", tmp_path / "env",
-                   tmp_path / "deb" / "fashion-mnist", tmp_path / "deb",
-                   isolated / "fashion-mnist", isolated):
+    for folder in (
+        tmp_path / "dd" / "fashion-mnist",
+        tmp_path / "dd",
+        tmp_path / "env" / "fashion-mnist",
+        tmp_path / "env",
+        tmp_path / "deb" / "fashion-mnist",
+        tmp_path / "deb",
+        isolated / "fashion-mnist",
+        isolated,
+    ):
         assert f"{folder}," in msg or f"{folder};" in msg
     assert "'fashion-mnist'" in msg and "train-images-idx3-ubyte[.gz]" in msg
     assert "labeldp data fetch fashion-mnist" in msg
@@ -225,8 +236,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
     """(base URL, folder it serves) of an HTTP server on 127.0.0.1."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
-                "ALL_PROXY"):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     served = tmp_path / "served"
     served.mkdir()
@@ -242,15 +252,20 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
         thread.join()
 
 
-def served_fashion(server: tuple[str, Path], primary: str = "primary/",
-                   bad_md5: bool = False) -> sources.DatasetInfo:
+def served_fashion(
+    server: tuple[str, Path], primary: str = "primary/", bad_md5: bool = False
+) -> sources.DatasetInfo:
     """FASHION with its files served under mirror/ and URLs primary/ then mirror/."""
     base, served = server
     write_mnist_like(served / "mirror", 9)
     remotes = tuple(
-        Remote(r.filename, "0" * 32 if bad_md5 else md5(served / "mirror" / r.filename),
-               (f"{base}/{primary}{r.filename}", f"{base}/mirror/{r.filename}"))
-        for r in FASHION.remotes)
+        Remote(
+            r.filename,
+            "0" * 32 if bad_md5 else md5(served / "mirror" / r.filename),
+            (f"{base}/{primary}{r.filename}", f"{base}/mirror/{r.filename}"),
+        )
+        for r in FASHION.remotes
+    )
     return dataclasses.replace(FASHION, remotes=remotes)
 
 
@@ -291,13 +306,15 @@ def test_fetch_falls_back_to_mirror(server: tuple[str, Path], tmp_path: Path) ->
     assert len(train) == 6 and len(test) == 3 and int(train.images.min()) == 9
 
 
-def test_fetch_primary_first(server: tuple[str, Path], tmp_path: Path,
-                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fetch_primary_first(
+    server: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     info = served_fashion(server, primary="mirror/")
     tried: list[str] = []
     real = sources.download
-    monkeypatch.setattr(sources, "download",
-                        lambda url, dest, md5: (tried.append(url), real(url, dest, md5))[1])
+    monkeypatch.setattr(
+        sources, "download", lambda url, dest, md5: (tried.append(url), real(url, dest, md5))[1]
+    )
     fetch(info, tmp_path / "dd")
     assert tried == [r.urls[0] for r in info.remotes]
     tried.clear()
@@ -316,9 +333,9 @@ def test_fetch_bad_md5(server: tuple[str, Path], tmp_path: Path) -> None:
     assert list((tmp_path / "dd" / "fashion-mnist").iterdir()) == []
 
 
-def test_download_goes_to_env_then_cache(server: tuple[str, Path], tmp_path: Path,
-                                         isolated: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_goes_to_env_then_cache(
+    server: tuple[str, Path], tmp_path: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     info = served_fashion(server)
     assert fetch(info) == isolated / "fashion-mnist"
     monkeypatch.setenv("LABELDP_DATA", str(tmp_path / "env"))
@@ -331,15 +348,20 @@ def test_download_goes_to_env_then_cache(server: tuple[str, Path], tmp_path: Pat
 def test_download_cifar_archive(server: tuple[str, Path], tmp_path: Path) -> None:
     base, served = server
     archive = cifar10_tar(served / "cifar-10-python.tar.gz")
-    info = dataclasses.replace(CIFAR10, remotes=(
-        Remote(archive.name, md5(archive), (f"{base}/{archive.name}",)),))
+    info = dataclasses.replace(
+        CIFAR10, remotes=(Remote(archive.name, md5(archive), (f"{base}/{archive.name}",)),)
+    )
     train, test = load_splits(info, data_dir=tmp_path / "dd")
     assert len(train) == 20 and len(test) == 4
     assert (tmp_path / "dd" / "cifar10" / "cifar-10-python.tar.gz").exists()
 
 
 def test_download_unreachable(tmp_path: Path) -> None:
-    info = dataclasses.replace(FASHION, remotes=tuple(
-        Remote(r.filename, r.md5, ("http://127.0.0.1:9/x.gz",)) for r in FASHION.remotes))
+    info = dataclasses.replace(
+        FASHION,
+        remotes=tuple(
+            Remote(r.filename, r.md5, ("http://127.0.0.1:9/x.gz",)) for r in FASHION.remotes
+        ),
+    )
     with pytest.raises(DataError, match=r"not found: .*could not download http://127\.0\.0\.1:9"):
         load_splits(info, data_dir=tmp_path / "dd")

@@ -47,26 +47,66 @@ def test_device_dataset_basics() -> None:
 @pytest.mark.parametrize(
     ("images", "labels", "error", "fragment"),
     [
-        (np.zeros((2, 1, 28, 28), np.uint8), torch.zeros(2, dtype=torch.long), ConfigError,
-         "torch tensors"),
-        (torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long), ConfigError,
-         r"torch.uint8 of shape \(N, 1, 28, 28\), got torch.float32"),
-        (torch.zeros(2, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
-         ConfigError, r"got torch.uint8 of shape \(2, 28, 28\)"),
-        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
-         ConfigError, r"\(N, 1, 28, 28\)"),
-        (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.int32),
-         ConfigError, "labels must be torch.int64"),
-        (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, 1, dtype=torch.long),
-         ConfigError, r"shape \(2, 1\)"),
-        (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),
-         DataError, "2 images but 3 labels"),
-        (torch.zeros(0, 1, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
-         DataError, "no examples"),
-        (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.tensor([0, 10]), DataError,
-         r"0\.\.9, found values from 0 to 10"),
-        (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.tensor([-1, 3]), DataError,
-         "from -1 to 3"),
+        (
+            np.zeros((2, 1, 28, 28), np.uint8),
+            torch.zeros(2, dtype=torch.long),
+            ConfigError,
+            "torch tensors",
+        ),
+        (
+            torch.zeros(2, 1, 28, 28),
+            torch.zeros(2, dtype=torch.long),
+            ConfigError,
+            r"torch.uint8 of shape \(N, 1, 28, 28\), got torch.float32",
+        ),
+        (
+            torch.zeros(2, 28, 28, dtype=torch.uint8),
+            torch.zeros(2, dtype=torch.long),
+            ConfigError,
+            r"got torch.uint8 of shape \(2, 28, 28\)",
+        ),
+        (
+            torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+            torch.zeros(2, dtype=torch.long),
+            ConfigError,
+            r"\(N, 1, 28, 28\)",
+        ),
+        (
+            torch.zeros(2, 1, 28, 28, dtype=torch.uint8),
+            torch.zeros(2, dtype=torch.int32),
+            ConfigError,
+            "labels must be torch.int64",
+        ),
+        (
+            torch.zeros(2, 1, 28, 28, dtype=torch.uint8),
+            torch.zeros(2, 1, dtype=torch.long),
+            ConfigError,
+            r"shape \(2, 1\)",
+        ),
+        (
+            torch.zeros(2, 1, 28, 28, dtype=torch.uint8),
+            torch.zeros(3, dtype=torch.long),
+            DataError,
+            "2 images but 3 labels",
+        ),
+        (
+            torch.zeros(0, 1, 28, 28, dtype=torch.uint8),
+            torch.zeros(0, dtype=torch.long),
+            DataError,
+            "no examples",
+        ),
+        (
+            torch.zeros(2, 1, 28, 28, dtype=torch.uint8),
+            torch.tensor([0, 10]),
+            DataError,
+            r"0\.\.9, found values from 0 to 10",
+        ),
+        (
+            torch.zeros(2, 1, 28, 28, dtype=torch.uint8),
+            torch.tensor([-1, 3]),
+            DataError,
+            "from -1 to 3",
+        ),
     ],
 )
 def test_device_dataset_validation(images, labels, error, fragment: str) -> None:
@@ -124,9 +164,13 @@ def test_load_splits_cifar100(tmp_path: Path) -> None:
     folder = tmp_path / "dd" / "cifar-100-python"
     folder.mkdir(parents=True)
     for name, n in (("train", 6), ("test", 2)):
-        batch = {b"batch_label": name.encode(), b"filenames": [b"x.png"] * n,
-                 b"fine_labels": [99 - i for i in range(n)], b"coarse_labels": [0] * n,
-                 b"data": np.full((n, 3072), n, np.uint8)}
+        batch = {
+            b"batch_label": name.encode(),
+            b"filenames": [b"x.png"] * n,
+            b"fine_labels": [99 - i for i in range(n)],
+            b"coarse_labels": [0] * n,
+            b"data": np.full((n, 3072), n, np.uint8),
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     train, test = load_splits("cifar100", data_dir=tmp_path / "dd", download=False)
     assert train.images.shape == (6, 3, 32, 32) and test.labels.tolist() == [99, 98]
@@ -191,8 +235,9 @@ def test_random_partition_covers(parts) -> None:
     again = random_partition(n, parts, seed=5)
     assert all(torch.equal(x, y) for x, y in zip(chunks, again, strict=True))
     other = random_partition(n, parts, seed=6)
-    assert len(chunks) == 1 or any(not torch.equal(x, y)
-                                   for x, y in zip(chunks, other, strict=True))
+    assert len(chunks) == 1 or any(
+        not torch.equal(x, y) for x, y in zip(chunks, other, strict=True)
+    )
 
 
 def test_random_partition_sizes() -> None:

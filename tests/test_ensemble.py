@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import two_class_halves
 from torch import nn
 
 from labeldp.augment import Normalize, WeakAugment
@@ -54,16 +55,6 @@ def test_batchnorm_is_refused():
         StackedModels([nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))])
 
 
-def _toy(n=300, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    images = torch.randint(0, 100, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    bright = images[:, :, :4, :].clone() + 120
-    images[labels == 1, :, :4, :] = bright[labels == 1]
-    images[labels == 0, :, 4:, :] = bright[labels == 0]
-    return images, labels
-
-
 def _train(stacked, images, labels, parts, steps, path=None, seed=0):
     config = EnsembleFixMatchConfig(
         steps=steps, batch_size=4, mu=2, threshold=0.9, lr=0.05, ema_decay=0.9,
@@ -78,8 +69,8 @@ def _train(stacked, images, labels, parts, steps, path=None, seed=0):
 
 
 def test_ensemble_fixmatch_teachers_learn_and_vote():
-    images, labels = _toy()
-    test_images, test_labels = _toy(seed=1)
+    images, labels = two_class_halves(n=300)
+    test_images, test_labels = two_class_halves(n=300, seed=1)
     parts = [torch.arange(i * 10, i * 10 + 10) for i in range(4)]  # 10 labels each
     stacked = StackedModels(_models(4))
     ema = _train(stacked, images, labels, parts, steps=60)
@@ -93,7 +84,7 @@ def test_ensemble_fixmatch_teachers_learn_and_vote():
 
 
 def test_an_interrupted_ensemble_resumes_to_the_same_teachers(tmp_path, monkeypatch):
-    images, labels = _toy(n=100)
+    images, labels = two_class_halves(n=100)
     parts = [torch.arange(0, 10), torch.arange(10, 20)]
     straight = _train(StackedModels(_models(2)), images, labels, parts, steps=12)
     path = tmp_path / "teachers.ckpt"

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import two_class_halves
 from torch import nn
 
 from labeldp.augment import Normalize, WeakAugment
@@ -73,16 +74,6 @@ def test_strong_augment_validates_its_options():
         StrongAugment(cutout_fraction=1.5)
 
 
-def _toy(n=400, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    images = torch.randint(0, 100, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    bright = images[:, :, :4, :].clone() + 120
-    images[labels == 1, :, :4, :] = bright[labels == 1]
-    images[labels == 0, :, 4:, :] = bright[labels == 0]
-    return images, labels
-
-
 def _step(unlabeled, seed=0):
     return FixMatchStep(
         unlabeled,
@@ -101,7 +92,7 @@ def _model():
 
 
 def test_the_step_is_reproducible_from_its_seed():
-    images, labels = _toy()
+    images, labels = two_class_halves()
     grads = []
     for _ in range(2):
         model = _model()
@@ -114,8 +105,8 @@ def test_the_step_is_reproducible_from_its_seed():
 
 
 def test_fixmatch_learns_from_few_labels_and_many_unlabeled_images():
-    images, labels = _toy()
-    test_images, test_labels = _toy(seed=1)
+    images, labels = two_class_halves()
+    test_images, test_labels = two_class_halves(seed=1)
     few = torch.arange(20)  # 20 labels, 400 unlabeled images
     step = _step(images)
     result = Trainer(
@@ -129,7 +120,7 @@ def test_fixmatch_learns_from_few_labels_and_many_unlabeled_images():
 
 
 def test_fixmatch_step_validates_its_options():
-    images, _ = _toy(n=10)
+    images, _ = two_class_halves(n=10)
     with pytest.raises(ConfigError, match="mu must be an integer ≥ 1"):
         FixMatchStep(images, Normalize((0.3,), (0.3,)), StrongAugment(), StrongAugment(), mu=0)
     with pytest.raises(ConfigError, match="threshold must be in"):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import two_class_halves
 from torch import nn
 
 from labeldp.augment import Normalize, WeakAugment
@@ -20,17 +21,6 @@ from labeldp.train import (
     target_loss,
 )
 from labeldp.train.steps import BackpropStep
-
-
-def _toy_data(n=512, seed=0):
-    """Two classes told apart by which half of an 8x8 image is brighter."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    images = torch.randint(0, 100, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    bright = images[:, :, :, :4].clone() + 120
-    images[labels == 1, :, :, :4] = bright[labels == 1]
-    images[labels == 0, :, :, 4:] = bright[labels == 0]
-    return images, labels
 
 
 def _model(seed=0):
@@ -122,7 +112,7 @@ def test_weight_average_matches_direct_recursion():
 
 
 def test_trainer_learns_the_toy_task():
-    images, labels = _toy_data()
+    images, labels = two_class_halves()
     result = _trainer(_model(), images, labels, TrainConfig(epochs=3, batch_size=32, lr=0.05)).fit()
     assert result.test_accuracy > 0.95
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
@@ -130,7 +120,7 @@ def test_trainer_learns_the_toy_task():
 
 
 def test_soft_targets_and_the_target_hook_see_the_current_model():
-    images, labels = _toy_data()
+    images, labels = two_class_halves()
     normalize = Normalize((0.3,), (0.3,))
     holder = {}
     calls = []
@@ -155,7 +145,7 @@ def test_soft_targets_and_the_target_hook_see_the_current_model():
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
-    images, labels = _toy_data()
+    images, labels = two_class_halves()
     config = TrainConfig(epochs=3, batch_size=32, lr=0.05, ema_decay=0.9, seed=3)
     straight = _trainer(_model(), images, labels, config).fit()
 
@@ -187,7 +177,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
-    images, labels = _toy_data(n=64)
+    images, labels = two_class_halves(n=64)
     ckpt = tmp_path / "run.ckpt"
     _trainer(
         _model(), images, labels, TrainConfig(epochs=1), checkpoint_path=ckpt, fingerprint={"a": 1}
@@ -200,7 +190,7 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    images, labels = _toy_data(n=64)
+    images, labels = two_class_halves(n=64)
     ckpt = tmp_path / "run.ckpt"
     trainer = _trainer(_model(), images, labels, TrainConfig(epochs=1), checkpoint_path=ckpt)
     trainer.fit()

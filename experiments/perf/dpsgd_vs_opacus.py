@@ -25,9 +25,7 @@ writes results/perf/dpsgd_vs_opacus-<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -35,11 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchmark_record import write_benchmark  # the sibling module in experiments/perf
 
-from labeldp.io import atomic_write_json, atomic_write_text
 from labeldp.models import build_model
-from labeldp.provenance import provenance
-from labeldp.train import HardLabels, device_description, resolve_device
+from labeldp.train import HardLabels, resolve_device
 from labeldp.train.dpsgd import DPSGDStep
 
 C, SIGMA, LR = 1.0, 1.0, 0.1
@@ -177,49 +174,31 @@ def main(argv: list[str] | None = None) -> int:
 
     import opacus as _opacus
 
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
-    record = {
-        "benchmark": "dpsgd_vs_opacus",
-        "command": command,
-        "device": device_description(device),
-        "opacus": _opacus.__version__,
-        "cases": results,
-        **provenance(),
-    }
-    out_dir = Path(args.out_dir)
-    tag = "cuda" if device.type == "cuda" else "cpu"
-    atomic_write_json(out_dir / f"dpsgd_vs_opacus-{tag}.json", record)
-    lines = [
-        f"# DP-SGD step: labeldp vs Opacus {_opacus.__version__} ({tag})",
-        "",
-        f"- command: `{command}`",
-        f"- commit: {record['git_commit']}{' (dirty)' if record['git_dirty'] else ''}",
-        f"- machine: {record['machine']}; device: {record['device']}",
-        f"- date: {record['date']}",
-        f"- one step = per-example gradients, clip to C = {C}, noise σ = {SIGMA}, SGD; "
-        f"{args.rounds} alternating rounds of {args.steps} steps, medians; peak memory of "
-        "one step (CUDA: allocator; CPU: resident-set high-water mark)",
-        "",
+    table = [
         "| model | batch | ours s/step | Opacus s/step | time ÷ | ours peak MiB "
         "| Opacus peak MiB | memory ÷ |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         m, p = r["median_seconds_per_step"], r["peak_bytes"]
-        lines.append(
+        table.append(
             f"| {name} | {r['batch']} | {m['ours']:.4f} | {m['opacus']:.4f} "
             f"| {r['time_ours_over_opacus']:.2f} | {p['ours'] / 2**20:.1f} "
             f"| {p['opacus'] / 2**20:.1f} | {r['memory_ours_over_opacus']:.2f} |"
         )
-    atomic_write_text(out_dir / f"dpsgd_vs_opacus-{tag}.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(
-        json.dumps(
-            {
-                k: [r["time_ours_over_opacus"], r["memory_ours_over_opacus"]]
-                for k, r in results.items()
-            }
-        )
+    write_benchmark(
+        "dpsgd_vs_opacus",
+        f"DP-SGD step: labeldp vs Opacus {_opacus.__version__}",
+        device,
+        {"opacus": _opacus.__version__, "cases": results},
+        [
+            f"- one step = per-example gradients, clip to C = {C}, noise σ = {SIGMA}, SGD; "
+            f"{args.rounds} alternating rounds of {args.steps} steps, medians; peak memory "
+            "of one step (CUDA: allocator; CPU: resident-set high-water mark)"
+        ],
+        table,
+        argv,
+        args.out_dir,
     )
     return 0
 

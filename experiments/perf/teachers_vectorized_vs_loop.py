@@ -17,21 +17,17 @@ writes results/perf/teachers_vectorized_vs_loop-<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from benchmark_record import write_benchmark  # the sibling module in experiments/perf
 
 from labeldp.augment import Normalize, WeakAugment
-from labeldp.io import atomic_write_json, atomic_write_text
 from labeldp.models import build_model
-from labeldp.provenance import provenance
 from labeldp.strong_augment import StrongAugment
-from labeldp.train import HardLabels, TrainConfig, Trainer, device_description, resolve_device
+from labeldp.train import HardLabels, TrainConfig, Trainer, resolve_device
 from labeldp.train.ensemble import EnsembleFixMatchConfig, StackedModels, train_fixmatch_ensemble
 from labeldp.train.fixmatch import FixMatchStep
 
@@ -111,40 +107,32 @@ def main(argv: list[str] | None = None) -> int:
     median = {k: statistics.median(v) for k, v in seconds.items()}
     throughput = {k: args.teachers * steps / v for k, v in median.items()}
     ratio = throughput["vectorized"] / throughput["loop"]
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
-    record = {
-        "benchmark": "teachers_vectorized_vs_loop",
-        "command": command,
-        "device": device_description(device),
-        "teachers": args.teachers,
-        "steps_per_teacher": steps,
-        "seconds": seconds,
-        "teacher_steps_per_second": throughput,
-        "vectorized_over_loop": ratio,
-        **provenance(),
-    }
-    tag = "cuda" if device.type == "cuda" else "cpu"
-    out = Path(args.out_dir)
-    atomic_write_json(out / f"teachers_vectorized_vs_loop-{tag}.json", record)
-    lines = [
-        f"# FixMatch teachers: vectorized vs Python loop ({tag})",
-        "",
-        f"- command: `{command}`",
-        f"- commit: {record['git_commit']}{' (dirty)' if record['git_dirty'] else ''}",
-        f"- machine: {record['machine']}; device: {record['device']}",
-        f"- date: {record['date']}",
-        f"- {args.teachers} tanh-CNN teachers, {LABELS_PER_TEACHER} labels each, {steps} FixMatch "
-        f"steps each (labeled batch {BATCH}, μ = {MU}), {args.rounds} alternating rounds, medians",
-        "",
-        "| training | median s | teacher-steps / s |",
-        "|---|---|---|",
-        *(f"| {k} | {median[k]:.1f} | {throughput[k]:.2f} |" for k in contenders),
-        "",
-        f"vectorized ÷ loop throughput: **{ratio:.2f}×**",
-    ]
-    atomic_write_text(out / f"teachers_vectorized_vs_loop-{tag}.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(json.dumps({"vectorized_over_loop": ratio}))
+    write_benchmark(
+        "teachers_vectorized_vs_loop",
+        "FixMatch teachers: vectorized vs Python loop",
+        device,
+        {
+            "teachers": args.teachers,
+            "steps_per_teacher": steps,
+            "seconds": seconds,
+            "teacher_steps_per_second": throughput,
+            "vectorized_over_loop": ratio,
+        },
+        [
+            f"- {args.teachers} tanh-CNN teachers, {LABELS_PER_TEACHER} labels each, {steps} "
+            f"FixMatch steps each (labeled batch {BATCH}, μ = {MU}), {args.rounds} "
+            "alternating rounds, medians"
+        ],
+        [
+            "| training | median s | teacher-steps / s |",
+            "|---|---|---|",
+            *(f"| {k} | {median[k]:.1f} | {throughput[k]:.2f} |" for k in contenders),
+            "",
+            f"vectorized ÷ loop throughput: **{ratio:.2f}×**",
+        ],
+        argv,
+        args.out_dir,
+    )
     return 0
 
 

@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchmark_record import write_benchmark  # the sibling module in experiments/perf
 from torch.utils.data import DataLoader, Dataset
 
 from labeldp.augment import Normalize, WeakAugment
 from labeldp.data import load_splits
-from labeldp.io import atomic_write_json, atomic_write_text
 from labeldp.models import build_model
-from labeldp.provenance import provenance
-from labeldp.train import HardLabels, TrainConfig, Trainer, device_description, resolve_device
+from labeldp.train import HardLabels, TrainConfig, Trainer, resolve_device
 
 BATCH, LR, PADDING = 128, 0.05, 2
 
@@ -151,38 +148,33 @@ def main(argv: list[str] | None = None) -> int:
 
     median = {name: statistics.median(t) for name, t in times.items()}
     ratios = {name: median[name] / median["core"] for name in names if name != "core"}
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
-    record = {
-        "benchmark": "train_core_vs_dataloader",
-        "command": command,
-        "device": device_description(device),
-        "examples_per_epoch": n,
-        "batch_size": BATCH,
-        "model": "cnn",
-        "seconds": times,
-        "median_seconds": median,
-        "peer_over_core": ratios,
-        **provenance(),
-    }
-    out_dir = Path(args.out_dir)
-    tag = "cuda" if device.type == "cuda" else "cpu"
-    atomic_write_json(out_dir / f"train_core_vs_dataloader-{tag}.json", record)
-    lines = [
-        f"# Training core vs plain DataLoader loop ({tag})",
-        "",
-        f"- command: `{command}`",
-        f"- commit: {record['git_commit']}{' (dirty)' if record['git_dirty'] else ''}",
-        f"- machine: {record['machine']}; device: {record['device']}",
-        f"- date: {record['date']}",
-        f"- one epoch of {n} Fashion-MNIST examples, small CNN, batch {BATCH}, "
-        f"crop+flip augmentation, {args.repeats} alternating rounds, medians",
-        "",
-        "| loop | median s / epoch | ÷ core |",
-        "|---|---|---|",
-    ]
-    for name in names:
-        lines.append(f"| {name} | {median[name]:.2f} | {median[name] / median['core']:.2f} |")
-    atomic_write_text(out_dir / f"train_core_vs_dataloader-{tag}.md", "\n".join(lines) + "\n")
+    write_benchmark(
+        "train_core_vs_dataloader",
+        "Training core vs plain DataLoader loop",
+        device,
+        {
+            "examples_per_epoch": n,
+            "batch_size": BATCH,
+            "model": "cnn",
+            "seconds": times,
+            "median_seconds": median,
+            "peer_over_core": ratios,
+        },
+        [
+            f"- one epoch of {n} Fashion-MNIST examples, small CNN, batch {BATCH}, "
+            f"crop+flip augmentation, {args.repeats} alternating rounds, medians"
+        ],
+        [
+            "| loop | median s / epoch | ÷ core |",
+            "|---|---|---|",
+            *(
+                f"| {name} | {median[name]:.2f} | {median[name] / median['core']:.2f} |"
+                for name in names
+            ),
+        ],
+        argv,
+        args.out_dir,
+    )
     print(json.dumps({"median_seconds": median, "peer_over_core": ratios}, indent=2))
     return 0
 
