@@ -307,6 +307,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="continue the unfinished run in --out from its last checkpoint",
     )
     run.add_argument(
+        "--shared-dir",
+        default=None,
+        metavar="DIR",
+        help="folder shared with related runs for work that does not depend on the privacy "
+        "parameters (pate-fm: teacher votes, reused by runs that differ only in ε, δ, "
+        "threshold or noise); sweeps use <runs-dir>/<sweep>/shared",
+    )
+    run.add_argument(
         "--checkpoint-every",
         type=_number(int, 1),
         default=1,
@@ -434,6 +442,7 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         checkpoint_every=args.checkpoint_every,
+        shared_dir=args.shared_dir,
     )
     out = args.out or f"runs/{args.dataset}-{args.method}-seed{args.seed}"
     metrics = train_run(config, out, env, resume=args.resume)

@@ -123,13 +123,17 @@ class Environment:
     """Where a run happens; none of it should change the result beyond float noise.
 
     data_dir: where to look for datasets first (see labeldp.data); download: whether a
-    missing dataset may be downloaded; device: "auto", "cpu", "cuda", "cuda:N"."""
+    missing dataset may be downloaded; device: "auto", "cpu", "cuda", "cuda:N".
+    shared_dir: a folder shared by related runs (a sweep's) for intermediate results that
+    do not depend on a run's privacy parameters, such as PATE's teacher votes, keyed by
+    everything they do depend on (see RunContext.shared_dir); None: nothing is shared."""
 
     data_dir: str | None = None
     download: bool = True
     device: str | None = "auto"
     progress: bool = True
     checkpoint_every: int = 1
+    shared_dir: str | None = None
 
 
 def prepare_data(config: RunConfig, env: Environment) -> tuple[DeviceDataset, DeviceDataset]:
@@ -216,6 +220,7 @@ def train_run(
         normalize=Normalize(info.mean, info.std),
         augment=WeakAugment(crop_padding=crop, hflip=hflip),
         run_dir=run_dir,
+        shared_dir=Path(env.shared_dir) if env.shared_dir is not None else None,
         resume=resume,
         progress=env.progress,
         checkpoint_every=env.checkpoint_every,

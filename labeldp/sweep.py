@@ -170,7 +170,10 @@ def run_sweep(
     if workers < 1:
         raise ConfigError(f"workers must be an integer ≥ 1, got {workers}")
     env = env or Environment()
+    folder = Path(runs_root) / spec.name
     inner = asdict(env) | {"progress": env.progress and workers == 1}
+    if inner["shared_dir"] is None:  # e.g. PATE's teachers, trained once per seed
+        inner["shared_dir"] = str(folder / "shared")
     done = store.finished_keys(spec.name)
     grid = spec.runs()
     todo = [(n, c.to_dict()) for n, c in grid if run_key(c.to_dict()) not in done]
@@ -200,7 +203,6 @@ def run_sweep(
             f"ε = {format_epsilon(metrics['epsilon'])}{bound}"
         )
 
-    folder = Path(runs_root) / spec.name
     if workers == 1:
         for name, config in todo:
             finish(*_execute(name, config, str(folder / name), inner, None))

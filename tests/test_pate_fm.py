@@ -71,3 +71,44 @@ def test_a_resumed_run_reuses_finished_teachers(data_dir, tmp_path, monkeypatch)
     assert (out / "votes-0.pt").exists() and not (out / "votes-2.pt").exists()
     assert cli.main(_argv(data_dir, out, "--resume")) == 0
     assert len(calls) == 3  # the first group was not trained again
+
+
+def test_runs_differing_only_in_aggregation_share_teachers(data_dir, tmp_path, monkeypatch):
+    calls = []
+    original = pate_fm.train_fixmatch_ensemble
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pate_fm, "train_fixmatch_ensemble", counted)
+    shared = ["--shared-dir", str(tmp_path / "shared")]
+    assert cli.main(_argv(data_dir, tmp_path / "a", *shared)) == 0
+    assert len(calls) == 2  # two groups of two teachers
+    # Another ε and σ₂: the same votes, no teacher trained again.
+    changed = _argv(data_dir, tmp_path / "b", *shared)
+    changed[changed.index("--epsilon") + 1] = "400"
+    changed[changed.index("--sigma2") + 1] = "2"
+    assert cli.main(changed) == 0
+    assert len(calls) == 2
+    votes = [torch.load(tmp_path / r / "pate.noisy.pt", weights_only=True)[3:] for r in "ab"]
+    assert torch.equal(votes[0], votes[1])
+    # Another seed, or more teacher steps: new teachers.
+    assert cli.main(_argv(data_dir, tmp_path / "c", *shared, "--seed", "1")) == 0
+    assert len(calls) == 4
+    steps = _argv(data_dir, tmp_path / "d", *shared)
+    steps[steps.index("--teacher-steps") + 1] = "16"
+    assert cli.main(steps) == 0
+    assert len(calls) == 6
+    # The votes folder holds votes, not teacher checkpoints.
+    assert not list((tmp_path / "shared").rglob("*.ckpt"))
+    assert len(list((tmp_path / "shared" / "pate-votes").iterdir())) == 3
+
+
+def test_votes_recomputed_equal_the_shared_ones(data_dir, tmp_path):
+    """What sharing assumes: teacher training is deterministic, so reusing stored votes
+    equals recomputing them."""
+    assert cli.main(_argv(data_dir, tmp_path / "a")) == 0
+    assert cli.main(_argv(data_dir, tmp_path / "b")) == 0
+    votes = [torch.load(tmp_path / r / "pate.noisy.pt", weights_only=True) for r in "ab"]
+    assert torch.equal(votes[0], votes[1])

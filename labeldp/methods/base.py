@@ -9,6 +9,8 @@ hyper-parameters, so the same object serves the CLI, sweeps and notebooks.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from torch import nn
 
 from ..augment import Normalize
 from ..data import DeviceDataset
-from ..io import atomic_write
+from ..io import atomic_write, atomic_write_json
 from ..privacy import PrivacyLedger
 from ..seeding import Stream, derive_seed
 from ..train import FitResult, TargetFn, TrainConfig, Trainer
@@ -40,6 +42,9 @@ class RunContext:
     config: the core loop's hyper-parameters.
     normalize, augment: batch preprocessing for this dataset.
     run_dir: the run's folder for checkpoints, or None to keep nothing on disk.
+    shared_dir: a folder shared by related runs (e.g. one sweep's) for results that do not
+        depend on the privacy parameters, each under a key that hashes everything they do
+        depend on (see :meth:`shared_folder`); None: nothing is shared.
     resume: continue from the checkpoints in ``run_dir`` where present.
     fingerprint: JSON-able identity of the run, stored in checkpoints.
     """
@@ -51,6 +56,7 @@ class RunContext:
     normalize: Normalize
     augment: Augmentation | None
     run_dir: Path | None = None
+    shared_dir: Path | None = None
     resume: bool = False
     progress: bool = True
     build_named_model: Callable[[str | None], nn.Module] | None = None
@@ -62,6 +68,28 @@ class RunContext:
         of this run's seed; see :mod:`labeldp.seeding`."""
         seed = derive_seed(self.config.seed, stream, *index)
         return torch.Generator(device=self.train.device).manual_seed(seed)
+
+    def shared_folder(self, kind: str, method_identity: dict[str, Any]) -> Path | None:
+        """The folder for a shareable intermediate result of ``kind`` (e.g. "pate-votes"),
+        fully determined by the run's fingerprint without its method options, by
+        ``method_identity`` (the method options it depends on, JSON-able) and by the
+        device type: ``<shared_dir>/<kind>/<hash>``, with an ``identity.json``. It is the
+        run folder when nothing is shared (no shared_dir, or no fingerprint to key on), and
+        None without either.
+
+        Sharing is sound only for results that the run would recompute identically
+        (seeded, no private noise): a run that finds one uses it instead of redoing it."""
+        if self.shared_dir is None or not self.fingerprint:
+            return self.run_dir
+        run = {k: v for k, v in self.fingerprint.items() if k != "method_options"}
+        full = {"kind": kind, "device": self.train.device.type, "run": run,
+                "method": method_identity}  # fmt: skip
+        text = json.dumps(full, sort_keys=True, default=str)
+        folder = self.shared_dir / kind / hashlib.sha256(text.encode()).hexdigest()[:20]
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "identity.json").exists():
+            atomic_write_json(folder / "identity.json", full)
+        return folder
 
     def privatized(self, name: str, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The output of a label mechanism, drawn exactly once per run.

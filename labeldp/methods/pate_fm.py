@@ -6,7 +6,10 @@ Spec: shared/specs/pate_fixmatch.md. The pipeline:
    disjoint parts; teacher i sees the labels of part i and every training image
    unlabeled; all teachers train together (:mod:`labeldp.train.ensemble`), in groups of
    ``teacher_group`` whose votes are saved as each group finishes (a resumed run skips
-   finished groups);
+   finished groups). The votes do not depend on the aggregation's parameters (ε, δ, T,
+   σ₁, σ₂), so with a shared folder (sweeps) the runs of one seed that differ only in
+   those train the teachers once: a run that finds the votes uses them, exactly as if it
+   had recomputed them (teacher training is seeded and noise-free);
 2. ``queries`` training images, chosen at random without looking at labels, get the
    teachers' vote histograms;
 3. Confident-GNMax (threshold ``threshold``, noises ``sigma1``, ``sigma2``) answers them in
@@ -46,6 +49,15 @@ from ..train.ensemble import (
 )
 from ..train.fixmatch import FixMatchStep
 from .base import MethodResult, RunContext
+
+
+def _unchanged(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The weak view when the run has no augmentation: the images themselves."""
+    return images
+
+
+#: Options that act only on the aggregation (and the budget), not on the teachers' votes.
+AGGREGATION_OPTIONS = ("epsilon", "delta", "threshold", "sigma1", "sigma2", "secure_noise")
 
 
 class PateFM:
@@ -133,7 +145,8 @@ class PateFM:
     # ------------------------------------------------------------------ pipeline
     def _votes(self, ctx: RunContext, query_idx: torch.Tensor) -> torch.Tensor:
         """Vote histograms (M, K) of all teachers on the query images; each group's
-        votes are stored in the run folder once the group has finished."""
+        votes are stored (in the shared folder, else the run folder) once the group has
+        finished."""
         seed = ctx.config.seed
         n = len(ctx.train.labels)
         if self.teachers > n:
@@ -149,10 +162,14 @@ class PateFM:
             seed=derive_seed(seed, Stream.PATE_TEACHERS),
         )
         queries = ctx.train.images[query_idx.to(ctx.train.images.device)]
+        folder = ctx.shared_folder(
+            "pate-votes",
+            {k: v for k, v in self.options().items() if k not in AGGREGATION_OPTIONS},
+        )
         total = torch.zeros(len(query_idx), k, dtype=torch.int64, device=ctx.train.images.device)
         for start in range(0, self.teachers, self.teacher_group):
             group = range(start, min(start + self.teacher_group, self.teachers))
-            path = ctx.run_dir / f"votes-{start}.pt" if ctx.run_dir is not None else None
+            path = folder / f"votes-{start}.pt" if folder is not None else None
             if path is not None and path.exists():
                 total += torch.load(path, map_location=total.device, weights_only=True)
                 continue
@@ -168,14 +185,15 @@ class PateFM:
                 [parts[i] for i in group],
                 config,
                 normalize=ctx.normalize,
-                weak=ctx.augment or (lambda x, g: x),
+                weak=ctx.augment or _unchanged,
                 strong=StrongAugment(),
-                checkpoint_path=ctx.run_dir / f"teachers-{start}.ckpt" if path else None,
+                checkpoint_path=folder / f"teachers-{start}.ckpt" if folder else None,
                 progress=ctx.progress,
             )
             votes = ensemble_votes(stacked, ema, queries, ctx.normalize, k)
             if path is not None:
                 atomic_write(path, lambda handle, v=votes: torch.save(v.cpu(), handle))
+                (folder / f"teachers-{start}.ckpt").unlink(missing_ok=True)
             total += votes
         return total
 
@@ -222,7 +240,7 @@ class PateFM:
         student_step = FixMatchStep(
             ctx.train.images,
             ctx.normalize,
-            weak=ctx.augment or (lambda x, g: x),
+            weak=ctx.augment or _unchanged,
             strong=StrongAugment(),
             mu=self.mu,
             threshold=self.fixmatch_threshold,
