@@ -593,6 +593,13 @@ def _add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
         "the store does not hold yet. Resumable: after Ctrl-C or kill -9, rerun it.",
     )
     p.add_argument("sweep_file", metavar="FILE")
+    p.add_argument(
+        "--only",
+        default=None,
+        metavar="PATTERN",
+        help="run just the grid points whose names match this shell pattern, "
+        "e.g. 'pate-fm-*-seed0' (names: <method>-eps<ε>-seed<seed>, none-seed<seed>)",
+    )
     p.set_defaults(handler=_sweep)
     p = sub.add_parser(
         "report",
@@ -628,7 +635,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
     spec = SweepSpec.load(args.sweep_file)
     env = Environment(data_dir=args.data_dir, device=args.device, progress=not args.quiet)
-    run_sweep(spec, ResultsStore(args.store), args.runs_dir, env, workers=args.workers)
+    run_sweep(
+        spec, ResultsStore(args.store), args.runs_dir, env, workers=args.workers, only=args.only
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ progress, and a rerun neither repeats nor duplicates anything.
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -162,11 +163,14 @@ def run_sweep(
     runs_root: str | Path = "runs",
     env: Environment | None = None,
     workers: int = 1,
+    only: str | None = None,
 ) -> int:
     """Runs every grid point of ``spec`` not yet in ``store``; returns how many it ran.
 
     workers: runs at once (≥ 1); each worker process gets an equal share of the CPU
-    threads. Progress shows as one bar over the grid and a line per finished run."""
+    threads. only: a shell-style pattern over run names (e.g. ``"pate-fm-*-seed0"``):
+    run just the matching points (an error when none matches). Progress shows as one bar
+    over the grid and a line per finished run."""
     if workers < 1:
         raise ConfigError(f"workers must be an integer ≥ 1, got {workers}")
     env = env or Environment()
@@ -176,6 +180,11 @@ def run_sweep(
         inner["shared_dir"] = str(folder / "shared")
     done = store.finished_keys(spec.name)
     grid = spec.runs()
+    if only is not None:
+        grid = [(n, c) for n, c in grid if fnmatch.fnmatchcase(n, only)]
+        if not grid:
+            names = ", ".join(n for n, _ in spec.runs())
+            raise ConfigError(f"only: {only!r} matches no run of {spec.name}; runs: {names}")
     todo = [(n, c.to_dict()) for n, c in grid if run_key(c.to_dict()) not in done]
     bar = tqdm(
         total=len(grid),

@@ -33,9 +33,10 @@ def _models(n, seed=0):
     return out
 
 
-def test_stacked_forward_and_gradients_equal_each_model_alone():
+@pytest.mark.parametrize("forward", ["vmap", "loop", "auto"])
+def test_stacked_forward_and_gradients_equal_each_model_alone(forward):
     models = _models(3)
-    stacked = StackedModels(models)
+    stacked = StackedModels(models, forward=forward)
     x = torch.randn(3, 5, 1, 8, 8)
     y = torch.randint(0, 2, (3, 5))
     logits = stacked(x)
@@ -48,6 +49,11 @@ def test_stacked_forward_and_gradients_equal_each_model_alone():
             torch.testing.assert_close(stacked.params[name].grad[i], p.grad)
     rebuilt = stacked.model(1)
     torch.testing.assert_close(rebuilt(x[1]), models[1](x[1]))
+
+
+def test_an_unknown_forward_strategy_is_refused():
+    with pytest.raises(ConfigError, match="forward must be auto, vmap or loop"):
+        StackedModels(_models(1), forward="threads")
 
 
 def test_batchnorm_is_refused():

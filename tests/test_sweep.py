@@ -48,6 +48,16 @@ def _sweep_file(tmp_path: Path, epochs: int = 1, text: str = TINY) -> Path:
     return path
 
 
+def test_only_runs_the_matching_grid_points(data_dir, tmp_path):
+    spec = SweepSpec.load(_sweep_file(tmp_path))
+    store = ResultsStore(tmp_path / "runs.sqlite")
+    env = Environment(data_dir=str(data_dir), progress=False)
+    assert run_sweep(spec, store, tmp_path / "runs", env, only="rr-*-seed1") == 2
+    assert sorted(r["name"] for r in store.rows("tiny")) == ["rr-eps1-seed1", "rr-eps4-seed1"]
+    with pytest.raises(ConfigError, match="only: 'dp-sgd-\\*' matches no run of tiny"):
+        run_sweep(spec, store, tmp_path / "runs", env, only="dp-sgd-*")
+
+
 def test_sweep_runs_the_grid_once_and_reports_it(data_dir, tmp_path):
     spec = SweepSpec.load(_sweep_file(tmp_path))
     assert len(spec.runs()) == 2 * (1 + 2 * 2)

@@ -39,11 +39,21 @@ from .schedule import learning_rate
 class StackedModels:
     """n models of one architecture, parameters and buffers stacked along dim 0.
 
-    ``self(x)`` with x of shape (n, B, ...) returns (n, B, K): model i on x[i]."""
+    ``self(x)`` with x of shape (n, B, ...) returns (n, B, K): model i on x[i].
 
-    def __init__(self, models: Sequence[nn.Module]) -> None:
+    forward: how the n forward passes run; both give the same values and per-model
+    gradients. "vmap": one vmap'd call (one kernel per layer for all models; what pays on
+    a GPU, where n small kernels cost n launches). "loop": model by model on views of the
+    stacked parameters (``unbind``), for CPUs, where vmap turns convolutions into grouped
+    ones that run slower than n ordinary ones; everything else (sampling, augmentation,
+    optimizer, EMA) stays batched over the models. "auto": "vmap" on CUDA, "loop" on CPU.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], forward: str = "auto") -> None:
         if not models:
             raise ConfigError("an ensemble needs at least one model")
+        if forward not in ("auto", "vmap", "loop"):
+            raise ConfigError(f"forward must be auto, vmap or loop, got {forward!r}")
         if any(has_batch_statistics(m) for m in models):
             raise ConfigError(
                 "ensemble models must not have BatchNorm (use norm='group'): vmap over "
@@ -54,12 +64,34 @@ class StackedModels:
         self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
         self.base = copy.deepcopy(models[0]).to("meta")
         self.size = len(models)
+        self.forward = forward
 
     def __call__(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
+        params = params or self.params
+        strategy = self.forward
+        if strategy == "auto":
+            strategy = "vmap" if x.device.type == "cuda" else "loop"
+        if strategy == "loop":
+            p_rows = {k: v.unbind(0) for k, v in params.items()}
+            b_rows = {k: v.unbind(0) for k, v in self.buffers.items()}
+            return torch.stack(
+                [
+                    functional_call(
+                        self.base,
+                        (
+                            {k: v[i] for k, v in p_rows.items()},
+                            {k: v[i] for k, v in b_rows.items()},
+                        ),
+                        (x[i],),
+                    )
+                    for i in range(self.size)
+                ]
+            )
+
         def one(p, b, xi):
             return functional_call(self.base, (p, b), (xi,))
 
-        return vmap(one, randomness="different")(params or self.params, self.buffers, x)
+        return vmap(one, randomness="different")(params, self.buffers, x)
 
     def model(self, i: int, params: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """Model ``i`` as an ordinary module (a copy, on the parameters' device)."""
