@@ -50,8 +50,9 @@ class SweepSpec:
     train: TrainConfig keywords shared by every run (the seed comes from ``seeds``).
     method_options: per method, extra hyper-parameters (e.g. ``{"alibi": {"noise": ...}}``).
     per_method: per method (or "none"), RunConfig fields that replace the shared ones for
-        its runs, and under "train" TrainConfig keywords that replace [train]'s; e.g.
-        DP-SGD's own model, norm and batch size (``[per_method.dp-sgd]`` in TOML).
+        its runs, under "train" TrainConfig keywords that replace [train]'s, and under
+        "epsilons" its own ε grid; e.g. DP-SGD's own model, norm and batch size
+        (``[per_method.dp-sgd]`` in TOML).
     reference: published numbers to print beside ours: ``{"source": str, "epsilons":
     [...], "rows": {method: [accuracy in %, ...]}}``.
     """
@@ -92,11 +93,11 @@ class SweepSpec:
         for method, override in data.get("per_method", {}).items():
             if method not in [*data.get("methods", []), "none"]:
                 raise ConfigError(f"{path}: [per_method.{method}] names no method of the sweep")
-            bad = sorted(set(override) - shared - {"train"})
+            bad = sorted(set(override) - shared - {"train", "epsilons"})
             if bad:
                 raise ConfigError(
                     f"{path}: [per_method.{method}] cannot set {', '.join(bad)}; it takes "
-                    f"train and {', '.join(sorted(shared))}"
+                    f"train, epsilons and {', '.join(sorted(shared))}"
                 )
             if "seed" in override.get("train", {}):
                 raise ConfigError(f"{path}: put seeds in 'seeds', not in [per_method.{method}]")
@@ -111,6 +112,11 @@ class SweepSpec:
         except TypeError as exc:
             raise ConfigError(f"{path}: bad [train] option: {exc}") from None
         return spec
+
+    def method_epsilons(self, method: str) -> list[float]:
+        """The ε grid of ``method``: its ``[per_method.<method>] epsilons`` if set (e.g.
+        PATE-FM's published budgets), else the sweep's ``epsilons``."""
+        return list(self.per_method.get(method, {}).get("epsilons", self.epsilons))
 
     @property
     def dataset(self) -> str:
@@ -128,12 +134,13 @@ class SweepSpec:
             points: list[tuple[str, float | None]] = (
                 [("none", None)] if self.include_nonprivate else []
             )
-            points += [(m, float(e)) for m in self.methods for e in self.epsilons]
+            points += [(m, float(e)) for m in self.methods for e in self.method_epsilons(m)]
             for method, eps in points:
                 options = dict(self.method_options.get(method, {}))
                 if eps is not None:
                     options["epsilon"] = eps
                 override = dict(self.per_method.get(method, {}))
+                override.pop("epsilons", None)
                 train = TrainConfig(**{**self.train, **override.pop("train", {})}, seed=seed)
                 config = RunConfig(
                     **{**self.run, **override}, train=train, method=method, method_options=options

@@ -127,6 +127,15 @@ def test_per_method_settings_replace_the_shared_ones_for_that_method_only(tmp_pa
     assert rr.crop_padding == alibi.crop_padding == 0
 
 
+def test_a_method_may_have_its_own_epsilon_grid(tmp_path):
+    text = TINY + "[per_method.alibi]\nepsilons = [0.25]\n"
+    spec = SweepSpec.load(_sweep_file(tmp_path, text=text))
+    names = {n for n, _ in spec.runs()}
+    assert {"alibi-eps0.25-seed0", "rr-eps1-seed0", "rr-eps4-seed0"} <= names
+    assert not {"alibi-eps1-seed0", "rr-eps0.25-seed0"} & names
+    assert dict(spec.runs())["alibi-eps0.25-seed0"].method_options["epsilon"] == 0.25
+
+
 def test_the_shipped_sweep_files_are_valid():
     experiments = Path(__file__).resolve().parent.parent / "experiments"
     names = {SweepSpec.load(p).name for p in experiments.glob("*.toml")}
