@@ -207,6 +207,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         ("--teacher-group", int, 1, "G", "teachers trained at once (default 50)"),
         ("--mu", int, 1, "MU", "FixMatch unlabeled per labeled (default 7)"),
         ("--fixmatch-threshold", float, 0, "TAU", "FixMatch confidence τ (default 0.95)"),
+        (
+            "--student-steps",
+            int,
+            1,
+            "S",
+            "student steps, whatever the number of answers "
+            "(default: --epochs passes over the answers)",
+        ),
     ):
         if low is None:
             parse = float
@@ -379,6 +387,7 @@ METHOD_FLAGS = {
     "teacher_group": "--teacher-group",
     "mu": "--mu",
     "fixmatch_threshold": "--fixmatch-threshold",
+    "student_steps": "--student-steps",
 }
 
 

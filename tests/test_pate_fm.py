@@ -112,3 +112,15 @@ def test_votes_recomputed_equal_the_shared_ones(data_dir, tmp_path):
     assert cli.main(_argv(data_dir, tmp_path / "b")) == 0
     votes = [torch.load(tmp_path / r / "pate.noisy.pt", weights_only=True) for r in "ab"]
     assert torch.equal(votes[0], votes[1])
+
+
+def test_student_steps_fix_the_student_length_whatever_the_answers(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(_argv(data_dir, out, "--student-steps", "25")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    answered = metrics["method_details"]["answered"]
+    per_epoch = -(-answered // min(10, answered))  # --batch-size 10
+    epochs = len(metrics["history"])
+    assert epochs == -(-25 // per_epoch)  # ceil: at least 25 steps, less than one epoch more
+    assert 25 <= epochs * per_epoch < 25 + per_epoch
+    assert metrics["method_options"]["student_steps"] == 25

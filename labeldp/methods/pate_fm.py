@@ -25,6 +25,7 @@ data-independent ε of the same answers is recorded beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar
 
@@ -56,8 +57,11 @@ def _unchanged(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return images
 
 
-#: Options that act only on the aggregation (and the budget), not on the teachers' votes.
-AGGREGATION_OPTIONS = ("epsilon", "delta", "threshold", "sigma1", "sigma2", "secure_noise")
+#: Options that act only on the aggregation, the budget or the student, not on the
+#: teachers' votes.
+VOTE_INDEPENDENT_OPTIONS = (
+    "epsilon", "delta", "threshold", "sigma1", "sigma2", "secure_noise", "student_steps"
+)  # fmt: skip
 
 
 class PateFM:
@@ -71,6 +75,9 @@ class PateFM:
     teacher and step; teacher_lr: SGD learning rate; teacher_model: model name for the
     teachers (default: the run's); teacher_group: teachers trained at once (≥ 1).
     mu, fixmatch_threshold: FixMatch's μ and τ, for teachers and student.
+    student_steps: optimizer steps of the student (≥ 1): its epochs over the answered
+    queries become ceil(student_steps / batches per epoch), so that a small budget (few
+    answers) still trains the student as long; None: the run's ``epochs``.
     secure_noise: aggregation noise from OS entropy.
     """
 
@@ -96,6 +103,7 @@ class PateFM:
         teacher_group: int = 50,
         mu: int = 7,
         fixmatch_threshold: float = 0.95,
+        student_steps: int | None = None,
         secure_noise: bool = False,
     ) -> None:
         self.epsilon = check_epsilon(epsilon)
@@ -105,6 +113,8 @@ class PateFM:
         check_int("teacher_batch", teacher_batch, 1)
         check_int("teacher_group", teacher_group, 1)
         check_int("mu", mu, 1)
+        if student_steps is not None:
+            check_int("student_steps", student_steps, 1)
         for name, value in (("sigma1", sigma1), ("sigma2", sigma2), ("teacher_lr", teacher_lr)):
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value}")
@@ -121,6 +131,7 @@ class PateFM:
         self.teacher_lr, self.teacher_model = float(teacher_lr), teacher_model
         self.teacher_group, self.mu = teacher_group, mu
         self.fixmatch_threshold = float(fixmatch_threshold)
+        self.student_steps = student_steps
         self.secure_noise = bool(secure_noise)
 
     def options(self) -> dict[str, Any]:
@@ -139,6 +150,7 @@ class PateFM:
             "teacher_group": self.teacher_group,
             "mu": self.mu,
             "fixmatch_threshold": self.fixmatch_threshold,
+            "student_steps": self.student_steps,
             "secure_noise": self.secure_noise,
         }
 
@@ -164,7 +176,7 @@ class PateFM:
         queries = ctx.train.images[query_idx.to(ctx.train.images.device)]
         folder = ctx.shared_folder(
             "pate-votes",
-            {k: v for k, v in self.options().items() if k not in AGGREGATION_OPTIONS},
+            {k: v for k, v in self.options().items() if k not in VOTE_INDEPENDENT_OPTIONS},
         )
         total = torch.zeros(len(query_idx), k, dtype=torch.int64, device=ctx.train.images.device)
         for start in range(0, self.teachers, self.teacher_group):
@@ -246,11 +258,17 @@ class PateFM:
             threshold=self.fixmatch_threshold,
             seed=derive_seed(seed, Stream.FIXMATCH_UNLABELED),
         )
+        config = None
+        if self.student_steps is not None:
+            per_epoch = math.ceil(len(taught) / min(ctx.config.batch_size, len(taught)))
+            epochs = math.ceil(self.student_steps / per_epoch)
+            config = dataclasses.replace(ctx.config, epochs=epochs, eval_every=epochs)
         fit = ctx.fit(
             HardLabels(labels.to(device)),
             name="student",
             subset=taught.to(device),
             step=student_step,
+            config=config,
         )
         correct = (labels == ctx.train.labels.cpu()[taught]).float().mean().item()
         fit.extra.update(
