@@ -125,3 +125,31 @@ def test_fixmatch_step_validates_its_options():
         FixMatchStep(images, Normalize((0.3,), (0.3,)), StrongAugment(), StrongAugment(), mu=0)
     with pytest.raises(ConfigError, match="threshold must be in"):
         FixMatchStep(images, Normalize((0.3,), (0.3,)), StrongAugment(), StrongAugment(), 7, 0)
+
+
+def test_the_unlabeled_batch_follows_the_nominal_labeled_batch():
+    """With fewer labels than the batch (a PATE student with few answers), the step still
+    draws μ·B unlabeled images when told B; otherwise μ times the labeled batch."""
+    images, labels = two_class_halves()
+    seen = []
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _model()
+
+        def forward(self, x):
+            seen.append(len(x))
+            return self.inner(x)
+
+    x = Normalize((0.3,), (0.3,))(images[:3])
+    for labeled_batch, expected in ((None, 3 + 2 * 2 * 3), (16, 3 + 2 * 2 * 16)):
+        step = FixMatchStep(
+            images, Normalize((0.3,), (0.3,)), WeakAugment(0, False), WeakAugment(0, False),
+            mu=2, labeled_batch=labeled_batch,
+        )  # fmt: skip
+        step(Counting(), x, torch.arange(3), HardLabels(labels), nullcontext)
+        assert seen[-1] == expected
+    with pytest.raises(ConfigError, match="labeled_batch must be an integer ≥ 1"):
+        FixMatchStep(images, Normalize((0.3,), (0.3,)), WeakAugment(0, False),
+                     WeakAugment(0, False), labeled_batch=0)  # fmt: skip

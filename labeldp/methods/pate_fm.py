@@ -257,6 +257,7 @@ class PateFM:
             mu=self.mu,
             threshold=self.fixmatch_threshold,
             seed=derive_seed(seed, Stream.FIXMATCH_UNLABELED),
+            labeled_batch=ctx.config.batch_size,  # μ·B unlabeled even with < B answers
         )
         config = None
         if self.student_steps is not None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import Normalize
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from ..seeding import Stream, derive_seed
 from .steps import StepOutput
 from .targets import TargetFn, target_loss
@@ -65,6 +65,9 @@ class FixMatchStep:
     weak, strong: uint8 → uint8 batch augmentations taking a generator.
     mu: unlabeled examples per labeled one (≥ 1). threshold: τ in (0, 1].
     lambda_u: weight of the unlabeled loss (≥ 0). seed: seeds the per-epoch generator.
+    labeled_batch: the nominal labeled batch B (≥ 1): each step draws μ·B unlabeled
+    images, also when the labeled batch is smaller (e.g. a student with fewer labels than
+    B); None: μ times each step's labeled batch.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class FixMatchStep:
         threshold: float = 0.95,
         lambda_u: float = 1.0,
         seed: int = 0,
+        labeled_batch: int | None = None,
     ) -> None:
         if unlabeled.dtype != torch.uint8 or unlabeled.dim() != 4 or len(unlabeled) == 0:
             raise ConfigError("unlabeled must be a non-empty uint8 (M, C, H, W) image tensor")
@@ -86,6 +90,9 @@ class FixMatchStep:
             raise ConfigError(f"threshold must be in (0, 1], got {threshold}")
         if not lambda_u >= 0:
             raise ConfigError(f"lambda_u must be ≥ 0, got {lambda_u}")
+        if labeled_batch is not None:
+            check_int("labeled_batch", labeled_batch, 1)
+        self.labeled_batch = labeled_batch
         self.unlabeled = unlabeled
         self.normalize = normalize
         self.weak = weak
@@ -116,15 +123,15 @@ class FixMatchStep:
         autocast: Callable[[], AbstractContextManager],
     ) -> StepOutput:
         b = inputs.shape[0]
+        u = self.mu * (self.labeled_batch or b)
         pick = torch.randint(
-            0, len(self.unlabeled), (self.mu * b,), generator=self.generator,
-            device=self.generator.device,
+            0, len(self.unlabeled), (u,), generator=self.generator, device=self.generator.device,
         )  # fmt: skip
         images = self.unlabeled[pick.to(self.unlabeled.device)]
         weak, strong = self._view(images, self.weak), self._view(images, self.strong)
         with autocast():
             logits = model(torch.cat([inputs, weak, strong]))
-        labeled, weak_logits, strong_logits = logits.split([b, self.mu * b, self.mu * b])
+        labeled, weak_logits, strong_logits = logits.split([b, u, u])
         batch_targets = targets(indices, labeled.detach())
         loss_u, mask = unlabeled_loss(weak_logits, strong_logits, self.threshold)
         loss = target_loss(labeled, batch_targets) + self.lambda_u * loss_u
