@@ -124,3 +124,18 @@ def test_student_steps_fix_the_student_length_whatever_the_answers(data_dir, tmp
     assert epochs == -(-25 // per_epoch)  # ceil: at least 25 steps, less than one epoch more
     assert 25 <= epochs * per_epoch < 25 + per_epoch
     assert metrics["method_options"]["student_steps"] == 25
+
+
+def test_a_budget_that_answers_nothing_leaves_the_student_untrained(data_dir, tmp_path):
+    """A sweep must survive a small ε: no answers is a result (chance accuracy), recorded
+    with the ε the threshold checks spent, not a crash."""
+    out = tmp_path / "run"
+    argv = _argv(data_dir, out)
+    argv[argv.index("--epsilon") + 1] = "0.01"
+    with pytest.warns(UserWarning, match="no query answered within ε = 0.01"):
+        assert cli.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method_details"]["answered"] == 0
+    assert metrics["method_details"]["label_accuracy_of_answers"] is None
+    assert metrics["history"] == [] and 0 <= metrics["test_accuracy"] <= 1
+    assert 0 <= metrics["epsilon"] <= 0.01

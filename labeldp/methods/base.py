@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,3 +163,22 @@ class Method(Protocol):
     def options(self) -> dict[str, Any]: ...
 
     def run(self, ctx: RunContext) -> MethodResult: ...
+
+
+@torch.no_grad()
+def untrained(ctx: RunContext, batch_size: int = 1000) -> FitResult:
+    """The result of not training: a freshly initialised model and its test accuracy (for
+    a method that released no labels to learn from, e.g. PATE answering no query)."""
+    model = ctx.build_model().to(ctx.test.images.device).eval()
+    start = time.perf_counter()
+    correct = 0
+    for i in range(0, len(ctx.test.labels), batch_size):
+        logits = model(ctx.normalize(ctx.test.images[i : i + batch_size]))
+        correct += int((logits.argmax(1) == ctx.test.labels[i : i + batch_size]).sum())
+    return FitResult(
+        history=[],
+        test_accuracy=correct / len(ctx.test.labels),
+        train_seconds=0.0,
+        eval_seconds=time.perf_counter() - start,
+        eval_model=model,
+    )

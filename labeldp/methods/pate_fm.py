@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,7 +42,7 @@ from ..privacy import LedgerEntry, PrivacyLedger
 from ..privacy.pate_accounting import pate_epsilon
 from ..seeding import Stream, derive_seed
 from ..strong_augment import StrongAugment
-from ..train import HardLabels
+from ..train import FitResult, HardLabels
 from ..train.ensemble import (
     EnsembleFixMatchConfig,
     StackedModels,
@@ -49,7 +50,7 @@ from ..train.ensemble import (
     train_fixmatch_ensemble,
 )
 from ..train.fixmatch import FixMatchStep
-from .base import MethodResult, RunContext
+from .base import MethodResult, RunContext, untrained
 
 
 def _unchanged(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -209,6 +210,33 @@ class PateFM:
             total += votes
         return total
 
+    def _student(self, ctx: RunContext, labels: torch.Tensor, taught: torch.Tensor) -> FitResult:
+        """FixMatch on the answered queries ``taught`` (train indices) with ``labels``
+        and every training image unlabeled."""
+        device = ctx.train.images.device
+        student_step = FixMatchStep(
+            ctx.train.images,
+            ctx.normalize,
+            weak=ctx.augment or _unchanged,
+            strong=StrongAugment(),
+            mu=self.mu,
+            threshold=self.fixmatch_threshold,
+            seed=derive_seed(ctx.config.seed, Stream.FIXMATCH_UNLABELED),
+            labeled_batch=ctx.config.batch_size,  # μ·B unlabeled even with < B answers
+        )
+        config = None
+        if self.student_steps is not None:
+            per_epoch = math.ceil(len(taught) / min(ctx.config.batch_size, len(taught)))
+            epochs = math.ceil(self.student_steps / per_epoch)
+            config = dataclasses.replace(ctx.config, epochs=epochs, eval_every=epochs)
+        return ctx.fit(
+            HardLabels(labels.to(device)),
+            name="student",
+            subset=taught.to(device),
+            step=student_step,
+            config=config,
+        )
+
     def run(self, ctx: RunContext) -> MethodResult:
         seed = ctx.config.seed
         n = len(ctx.train.labels)
@@ -239,44 +267,29 @@ class PateFM:
         votes = record[3:, :considered].T.numpy()
         labels = record[1, :considered][torch.from_numpy(answered)]
         taught = record[2, :considered][torch.from_numpy(answered)]
+        if considered:
+            args = (votes, answered, self.threshold, self.sigma1, self.sigma2, self.delta)
+            eps, eps_independent = pate_epsilon(*args), pate_epsilon(*args, False)
+        else:  # the budget did not cover one threshold check: nothing was released
+            eps = eps_independent = 0.0
         if len(taught) == 0:
-            raise ConfigError(
-                "PATE answered no query within the budget; raise epsilon, lower the "
-                "threshold or the noise"
+            warnings.warn(
+                f"pate-fm: no query answered within ε = {self.epsilon:g}; the student has "
+                "no labels and is left untrained (chance accuracy). Raise epsilon, or "
+                "lower the threshold or the noise.",
+                stacklevel=2,
             )
-        eps = pate_epsilon(votes, answered, self.threshold, self.sigma1, self.sigma2, self.delta)
-        eps_independent = pate_epsilon(
-            votes, answered, self.threshold, self.sigma1, self.sigma2, self.delta, False
-        )
-        device = ctx.train.images.device
-        student_step = FixMatchStep(
-            ctx.train.images,
-            ctx.normalize,
-            weak=ctx.augment or _unchanged,
-            strong=StrongAugment(),
-            mu=self.mu,
-            threshold=self.fixmatch_threshold,
-            seed=derive_seed(seed, Stream.FIXMATCH_UNLABELED),
-            labeled_batch=ctx.config.batch_size,  # μ·B unlabeled even with < B answers
-        )
-        config = None
-        if self.student_steps is not None:
-            per_epoch = math.ceil(len(taught) / min(ctx.config.batch_size, len(taught)))
-            epochs = math.ceil(self.student_steps / per_epoch)
-            config = dataclasses.replace(ctx.config, epochs=epochs, eval_every=epochs)
-        fit = ctx.fit(
-            HardLabels(labels.to(device)),
-            name="student",
-            subset=taught.to(device),
-            step=student_step,
-            config=config,
-        )
-        correct = (labels == ctx.train.labels.cpu()[taught]).float().mean().item()
+            fit = untrained(ctx)
+        else:
+            fit = self._student(ctx, labels, taught)
+        true = ctx.train.labels.cpu()[taught]
         fit.extra.update(
             {
                 "answered": int(answered.sum()),
                 "considered": considered,
-                "label_accuracy_of_answers": correct,
+                "label_accuracy_of_answers": (labels == true).float().mean().item()
+                if len(taught)
+                else None,
             }
         )
         ledger = PrivacyLedger()
