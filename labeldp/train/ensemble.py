@@ -36,6 +36,16 @@ from .fixmatch import Augmentation, pseudo_label_losses
 from .schedule import learning_rate
 
 
+def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D tensor (images, convolution weights) in channels-last layout, as the training
+    core keeps them: convolutions then return channels-last outputs (with one input
+    channel only the weights' layout decides), and on CPU e.g. a stride-1 max-pool runs
+    ~8x faster on those than on the contiguous layout."""
+    # clone, not contiguous(): with one channel a contiguous tensor already counts as
+    # channels-last, and the convolution would still see the contiguous strides.
+    return x.clone(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 class StackedModels:
     """n models of one architecture, parameters and buffers stacked along dim 0.
 
@@ -72,7 +82,7 @@ class StackedModels:
         if strategy == "auto":
             strategy = "vmap" if x.device.type == "cuda" else "loop"
         if strategy == "loop":
-            p_rows = {k: v.unbind(0) for k, v in params.items()}
+            p_rows = {k: [_fast_layout(r) for r in v.unbind(0)] for k, v in params.items()}
             b_rows = {k: v.unbind(0) for k, v in self.buffers.items()}
             return torch.stack(
                 [
@@ -82,7 +92,7 @@ class StackedModels:
                             {k: v[i] for k, v in p_rows.items()},
                             {k: v[i] for k, v in b_rows.items()},
                         ),
-                        (x[i],),
+                        (_fast_layout(x[i]),),
                     )
                     for i in range(self.size)
                 ]
