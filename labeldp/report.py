@@ -51,10 +51,14 @@ def summary(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
     return table.sort_values(["order", "epsilon"]).drop(columns="order").reset_index(drop=True)
 
 
-def _accuracy(mean: float, std: float, seeds: int) -> str:
-    if seeds > 1 and not math.isnan(std):
-        return f"{100 * mean:.2f} ± {100 * std:.2f}"
-    return f"{100 * mean:.2f}"
+def _accuracy(mean: float, std: float, seeds: int, of: int = 1) -> str:
+    """mean ± std in %, with "(k of n seeds)" when only k of the sweep's n seeds ran."""
+    text = (
+        f"{100 * mean:.2f} ± {100 * std:.2f}"
+        if seeds > 1 and not math.isnan(std)
+        else f"{100 * mean:.2f}"
+    )
+    return text if seeds >= of else f"{text} ({seeds} of {of} seeds)"
 
 
 def _bound(value: float) -> str:
@@ -112,15 +116,19 @@ def write_report(
                 cells.append(
                     "–"
                     if hit.empty
-                    else _accuracy(*hit.iloc[0][["accuracy_mean", "accuracy_std", "seeds"]])
+                    else _accuracy(
+                        *hit.iloc[0][["accuracy_mean", "accuracy_std", "seeds"]], len(spec.seeds)
+                    )
                 )
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         none = table[table["method"] == "none"]
         if not none.empty:
             r = none.iloc[0]
             lines.append(
-                f"| none (ε = ∞) | {_accuracy(r.accuracy_mean, r.accuracy_std, r.seeds)} |"
-                + " |" * (len(eps_grid) - 1)
+                f"| none (ε = ∞) | "
+                f"{_accuracy(r.accuracy_mean, r.accuracy_std, r.seeds, len(spec.seeds))} |"
+                + " |"
+                * (len(eps_grid) - 1)
             )
         for method in spec.methods:
             meaning = getattr(METHODS.get(method), "epsilon_meaning", None)

@@ -56,6 +56,10 @@ def test_only_runs_the_matching_grid_points(data_dir, tmp_path):
     assert sorted(r["name"] for r in store.rows("tiny")) == ["rr-eps1-seed1", "rr-eps4-seed1"]
     with pytest.raises(ConfigError, match="only: 'dp-sgd-\\*' matches no run of tiny"):
         run_sweep(spec, store, tmp_path / "runs", env, only="dp-sgd-*")
+    from labeldp.report import write_report
+
+    md, _ = write_report(store, spec, "tiny.toml", tmp_path / "results")
+    assert "(1 of 2 seeds)" in md.read_text()  # a partial row says so
 
 
 def test_sweep_runs_the_grid_once_and_reports_it(data_dir, tmp_path):
