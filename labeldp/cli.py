@@ -635,7 +635,7 @@ def _add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
         + ", ".join(f"{k} ({' + '.join(v)})" for k, v in PROFILES.items()),
     )
     p.add_argument("--profile", choices=list(PROFILES), default="quick")
-    p.set_defaults(handler=_reproduce)
+    p.set_defaults(handler=_reproduce, only=None)  # a profile runs every grid point
 
 
 def _sweep(args: argparse.Namespace) -> int:

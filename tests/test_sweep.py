@@ -131,6 +131,24 @@ def test_per_method_settings_replace_the_shared_ones_for_that_method_only(tmp_pa
     assert rr.crop_padding == alibi.crop_padding == 0
 
 
+def test_reproduce_runs_a_profile_end_to_end(data_dir, tmp_path, monkeypatch):
+    """`labeldp reproduce` (what `make reproduce` calls): sweep, report and figures."""
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    (experiments / "tiny.toml").write_text(TINY.format(epochs=1))
+    monkeypatch.setattr(cli, "EXPERIMENTS", experiments)
+    monkeypatch.setattr(cli, "PROFILES", {"quick": ("tiny.toml",)})
+    results, figures = tmp_path / "results", tmp_path / "figs"
+    argv = [
+        "reproduce", "--store", str(tmp_path / "runs.sqlite"), "--runs-dir",
+        str(tmp_path / "runs"), "--results-dir", str(results), "--figures-dir", str(figures),
+        "--data-dir", str(data_dir), "--quiet",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert (results / "tiny.md").exists() and (figures / "tiny_utility.png").exists()
+    assert len(ResultsStore(tmp_path / "runs.sqlite").rows("tiny")) == 10
+
+
 def test_a_method_may_have_its_own_epsilon_grid(tmp_path):
     text = TINY + "[per_method.alibi]\nepsilons = [0.25]\n"
     spec = SweepSpec.load(_sweep_file(tmp_path, text=text))
