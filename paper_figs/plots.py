@@ -37,7 +37,9 @@ def privacy_utility(table: pd.DataFrame, spec: SweepSpec) -> plt.Figure:
             yerr=100 * part["accuracy_std"].fillna(0),
             marker="o",
             capsize=3,
-            label=method,
+            label=method
+            if part["seeds"].min() >= len(spec.seeds)
+            else f"{method} ({int(part['seeds'].min())} of {len(spec.seeds)} seeds)",
         )
     none = table[table["method"] == "none"]
     if not none.empty:
@@ -49,10 +51,11 @@ def privacy_utility(table: pd.DataFrame, spec: SweepSpec) -> plt.Figure:
             label="non-private",
         )
     ax.set_xscale("log")
-    ticks = sorted(float(e) for e in spec.epsilons)
+    ticks = sorted({float(e) for m in spec.methods for e in spec.method_epsilons(m)})
     ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
     ax.minorticks_off()
-    ax.set_xlabel("ε (label DP)")
+    full_dp = [m for m in spec.methods if m == "dp-sgd"]
+    ax.set_xlabel("ε (label DP" + ("; dp-sgd: add/remove one example)" if full_dp else ")"))
     ax.set_ylabel("test accuracy (%)")
     seeds = f"{len(spec.seeds)} seed{'s' if len(spec.seeds) > 1 else ''}"
     ax.set_title(f"{spec.dataset}: privacy–utility ({seeds})")
