@@ -13,7 +13,7 @@ Rounds alternate (vectorized first, then loop first); the report gives teacher-s
 second, medians, and the ratio vectorized ÷ loop (> 1: the ensemble is faster).
 
     python experiments/perf/teachers_vectorized_vs_loop.py --teachers 50 --batch 16
-writes results/perf/teachers_vectorized_vs_loop-b<batch>-<device>.{json,md}.
+writes results/perf/teachers_vectorized_vs_loop-b<batch>-t<threads>-<device>.{json,md}.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     throughput = {k: args.teachers * steps / v for k, v in median.items()}
     ratio = throughput["vectorized"] / throughput["loop"]
     write_benchmark(
-        f"teachers_vectorized_vs_loop-b{args.batch}",
+        f"teachers_vectorized_vs_loop-b{args.batch}-t{torch.get_num_threads()}",
         "FixMatch teachers: vectorized vs Python loop",
         device,
         {
