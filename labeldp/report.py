@@ -106,7 +106,7 @@ def write_report(
             "## Test accuracy (%)" + (" — mean ± std over seeds" if len(spec.seeds) > 1 else ""),
             "",
         ]
-        eps_grid = sorted({float(e) for m in spec.methods for e in spec.method_epsilons(m)})
+        eps_grid = spec.all_epsilons
         lines.append("| method | " + " | ".join(f"ε={e:g}" for e in eps_grid) + " |")
         lines.append("|---" * (len(eps_grid) + 1) + "|")
         for method in spec.methods:

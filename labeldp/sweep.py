@@ -119,6 +119,11 @@ class SweepSpec:
         return list(self.per_method.get(method, {}).get("epsilons", self.epsilons))
 
     @property
+    def all_epsilons(self) -> list[float]:
+        """Every ε of the grid, sorted: the union of the methods' grids."""
+        return sorted({float(e) for m in self.methods for e in self.method_epsilons(m)})
+
+    @property
     def dataset(self) -> str:
         return self.run["dataset"]
 

@@ -51,11 +51,11 @@ def privacy_utility(table: pd.DataFrame, spec: SweepSpec) -> plt.Figure:
             label="non-private",
         )
     ax.set_xscale("log")
-    ticks = sorted({float(e) for m in spec.methods for e in spec.method_epsilons(m)})
+    ticks = spec.all_epsilons
     ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
     ax.minorticks_off()
-    full_dp = [m for m in spec.methods if m == "dp-sgd"]
-    ax.set_xlabel("ε (label DP" + ("; dp-sgd: add/remove one example)" if full_dp else ")"))
+    dp_sgd = "; dp-sgd: add/remove one example" if "dp-sgd" in spec.methods else ""
+    ax.set_xlabel(f"ε (label DP{dp_sgd})")
     ax.set_ylabel("test accuracy (%)")
     seeds = f"{len(spec.seeds)} seed{'s' if len(spec.seeds) > 1 else ''}"
     ax.set_title(f"{spec.dataset}: privacy–utility ({seeds})")

@@ -25,7 +25,7 @@ from ..data import DeviceDataset
 from ..io import atomic_write, atomic_write_json
 from ..privacy import PrivacyLedger
 from ..seeding import Stream, derive_seed
-from ..train import FitResult, TargetFn, TrainConfig, Trainer
+from ..train import FitResult, TargetFn, TrainConfig, Trainer, accuracy, predict_logits
 from ..train.loop import Augmentation
 from ..train.sampling import BatchSampler
 from ..train.steps import GradientStep
@@ -165,20 +165,16 @@ class Method(Protocol):
     def run(self, ctx: RunContext) -> MethodResult: ...
 
 
-@torch.no_grad()
-def untrained(ctx: RunContext, batch_size: int = 1000) -> FitResult:
+def untrained(ctx: RunContext) -> FitResult:
     """The result of not training: a freshly initialised model and its test accuracy (for
     a method that released no labels to learn from, e.g. PATE answering no query)."""
-    model = ctx.build_model().to(ctx.test.images.device).eval()
+    model = ctx.build_model().to(ctx.test.images.device)
     start = time.perf_counter()
-    correct = 0
-    for i in range(0, len(ctx.test.labels), batch_size):
-        logits = model(ctx.normalize(ctx.test.images[i : i + batch_size]))
-        correct += int((logits.argmax(1) == ctx.test.labels[i : i + batch_size]).sum())
+    logits = predict_logits(model, ctx.test.images, ctx.normalize)
     return FitResult(
         history=[],
-        test_accuracy=correct / len(ctx.test.labels),
+        test_accuracy=accuracy(logits, ctx.test.labels),
         train_seconds=0.0,
         eval_seconds=time.perf_counter() - start,
-        eval_model=model,
+        eval_model=model.eval(),
     )
