@@ -3,6 +3,13 @@
 For each run folder: reads metrics.json (the claimed ε), canaries.pt and outputs.pt,
 runs the memorization attack (memorization canaries), the one-run audit (audit canaries)
 and label inference, and writes attack.json atomically into the folder.
+
+Every ε_LB comes with the most its canary count could certify (``epsilon_lb_max``, the
+bound of a perfect attack) and is held to the bound of the relation the attack tests:
+the canaries change one label, so a method whose ε is for replacing one label is held to
+ε, and DP-SGD, whose ε is for adding or removing one example, to 2ε (a replacement is a
+removal and an addition; group privacy of size 2 gives (2ε, (1 + e^ε)·δ)). Where that
+bound is at or above ``epsilon_lb_max`` the audit cannot fail, and the result says so.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch
 
 from labeldp.errors import ConfigError
 from labeldp.io import atomic_write_json
+from labeldp.run_folder import diagnostic_file
 from labeldp.seeding import Stream, derive_seed
 
 from .canaries import Canaries
@@ -24,6 +32,76 @@ from .memorization import memorization_attack
 from .one_run import audit
 
 NO_CANARIES = "no canaries in this run (train with --canaries M / --audit-canaries M)"
+
+REPLACE_ONE_LABEL = "replace one label"
+ADD_REMOVE_ONE_EXAMPLE = "add or remove one example"
+
+#: The neighbouring relation each method's ε is stated for (the one place that says so;
+#: a run whose ledger names its ``neighboring_relation`` is taken at its word instead).
+RELATIONS: dict[str, str] = {
+    "rr": REPLACE_ONE_LABEL,
+    "lp-mst": REPLACE_ONE_LABEL,
+    "lp-2st": REPLACE_ONE_LABEL,
+    "alibi": REPLACE_ONE_LABEL,
+    "pate-fm": REPLACE_ONE_LABEL,
+    "dp-sgd": ADD_REMOVE_ONE_EXAMPLE,
+}
+
+
+def relation(method: str, metrics: dict[str, Any] | None = None) -> str | None:
+    """The neighbouring relation the run's ε is for: the one its ledger entries name,
+    else the method's in :data:`RELATIONS`, else "replace one label" (label DP's own).
+    None for the non-private method."""
+    if method == "none":
+        return None
+    entries = ((metrics or {}).get("ledger") or {}).get("entries") or []
+    named = {e.get("details", {}).get("neighboring_relation") for e in entries} - {None}
+    if len(named) == 1:
+        return named.pop()
+    return RELATIONS.get(method, REPLACE_ONE_LABEL)
+
+
+def bound_tested(
+    method: str,
+    epsilon: float | None,
+    delta: float | None = 0.0,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The (ε, δ) a label-change canary attack can be held to, for a run claiming
+    (``epsilon``, ``delta``) under its method's relation: the claim itself for "replace
+    one label", (2ε, (1 + e^ε)·δ) for "add or remove one example". ε is None (∞) for a
+    non-private run."""
+    rel = relation(method, metrics)
+    delta = delta or 0.0
+    if epsilon is None or rel is None:
+        return {"relation": rel, "epsilon": None, "delta": None, "from": "no privacy claimed"}
+    if rel == ADD_REMOVE_ONE_EXAMPLE:
+        from labeldp.privacy.dpsgd_accounting import replace_one_bound
+
+        eps, dlt = replace_one_bound(epsilon, delta)
+        return {
+            "relation": rel,
+            "epsilon": eps,
+            "delta": dlt,
+            "from": "group privacy of size 2: changing a label removes one example and adds one",
+        }
+    return {"relation": rel, "epsilon": epsilon, "delta": delta, "from": "the claimed ε"}
+
+
+def judge(part: dict[str, Any] | None, bound: float | None) -> dict[str, Any] | None:
+    """Adds to one attack's result whether its ε_LB exceeds the bound tested
+    (``exceeds_bound``: a privacy violation at level α) and whether it could have
+    (``can_fail``: False when the bound is at or above ``epsilon_lb_max``)."""
+    if part is None:
+        return None
+    lb, cap = _number(part["epsilon_lb"]), _number(part["epsilon_lb_max"])
+    part["exceeds_bound"] = bound is not None and lb > bound
+    part["can_fail"] = bound is not None and bound < cap
+    return part
+
+
+def _number(x: float | str) -> float:
+    return float(x) if isinstance(x, str) else x
 
 
 def _json_number(x: float | None) -> float | str | None:
@@ -45,7 +123,8 @@ def _probabilities(part: dict[str, torch.Tensor]) -> torch.Tensor:
 def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
     """Attacks one finished run; writes and returns ``attack.json``'s content."""
     run_dir = Path(run_dir)
-    metrics_path, outputs_path = run_dir / "metrics.json", run_dir / "outputs.pt"
+    metrics_path = run_dir / "metrics.json"
+    outputs_path = diagnostic_file(run_dir, "outputs.pt")
     if not metrics_path.exists():
         raise ConfigError(f"{run_dir} holds no finished run (no metrics.json)")
     if not outputs_path.exists():
@@ -53,17 +132,19 @@ def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
     metrics = json.loads(metrics_path.read_text())
     outputs = torch.load(outputs_path, map_location="cpu", weights_only=True)
     seed = json.loads((run_dir / "config.json").read_text())["run"]["train"]["seed"]
+    tested = bound_tested(metrics["method"], metrics["epsilon"], metrics["delta"], metrics)
     result: dict[str, Any] = {
         "run": str(run_dir),
         "method": metrics["method"],
         "epsilon": metrics["epsilon"],
         "delta": metrics["delta"],
+        "bound_tested": tested,
         "alpha": alpha,
         "memorization": None,
         "one_run": None,
         "notes": [],
     }
-    canaries_path = run_dir / "canaries.pt"
+    canaries_path = diagnostic_file(run_dir, "canaries.pt")
     canaries = Canaries.load(canaries_path) if canaries_path.exists() else None
     if canaries is not None and len(canaries.indices):
         generator = torch.Generator().manual_seed(derive_seed(seed, Stream.ATTACK_SPLIT))
@@ -91,6 +172,23 @@ def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
         )
     if result["memorization"] is None and result["one_run"] is None:
         result["notes"].append(NO_CANARIES)
+    bound = tested["epsilon"]
+    for name in ("memorization", "one_run"):
+        part = judge(result[name], bound)
+        if part is None or bound is None:
+            continue
+        if part["exceeds_bound"]:
+            result["notes"].append(
+                f"{name}: ε_LB {part['epsilon_lb']} > {bound:.4g}, the bound the run's "
+                f"{tested['relation']} ε implies for a label change: a privacy violation "
+                f"at level α = {alpha:g}"
+            )
+        elif not part["can_fail"]:
+            result["notes"].append(
+                f"{name}: ε = {bound:.4g} for a label change is at or above "
+                f"{_number(part['epsilon_lb_max']):.2f}, the most {part['canaries']} canaries "
+                "can certify: this audit cannot refute it"
+            )
     if metrics["delta"]:
         result["notes"].append(
             f"the run claims (ε, δ) with δ = {metrics['delta']:g}; the bounds here assume pure ε-DP"
@@ -107,8 +205,18 @@ def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
     return result
 
 
+def _tested_cell(tested: dict[str, Any]) -> str:
+    if tested.get("epsilon") is None:
+        return "∞"
+    doubled = tested["relation"] == ADD_REMOVE_ONE_EXAMPLE
+    return f"{tested['epsilon']:.4g}" + (" (2ε)" if doubled else "")
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
-    """A plain-text table: method, ε, ε_LB (memorization), ε_LB (one run), label-inference gap."""
+    """A plain-text table: method, ε, the bound tested (ε or 2ε, see :func:`bound_tested`),
+    each audit's ε_LB with the most its canaries can certify, the label-inference gap.
+    "†" marks a maximum at or below the bound tested (the audit cannot fail), "!" an
+    ε_LB above the bound tested (a violation at level α)."""
 
     def num(x: Any) -> str:
         if x is None:
@@ -117,20 +225,50 @@ def format_table(results: list[dict[str, Any]]) -> str:
             return "∞" if x == "inf" else x
         return f"{x:.2f}"
 
-    header = ("run", "method", "ε", "ε_LB memorization", "ε_LB one-run", "label-inference gap")
+    def attack_cells(part: dict[str, Any] | None) -> tuple[str, str]:
+        if not part:
+            return "–", "–"
+        lb = num(part["epsilon_lb"]) + ("!" if part.get("exceeds_bound") else "")
+        cap = part.get("epsilon_lb_max")
+        return lb, num(cap) + ("" if part.get("can_fail", True) else "†")
+
+    header = (
+        "run",
+        "method",
+        "ε",
+        "bound tested",
+        "ε_LB memorization",
+        "max",
+        "ε_LB one-run",
+        "max",
+        "label-inference gap",
+    )
     rows = [header]
     for r in results:
+        tested = r.get("bound_tested") or {}
         rows.append(
             (
                 Path(r["run"]).name,
                 r["method"],
                 "∞" if r["epsilon"] is None else f"{r['epsilon']:g}",
-                num(r["memorization"]["epsilon_lb"]) if r["memorization"] else "–",
-                num(r["one_run"]["epsilon_lb"]) if r["one_run"] else "–",
+                _tested_cell(tested),
+                *attack_cells(r["memorization"]),
+                *attack_cells(r["one_run"]),
                 f"{r['label_inference']['gap']:+.3f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    body = [cell for row in rows[1:] for cell in row]
+    if any(cell.endswith("!") for cell in body):
+        lines.append("! ε_LB above the bound tested: a privacy violation at level α")
+    if any(cell.endswith("†") for cell in body):
+        lines.append(
+            "† the bound tested is at or above the most these canaries can certify: "
+            "the audit cannot refute it"
+        )
+    lines.append(
+        "bound tested: the run's ε for a label change (2ε for an add/remove-one-example ε)"
+    )
     return "\n".join(lines)

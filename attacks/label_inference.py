@@ -32,7 +32,7 @@ def label_inference(
     Bayes accuracy can be higher). ε = None means non-private: no bound."""
     train_acc = (train_probs.argmax(1) == train_labels).double().mean().item()
     heldout_acc = (heldout_probs.argmax(1) == heldout_labels).double().mean().item()
-    bound = None if epsilon is None else min(1.0, math.exp(epsilon) * heldout_acc + (delta or 0.0))
+    bound = None if epsilon is None else _bound(epsilon, heldout_acc, delta or 0.0)
     return {
         "train_accuracy": train_acc,
         "heldout_accuracy": heldout_acc,
@@ -41,3 +41,15 @@ def label_inference(
         "train_examples": int(train_labels.numel()),
         "heldout_examples": int(heldout_labels.numel()),
     }
+
+
+def _bound(epsilon: float, accuracy: float, delta: float) -> float:
+    """min(1, e^ε · accuracy + δ), computed in log space: any ε, however large (or ∞),
+    gives a number in [0, 1] instead of overflowing."""
+    if accuracy <= 0:
+        return min(1.0, delta)
+    log_term = epsilon + math.log(accuracy)
+    if log_term >= 0:  # e^ε · accuracy ≥ 1 already
+        return 1.0
+    term = math.exp(epsilon) * accuracy if epsilon < 700 else math.exp(log_term)
+    return min(1.0, term + delta)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .stats import epsilon_lower_bound, epsilon_point_estimate
+from .stats import epsilon_lower_bound, epsilon_lower_bound_cap, epsilon_point_estimate
 
 #: Abstention thresholds tried on the selection half (max(c1, c2) must reach t).
 THRESHOLDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -29,6 +29,19 @@ def _counts(c1: torch.Tensor, c2: torch.Tensor, threshold: float) -> tuple[int, 
     if threshold == 0.0:
         guess = torch.ones_like(guess)
     return int(guess.sum()), int((guess & (c1 > c2)).sum())
+
+
+def measured_canaries(num_canaries: int) -> int:
+    """How many of ``num_canaries`` canaries the bound is measured on (the half not used
+    to choose the threshold)."""
+    return num_canaries - num_canaries // 2
+
+
+def epsilon_lb_max(num_canaries: int, alpha: float = 0.05) -> float:
+    """The largest ε_LB this attack can give with ``num_canaries`` canaries at level α: a
+    perfect guess on every canary of the measurement half (5.11 for 1000 canaries at
+    α = 0.05). A claimed ε at or above it cannot be refuted by the attack."""
+    return epsilon_lower_bound_cap(measured_canaries(num_canaries), alpha)
 
 
 def memorization_attack(
@@ -59,6 +72,7 @@ def memorization_attack(
     guesses, correct = _counts(c1[measure], c2[measure], threshold)
     return {
         "epsilon_lb": epsilon_lower_bound(guesses, correct, alpha),
+        "epsilon_lb_max": epsilon_lb_max(m, alpha),
         "epsilon_point": epsilon_point_estimate(guesses, correct),
         "guesses": guesses,
         "correct": correct,

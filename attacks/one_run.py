@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from .stats import epsilon_lower_bound, epsilon_point_estimate
+from .stats import epsilon_lower_bound, epsilon_lower_bound_cap, epsilon_point_estimate
 
-__all__ = ["audit", "epsilon_lower_bound", "guess_counts"]
+__all__ = ["audit", "epsilon_lb_max", "epsilon_lower_bound", "guess_counts", "guess_sizes"]
 
 #: Shares of the canaries the attacker guesses on (the most confident first).
 GUESS_SHARES = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -28,6 +28,24 @@ def guess_counts(scores: torch.Tensor, truth_is_a: torch.Tensor, num_guesses: in
     order = torch.argsort(scores.abs(), descending=True, stable=True)[:num_guesses]
     s, truth = scores[order], truth_is_a[order]
     return int(((s > 0) & truth).sum() + ((s < 0) & ~truth).sum())
+
+
+def guess_sizes(num_canaries: int) -> list[int]:
+    """The guess counts r tried on ``num_canaries`` canaries, largest first (the
+    Bonferroni correction is over these)."""
+    if not num_canaries:
+        return []
+    return sorted({max(1, round(share * num_canaries)) for share in GUESS_SHARES}, reverse=True)
+
+
+def epsilon_lb_max(num_canaries: int, alpha: float = 0.05) -> float:
+    """The largest ε_LB the audit can give with ``num_canaries`` canaries at overall level
+    α: every guess right at the largest r, at the Bonferroni level α / (number of r)
+    (5.38 for 1000 canaries at α = 0.05). A claimed ε at or above it cannot be refuted by
+    the audit."""
+    sizes = guess_sizes(num_canaries)
+    level = alpha / max(len(sizes), 1)
+    return max((epsilon_lower_bound_cap(r, level) for r in sizes), default=0.0)
 
 
 def audit(
@@ -45,7 +63,7 @@ def audit(
     """
     scores = (confidence_a - confidence_b).double()
     m = len(scores)
-    sizes = sorted({max(1, round(share * m)) for share in GUESS_SHARES}, reverse=True) if m else []
+    sizes = guess_sizes(m)
     level = alpha / max(len(sizes), 1)
     table = []
     for r in sizes:
@@ -58,6 +76,7 @@ def audit(
     )
     return {
         "epsilon_lb": best["epsilon_lb"],
+        "epsilon_lb_max": epsilon_lb_max(m, alpha),
         "guesses": best["guesses"],
         "correct": best["correct"],
         "epsilon_point": epsilon_point_estimate(best["guesses"], best["correct"]),

@@ -75,6 +75,14 @@ def epsilon_lower_bound(num_guesses: int, num_correct: int, alpha: float = 0.05)
     return math.log(low / (1.0 - low))
 
 
+def epsilon_lower_bound_cap(num_guesses: int, alpha: float = 0.05) -> float:
+    """The largest ε_LB that ``num_guesses`` guesses can give at level α: the bound of a
+    perfect attack (every guess right), logit(α^(1/r)). It grows with r, so an attack that
+    abstains never beats it. A claimed ε at or above it cannot be refuted by r guesses:
+    "ε_LB ≤ ε" then holds whatever the model leaks."""
+    return epsilon_lower_bound(num_guesses, num_guesses, alpha)
+
+
 def epsilon_point_estimate(num_guesses: int, num_correct: int) -> float | None:
     """log(acc / (1 − acc)) of the observed accuracy: no confidence, for reference only
     (None without guesses; ±inf at accuracy 1 or 0)."""

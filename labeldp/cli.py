@@ -1,13 +1,14 @@
 """The ``labeldp`` command line.
 
 Errors a user can cause print one line and exit with status 2 (bad options) or 1 (data
-missing or corrupt); an interrupted run exits with 130 and can be continued with
-``--resume``.
+or a run's record missing or corrupt, a full disk: the line names the file and what to
+do); an interrupted run exits with 130 and can be continued with ``--resume``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -18,9 +19,10 @@ from typing import Any, NoReturn
 from . import __version__
 from .data import DATASETS, fetch
 from .errors import ConfigError, DataError
+from .io import DiskFullError, read_json
 from .methods import METHODS, method_parameters
 from .models import MODELS
-from .runner import Environment, RunConfig, format_epsilon, train_run
+from .runner import SEEDED_CONDITION, Environment, RunConfig, format_epsilon, train_run
 from .train import TrainConfig
 from .train.config import PRECISIONS, SCHEDULES
 
@@ -192,8 +194,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="per-example gradients held in memory at once (default 256)",
     )
     pate = p.add_argument_group(
-        "PATE-FM (--method pate-fm; --epsilon is the budget of the data-dependent ε at "
-        "--delta; the student's labeled batch is --batch-size, set --ema 0.999)"
+        "PATE-FM (--method pate-fm; --epsilon is the budget at --delta, enforced by a Rényi "
+        "filter on the data-independent cost; the student's labeled batch is --batch-size, "
+        "set --ema 0.999)"
     )
     for flag, kind, low, meta, text in (
         ("--teachers", int, 2, "N", "number of teachers (disjoint label parts)"),
@@ -215,6 +218,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
             "student steps, whatever the number of answers "
             "(default: --epochs passes over the answers)",
         ),
+        (
+            "--release-share",
+            float,
+            0,
+            "F",
+            "share of the filter's RDP budget kept for --release-data-dependent, in (0, 1) "
+            "(default 0.25)",
+        ),
     ):
         if low is None:
             parse = float
@@ -225,6 +236,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         pate.add_argument(flag, type=parse, default=None, metavar=meta, help=text)
     pate.add_argument(
         "--teacher-model", default=None, metavar="NAME", help="teachers' model (default --model)"
+    )
+    pate.add_argument(
+        "--release-data-dependent",
+        dest="release_data_dependent",
+        action="store_true",
+        default=None,
+        help="also publish the data-dependent ε through the smooth-sensitivity (GNSS) "
+        "release of Papernot et al. 2018, paid from the budget",
     )
     audit = p.add_argument_group("auditing (read by labeldp attack)")
     audit.add_argument(
@@ -388,6 +407,8 @@ METHOD_FLAGS = {
     "mu": "--mu",
     "fixmatch_threshold": "--fixmatch-threshold",
     "student_steps": "--student-steps",
+    "release_data_dependent": "--release-data-dependent",
+    "release_share": "--release-share",
 }
 
 
@@ -454,12 +475,20 @@ def _train(args: argparse.Namespace) -> int:
         shared_dir=args.shared_dir,
     )
     out = args.out or f"runs/{args.dataset}-{args.method}-seed{args.seed}"
+    if config.method != "none" and not config.method_options.get("secure_noise", False):
+        print(f"note: {SEEDED_CONDITION}.", file=sys.stderr)
     metrics = train_run(config, out, env, resume=args.resume)
     print(
         f"{config.dataset} {config.method} ({metrics['model']}, {metrics['train_size']} examples): "
         f"test accuracy {metrics['test_accuracy']:.4f}, ε = {format_epsilon(metrics['epsilon'])}, "
         f"{metrics['train_seconds']:.0f} s training on {metrics['device']} -> {out}"
     )
+    if metrics.get("outcome") == "diverged":
+        print(
+            "warning: training diverged (the loss or the weights became non-finite) and "
+            f"stopped early; {out}/metrics.json records outcome 'diverged'. Lower --lr",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -508,6 +537,7 @@ def _add_account_parser(sub: argparse._SubParsersAction) -> None:
 
 def _account_dpsgd(args: argparse.Namespace) -> int:
     from .privacy import calibrate_dpsgd_noise, dpsgd_epsilon
+    from .privacy.dpsgd_accounting import MIN_NOISE_MULTIPLIER
 
     q = args.sample_rate
     if q is None:
@@ -523,6 +553,11 @@ def _account_dpsgd(args: argparse.Namespace) -> int:
         steps = args.epochs * -(-args.examples // args.batch_size)
     if args.epsilon is None:
         sigma = args.noise_multiplier
+        if sigma < MIN_NOISE_MULTIPLIER:
+            raise ConfigError(
+                f"--noise-multiplier must be ≥ {MIN_NOISE_MULTIPLIER:g} (below it ε is "
+                f"astronomically large and cannot be accounted), got {sigma:g}"
+            )
     else:
         sigma = calibrate_dpsgd_noise(args.epsilon, args.delta, q, steps, args.accountant)
     eps = dpsgd_epsilon(sigma, q, steps, args.delta, args.accountant)
@@ -555,6 +590,13 @@ def _add_attack_parser(sub: argparse._SubParsersAction) -> None:
 def _attack(args: argparse.Namespace) -> int:
     from attacks.harness import attack_run, format_table
 
+    for run_dir in args.run_dirs:  # a truncated record: one line naming it, no traceback
+        for name in ("metrics.json", "config.json"):
+            if (Path(run_dir) / name).is_file():
+                read_json(
+                    Path(run_dir) / name,
+                    f"the run cannot be attacked; train it again (delete {run_dir} first)",
+                )
     results = [attack_run(run_dir, alpha=args.alpha) for run_dir in args.run_dirs]
     print(format_table(results))
     for r in results:
@@ -704,6 +746,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _after_disk_full(args: argparse.Namespace) -> str:
+    """What to do once space is freed after a full disk stopped ``args.command``."""
+    if args.command == "train":
+        return (
+            "free some space, then run the same command with --resume to continue from "
+            "the last checkpoint"
+        )
+    if args.command in ("sweep", "reproduce"):
+        return "free some space, then run the same command again: it continues where it stopped"
+    return "free some space, then run the command again"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -713,6 +767,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except DataError as exc:
         print(f"labeldp {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (DiskFullError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        what = exc if isinstance(exc, DiskFullError) else f"the disk is full: {exc}"
+        print(f"labeldp {args.command}: error: {what}; {_after_disk_full(args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(

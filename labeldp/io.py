@@ -1,31 +1,86 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+A write that fails because the disk (or the quota) is full raises :class:`DiskFullError`
+naming the file, whatever layer saw the failure (torch.save reports it as a RuntimeError
+whose context is the OSError); :func:`read_json` turns an unreadable JSON file into a
+one-line :class:`~labeldp.errors.DataError` naming it and what to do.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import DataError, LabelDPError
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(LabelDPError):
+    """Writing ``path`` failed because the disk or the quota is full; nothing was
+    replaced (the previous version of the file, if any, is intact)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(f"the disk is full: writing {path} failed (nothing was overwritten)")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception it was raised from is an OSError for a full disk."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` atomically: ``write`` fills a temporary file in the same folder,
-    which is flushed, fsynced and renamed over ``path``. Returns the path."""
+    which is flushed, fsynced and renamed over ``path``. Returns the path.
+
+    A full disk raises :class:`DiskFullError` (the temporary file is removed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if _disk_full(exc):
+            raise DiskFullError(path) from exc
+        raise
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(exc):
+            raise DiskFullError(path) from exc
         raise
     return path
+
+
+def read_json(path: str | os.PathLike, what_to_do: str) -> Any:
+    """The JSON content of ``path``; a file that is not valid JSON (truncated, say) is a
+    :class:`~labeldp.errors.DataError` naming it, followed by ``what_to_do``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if isinstance(exc, json.JSONDecodeError):
+            detail = f"not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        else:
+            detail = "not UTF-8 text"
+        raise DataError(f"{path} is corrupt ({detail}); {what_to_do}") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -38,3 +93,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(
         path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
     )
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf) in its dicts, lists and tuples
+    replaced by None, so that strict JSON (``allow_nan=False``) can hold it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    return obj

@@ -1,17 +1,29 @@
 """Result tables of a sweep, from the store: results/<sweep>.md and results/<sweep>.csv.
 
 Accuracy is the mean ± sample standard deviation over seeds (in %), per method and ε;
-ε_LB columns give the mean over seeds of each audit's lower bound. The Markdown file
-starts with how to regenerate it and the commits, machines and dates of its runs; the
-published numbers of the paper a sweep mirrors are printed beside ours.
+ε_LB columns give the mean over seeds of each audit's lower bound (an average of per-seed
+α-level bounds, not itself an α-level bound; the minimum over seeds is one), beside the
+most the audit's canaries can certify (``*_max``) and the bound the audit tests: the
+run's ε for the relation the canaries exercise, a change of one label (ε for label-DP
+methods, 2ε for DP-SGD's add/remove-one-example ε; the smallest over seeds). A row whose
+bound tested is at or above an audit's maximum is one that audit cannot refute
+(``*_cannot_fail``); ``*_violations`` counts seeds whose ε_LB exceeds the bound tested.
+pate-fm rows made before the stopping rule was recorded in the ledger are marked stale.
+The Markdown file starts with how to regenerate it and the commits, machines and dates of
+its runs; the published numbers of the paper a sweep mirrors are printed beside ours.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+
+from attacks import memorization, one_run
+from attacks.harness import ADD_REMOVE_ONE_EXAMPLE, bound_tested
 
 from .io import atomic_write_text
 from .methods import METHODS
@@ -20,18 +32,70 @@ from .runner import DEFAULT_MODEL
 from .store import ResultsStore, run_key
 from .sweep import SweepSpec
 
+STALE = "stale: made under the withdrawn data-dependent stopping rule (issue 12); rerun pending"
+STALE_MARK, CANNOT_FAIL_MARK = "‡", "†"
+
+
+def is_stale(method: str, metrics: dict[str, Any]) -> bool:
+    """A pate-fm run whose ledger entry does not record its ``stopping_rule``: made under
+    the withdrawn rule that stopped on the data-dependent cost (issue 12)."""
+    if method != "pate-fm":
+        return False
+    entries = (metrics.get("ledger") or {}).get("entries") or []
+    return not entries or "stopping_rule" not in (entries[0].get("details") or {})
+
+
+def _cap(
+    attack: dict[str, Any] | None, part_name: str, config: dict[str, Any], config_key: str
+) -> float:
+    """The most the run's ``part_name`` audit can certify: stored in attack.json, else
+    (attack.json made before it was) recomputed from the canary count."""
+    part = (attack or {}).get(part_name)
+    if part and part.get("epsilon_lb_max") is not None:
+        return float(part["epsilon_lb_max"])
+    count = part["canaries"] if part else config.get(config_key) or 0
+    if not count:
+        return math.nan
+    alpha = (part or {}).get("alpha") or (attack or {}).get("alpha") or 0.05
+    module = memorization if part_name == "memorization" else one_run
+    return module.epsilon_lb_max(int(count), float(alpha))
+
+
+def _audit_facts(row: dict[str, Any]) -> dict[str, Any]:
+    """Per run: the caps of both audits, the bound tested and its relation, violations
+    (ε_LB above the bound tested) and staleness."""
+    config, metrics = json.loads(row["config"]), json.loads(row["metrics"])
+    attack = json.loads(row["attack"]) if row.get("attack") else None
+    tested = bound_tested(row["method"], metrics.get("epsilon"), metrics.get("delta"), metrics)
+    bound = math.nan if tested["epsilon"] is None else float(tested["epsilon"])
+    facts = {
+        "relation": tested["relation"] or "none",
+        "bound_tested": bound,
+        "eps_lb_memorization_max": _cap(attack, "memorization", config, "canaries"),
+        "eps_lb_one_run_max": _cap(attack, "one_run", config, "audit_canaries"),
+        "alpha": (attack or {}).get("alpha", 0.05),
+        "stale": is_stale(row["method"], metrics),
+    }
+    for name in ("memorization", "one_run"):
+        lb = row[f"eps_lb_{name}"]
+        facts[f"{name}_above"] = lb is not None and not math.isnan(bound) and lb > bound
+    facts["any_above"] = facts["memorization_above"] or facts["one_run_above"]
+    return facts
+
 
 def grid_rows(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
     """The stored runs of ``spec`` whose configuration is in its current grid (rows left
-    by an earlier version of the sweep file are not counted)."""
+    by an earlier version of the sweep file are not counted), with each run's audit facts
+    (see :func:`_audit_facts`)."""
     keys = {run_key(config.to_dict()) for _, config in spec.runs()}
-    rows = pd.DataFrame([r for r in store.rows(spec.name) if r["key"] in keys])
-    return rows
+    rows = [r for r in store.rows(spec.name) if r["key"] in keys]
+    return pd.DataFrame([{**r, **_audit_facts(r)} for r in rows])
 
 
 def summary(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
     """One row per (method, ε): accuracy mean/std/count over seeds (fractions 0–1), mean
-    ε_LB of each audit, mean label-inference gap. ε is NaN for the non-private rows."""
+    ε_LB of each audit, mean label-inference gap, then the audit columns (see the module
+    docstring) and a note (stale rows). ε is NaN for the non-private rows."""
     rows = grid_rows(store, spec)
     if rows.empty:
         return rows
@@ -45,7 +109,24 @@ def summary(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
         eps_lb_one_run=("eps_lb_one_run", "mean"),
         label_inference_gap=("label_inference_gap", "mean"),
         train_seconds=("train_seconds", "mean"),
+        alpha=("alpha", "first"),
+        relation=("relation", "first"),
+        bound_tested=("bound_tested", "min"),
+        eps_lb_memorization_max=("eps_lb_memorization_max", "max"),
+        eps_lb_one_run_max=("eps_lb_one_run_max", "max"),
+        eps_lb_memorization_min=("eps_lb_memorization", "min"),
+        eps_lb_one_run_min=("eps_lb_one_run", "min"),
+        memorization_violations=("memorization_above", "sum"),
+        one_run_violations=("one_run_above", "sum"),
+        seeds_with_violation=("any_above", "sum"),
+        stale_seeds=("stale", "sum"),
     ).reset_index()
+    for name in ("memorization", "one_run"):
+        table[f"{name}_cannot_fail"] = table["bound_tested"] >= table[f"eps_lb_{name}_max"]
+    table["note"] = [
+        STALE if n == s else f"{STALE} ({n} of {s} seeds)" if n else ""
+        for n, s in zip(table["stale_seeds"], table["seeds"], strict=True)
+    ]
     order = {m: i for i, m in enumerate(["none", *spec.methods])}
     table["order"] = table["method"].map(order).fillna(len(order))
     return table.sort_values(["order", "epsilon"]).drop(columns="order").reset_index(drop=True)
@@ -65,6 +146,109 @@ def _bound(value: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return "∞" if math.isinf(value) else f"{value:.2f}"
+
+
+def _method_label(table: pd.DataFrame, method: str, stale_seeds: int | None = None) -> str:
+    """The method's name, with the stale mark when (some of) its runs are stale."""
+    if stale_seeds is None:
+        stale_seeds = int(table.loc[table["method"] == method, "stale_seeds"].sum())
+    return f"{method} {STALE_MARK}" if stale_seeds else method
+
+
+def _first(column: pd.Series) -> float:
+    values = column.dropna()
+    return float(values.iloc[0]) if len(values) else math.nan
+
+
+def _audit_section(table: pd.DataFrame, spec: SweepSpec) -> list[str]:
+    """The "what the runs leak" section: per (method, ε), the bound the canaries test,
+    each audit's mean ε_LB beside the most its canaries can certify, the seeds whose own
+    ε_LB exceeds the bound tested, and the label-inference gap."""
+    alpha = _first(table["alpha"]) if table["alpha"].notna().any() else 0.05
+    confidence = f"{100 * (1 - alpha):g} %"
+    k = len(spec.seeds)
+    mem_cap, one_cap = _first(table["eps_lb_memorization_max"]), _first(table["eps_lb_one_run_max"])
+    canaries, audit_canaries = spec.run.get("canaries", 0), spec.run.get("audit_canaries", 0)
+    caps = []
+    if canaries:
+        caps.append(
+            f"{_bound(mem_cap)} for the memorization attack ({canaries} canaries, bound "
+            f"measured on {memorization.measured_canaries(canaries)})"
+        )
+    if audit_canaries:
+        caps.append(
+            f"{_bound(one_cap)} for the one-run audit ({audit_canaries} canaries, "
+            f"level α/{len(one_run.guess_sizes(audit_canaries))} for the largest guess count)"
+        )
+    if k > 1:
+        seeds = (
+            f"Each ε_LB cell is the mean over the {k} seeds of per-seed lower bounds, each a "
+            f"{confidence}-confidence lower bound on its own; the mean is not itself a "
+            f"{confidence} lower bound (by the union bound it holds only at "
+            f"{100 * max(0.0, 1 - k * alpha):g} % confidence). The α-level statements are the "
+            "per-seed bounds, which the column of seeds above the bound checks one by one, "
+            "and their minimum over seeds (the CSV's eps_lb_*_min columns)."
+        )
+    else:
+        seeds = f"With one seed each ε_LB is that run's {confidence}-confidence lower bound."
+    lines = [
+        "",
+        "## What the runs leak" + (" (mean over seeds)" if k > 1 else ""),
+        "",
+        f"ε_LB at α = {alpha:g}: memorization attack (threshold chosen on half the canaries, "
+        "bound on the other half) and one-run audit (Bonferroni over 5 guess counts). "
+        '"max" is the most an audit\'s canaries can certify, the ε_LB of a perfect attack: '
+        + "; ".join(caps)
+        + ". An ε_LB at its max means every guess was right: the canary count, not the model, "
+        'limits it. "Bound tested" is the claimed ε for the relation the canaries test, a '
+        "change of one label: ε itself for the label-DP methods (replace one label), 2ε for "
+        "dp-sgd, whose ε is for adding or removing one example (a change is a removal and an "
+        "addition; group privacy of size 2 gives (2ε, (1 + e^ε)·δ)); the claimed ε is the "
+        "run's spent ε, the smallest over seeds (a run may spend less than its budget, as "
+        "pate-fm's do). "
+        f"{CANNOT_FAIL_MARK} marks a max at or below the bound tested: that ε is above what "
+        "the canaries can certify, so the audit cannot refute it, whatever the model leaks. "
+        f"{seeds} Label-inference gap: attack accuracy on training labels minus on held-out "
+        "labels. Across the many runs of a sweep a few false alarms (ε_LB > bound tested) "
+        "are expected at level α, so treat a single one as a prompt to rerun with more "
+        "canaries, and several as a bug.",
+        "",
+        "| method | ε | bound tested | ε_LB memorization | max | ε_LB one-run | max | "
+        "seeds with ε_LB > bound | label-inference gap |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table.itertuples():
+        eps = "∞" if math.isnan(r.epsilon) else f"{r.epsilon:g}"
+        if math.isnan(r.bound_tested):
+            tested, above = "∞", "–"
+        else:
+            doubled = r.relation == ADD_REMOVE_ONE_EXAMPLE
+            tested = f"{r.bound_tested:.3g}" + (" (2ε)" if doubled else "")
+            above = f"{int(r.seeds_with_violation)} of {r.seeds}"
+            if r.seeds_with_violation:
+                above = f"**{above}**"
+        caps_cells = [
+            _bound(cap) + (CANNOT_FAIL_MARK if cannot else "")
+            for cap, cannot in (
+                (r.eps_lb_memorization_max, r.memorization_cannot_fail),
+                (r.eps_lb_one_run_max, r.one_run_cannot_fail),
+            )
+        ]
+        lines.append(
+            f"| {_method_label(table, r.method, r.stale_seeds)} | {eps} | {tested} | "
+            f"{_bound(r.eps_lb_memorization)} | {caps_cells[0]} | "
+            f"{_bound(r.eps_lb_one_run)} | {caps_cells[1]} | {above} | "
+            f"{r.label_inference_gap:+.4f} |"
+        )
+    notes = []
+    if table["memorization_cannot_fail"].any() or table["one_run_cannot_fail"].any():
+        notes.append(
+            f"{CANNOT_FAIL_MARK} ε above what {canaries} memorization / {audit_canaries} audit "
+            "canaries can certify: the audit cannot refute it."
+        )
+    if table["stale_seeds"].any():
+        notes.append(f"{STALE_MARK} {STALE}.")
+    return [*lines, *(line for note in notes for line in ("", note))]
 
 
 def write_report(
@@ -120,7 +304,7 @@ def write_report(
                         *hit.iloc[0][["accuracy_mean", "accuracy_std", "seeds"]], len(spec.seeds)
                     )
                 )
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_method_label(table, method)} | " + " | ".join(cells) + " |")
         none = table[table["method"] == "none"]
         if not none.empty:
             r = none.iloc[0]
@@ -130,6 +314,8 @@ def write_report(
                 + " |"
                 * (len(eps_grid) - 1)
             )
+        if table["stale_seeds"].any():
+            lines += ["", f"{STALE_MARK} {STALE}."]
         for method in spec.methods:
             meaning = getattr(METHODS.get(method), "epsilon_meaning", None)
             if meaning:
@@ -147,25 +333,6 @@ def write_report(
                     + " |"
                 )
         if spec.audited:
-            lines += [
-                "",
-                "## What the runs leak (mean over seeds)",
-                "",
-                "ε_LB at α = 0.05: memorization attack (threshold chosen on half the canaries, "
-                "bound on the other half) and one-run audit (Bonferroni over 5 guess counts). "
-                "Label-inference gap: attack accuracy on training labels minus on held-out labels. "
-                "Each bound is valid at level α on its own; across the many runs of a sweep a few "
-                "false alarms (ε_LB > ε) are expected at that level, so treat a single one as a "
-                "prompt to rerun with more canaries, and several as a bug.",
-                "",
-                "| method | ε | ε_LB memorization | ε_LB one-run | label-inference gap |",
-                "|---|---|---|---|---|",
-            ]
-            for r in table.itertuples():
-                eps = "∞" if math.isnan(r.epsilon) else f"{r.epsilon:g}"
-                lines.append(
-                    f"| {r.method} | {eps} | {_bound(r.eps_lb_memorization)} | "
-                    f"{_bound(r.eps_lb_one_run)} | {r.label_inference_gap:+.4f} |"
-                )
+            lines += _audit_section(table, spec)
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return md_path, csv_path

@@ -5,9 +5,13 @@ A run folder holds:
 - ``config.json``: the :class:`RunConfig` (what was asked for) and where it ran;
 - ``<stage>.ckpt``: checkpoints while the run is unfinished (removed at the end);
 - ``model.pt``: the final evaluation model's weights;
-- ``canaries.pt`` (with canaries) and ``outputs.pt``: what the attacks read (attacks/);
+- ``<name>.noisy.pt``: what a label mechanism released, drawn once;
+- ``diagnostics/``: what the guarantee does not cover — ``canaries.pt`` (with canaries)
+  and ``outputs.pt`` (what the attacks read, with true labels), raw teacher votes, ...
+  (:mod:`labeldp.run_folder` is the one place that says what is covered);
 - ``metrics.json``: test accuracy, ε, δ, the privacy ledger, timings, per-epoch history
-  and provenance (package version, git commit, machine, date).
+  and provenance (package version, git commit, machine, date); statistics against the
+  true labels only under its ``diagnostics`` key.
 
 ``metrics.json`` is written last and atomically, so its presence means "finished". A
 finished run is never overwritten; an unfinished one is continued with ``resume=True``.
@@ -15,7 +19,6 @@ finished run is never overwritten; an unfinished one is continued with ``resume=
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -30,13 +33,22 @@ from attacks.outputs import collect_outputs
 from .augment import Normalize, WeakAugment
 from .data import DATASETS, DeviceDataset, load_splits, random_subset
 from .errors import ConfigError, check_int
-from .io import atomic_write, atomic_write_json
+from .io import atomic_write, atomic_write_json, json_safe, read_json
 from .methods import build_method
 from .methods.base import RunContext
 from .models import NORM_KINDS, build_model, model_builder
 from .provenance import provenance
-from .seeding import Stream, derive_seed
+from .run_folder import diagnostics_dir
+from .seeding import Stream, config_key, derive_seed
 from .train import TrainConfig, device_description, resolve_device
+
+#: What every ledger entry of a run with seeded noise says (item 3 of the audit): the run
+#: seed and configuration regenerate the noise, so the guarantee needs them secret.
+SEEDED_CONDITION = (
+    "seeded noise: the guarantee holds only while the run seed is secret (config.json "
+    "records it; seed and configuration regenerate every noise draw). For real private "
+    "data use --secure-noise"
+)
 
 DEFAULT_MODEL = {
     "fashion-mnist": "cnn",
@@ -190,7 +202,7 @@ def train_run(
     if run_dir is not None:
         atomic_write_json(run_dir / "config.json", {"run": fingerprint, "environment": asdict(env)})
         if canaries is not None:
-            canaries.save(run_dir / "canaries.pt")
+            canaries.save(diagnostics_dir(run_dir) / "canaries.pt")
 
     def named_model(name: str | None = None) -> torch.nn.Module:
         return build_model(
@@ -225,8 +237,15 @@ def train_run(
         progress=env.progress,
         checkpoint_every=env.checkpoint_every,
         fingerprint=fingerprint,
+        noise_key=config_key(fingerprint),
+        canary_indices=torch.cat([canaries.indices, canaries.audit_indices])
+        if canaries is not None
+        else None,
     )
     result = method.run(ctx)
+    secure = bool(method.options().get("secure_noise", False))
+    if result.ledger.is_private and not secure:
+        result.ledger = result.ledger.with_condition(SEEDED_CONDITION)
     sample_generator = torch.Generator().manual_seed(
         derive_seed(config.train.seed, Stream.OUTPUT_SAMPLE)
     )
@@ -258,12 +277,18 @@ def train_run(
         "resumed_from_epoch": result.fit.resumed_from_epoch,
         "device": device_description(device),
         "history": result.fit.history,
+        "diagnostics": result.diagnostics,
         **provenance(),
     }
+    # A run whose training diverged is recorded as such, its non-finite numbers as null.
+    metrics["outcome"] = "diverged" if getattr(result.fit, "diverged", False) else "finished"
+    metrics = json_safe(metrics)
     if run_dir is not None:
         weights = result.fit.eval_model.state_dict()
         atomic_write(run_dir / "model.pt", lambda handle: torch.save(weights, handle))
-        atomic_write(run_dir / "outputs.pt", lambda handle: torch.save(outputs, handle))
+        atomic_write(
+            diagnostics_dir(run_dir) / "outputs.pt", lambda handle: torch.save(outputs, handle)
+        )
         atomic_write_json(run_dir / "metrics.json", metrics)
         for checkpoint in run_dir.glob("*.ckpt"):
             checkpoint.unlink()
@@ -275,7 +300,11 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> dict[str, 
     ``resume`` asks for, else None."""
     metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.json"
     if config_path.exists():
-        recorded = json.loads(config_path.read_text())["run"]
+        recorded = read_json(
+            config_path,
+            f"it records the run's options; delete {run_dir} to start afresh, or choose "
+            "another --out",
+        )["run"]
         try:  # options added since the run was made take their defaults
             recorded = RunConfig.from_dict(recorded).to_dict()
         except (ConfigError, TypeError, KeyError):
@@ -290,7 +319,11 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> dict[str, 
             raise ConfigError(
                 f"{run_dir} already holds a finished run; choose another --out (or delete it)"
             )
-        return json.loads(metrics_path.read_text())
+        return read_json(
+            metrics_path,
+            f"the finished run's record is lost; delete {run_dir} and train again, or choose "
+            "another --out",
+        )
     if config_path.exists() and not resume:
         raise ConfigError(
             f"{run_dir} holds an unfinished run; add --resume to continue it, "

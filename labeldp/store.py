@@ -42,6 +42,34 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
+#: The layout of the stored metrics JSON. 1: statistics against the true labels live
+#: under ``metrics["diagnostics"]`` (see labeldp.run_folder), never beside the results.
+SCHEMA_VERSION = 1
+
+#: Keys that earlier versions kept in ``metrics["method_details"]`` but that are
+#: diagnostics (computed from the raw private labels).
+_DIAGNOSTIC_DETAILS = ("label_accuracy_of_answers",)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Brings a store written by an earlier version to :data:`SCHEMA_VERSION`, in the
+    caller's transaction (all rows or none)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version >= SCHEMA_VERSION:
+        return
+    for row_id, text in db.execute("SELECT id, metrics FROM runs").fetchall():
+        metrics = json.loads(text)
+        details = metrics.get("method_details") or {}
+        moved = {k: details.pop(k) for k in _DIAGNOSTIC_DETAILS if k in details}
+        if moved or "diagnostics" not in metrics:
+            metrics["diagnostics"] = {**metrics.get("diagnostics", {}), **moved}
+            db.execute(
+                "UPDATE runs SET metrics = ? WHERE id = ?",
+                (json.dumps(metrics, sort_keys=True), row_id),
+            )
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 def run_key(config: dict[str, Any]) -> str:
     """Canonical JSON of a run configuration: equal configurations, equal keys."""
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
@@ -62,6 +90,7 @@ class ResultsStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(SCHEMA)
+            _migrate(db)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

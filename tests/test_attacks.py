@@ -13,8 +13,16 @@ import torch
 from fakes import isolate_data_sources, write_learnable_fashion
 from scipy import stats
 
+from attacks import memorization, one_run
 from attacks.canaries import plant
-from attacks.harness import attack_run
+from attacks.harness import (
+    ADD_REMOVE_ONE_EXAMPLE,
+    REPLACE_ONE_LABEL,
+    attack_run,
+    bound_tested,
+    format_table,
+    judge,
+)
 from attacks.memorization import memorization_attack
 from attacks.one_run import audit, epsilon_lower_bound
 from attacks.stats import (
@@ -105,6 +113,110 @@ def test_a_randomized_response_model_is_bounded_by_its_epsilon_and_close_to_it(e
         assert result["epsilon_lb"] >= eps - 0.25  # many canaries: close to ε
 
 
+def _perfect_cap(num_guesses: int, alpha: float) -> float:
+    """ε_LB of num_guesses right guesses out of num_guesses, brute force: the exact
+    Clopper–Pearson lower bound from scipy's Beta quantile, checked against the binomial
+    tail it inverts, then its log-odds (0 when it does not pass 1/2)."""
+    low = stats.beta.ppf(alpha, num_guesses, 1)  # v = r: Beta(r, 1), i.e. α^(1/r)
+    assert stats.binom.sf(num_guesses - 1, num_guesses, low) == pytest.approx(alpha, rel=1e-9)
+    return max(0.0, math.log(low / (1 - low)))
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 20, 101, 500, 1000])
+def test_the_cap_is_the_bound_of_a_perfect_attack(m):
+    alpha = 0.05
+    # Memorization: every guess right on the measurement half, m - m // 2 canaries.
+    assert memorization.epsilon_lb_max(m, alpha) == pytest.approx(
+        _perfect_cap(m - m // 2, alpha), rel=1e-9
+    )
+    # One run: every guess right at the largest r (= m), at the Bonferroni level.
+    sizes = one_run.guess_sizes(m)
+    assert sizes[0] == m
+    assert one_run.epsilon_lb_max(m, alpha) == pytest.approx(
+        max(_perfect_cap(r, alpha / len(sizes)) for r in sizes), rel=1e-9
+    )
+    # A perfect attack reaches it: a model that puts all its mass on the trained label.
+    k = 10
+    labels = torch.randint(0, k, (4 * m + 10,), generator=torch.Generator().manual_seed(m))
+    c = plant(labels, k, m, m, 0, torch.Generator().manual_seed(1))
+    probs = torch.nn.functional.one_hot(c.training_labels(labels), k).double()
+    mem = memorization_attack(
+        probs[c.indices], c.canary_labels, c.other_labels, torch.Generator().manual_seed(2)
+    )
+    rows = torch.arange(m)
+    one = audit(
+        probs[c.audit_indices][rows, c.audit_a],
+        probs[c.audit_indices][rows, c.audit_b],
+        c.audit_is_a,
+    )
+    for result in (mem, one):
+        assert result["epsilon_lb"] == pytest.approx(result["epsilon_lb_max"], rel=1e-12)
+
+
+def test_the_caps_of_the_shipped_canary_counts():
+    # 1000 + 1000 canaries (full and audit profiles): what the auditor found.
+    assert round(memorization.epsilon_lb_max(1000), 2) == 5.11
+    assert round(one_run.epsilon_lb_max(1000), 2) == 5.38
+    # 500 + 500 (quick profile).
+    assert round(memorization.epsilon_lb_max(500), 2) == 4.42
+    assert round(one_run.epsilon_lb_max(500), 2) == 4.68
+    # More canaries, a higher cap; a smaller α, a lower one.
+    assert memorization.epsilon_lb_max(2000) > memorization.epsilon_lb_max(1000)
+    assert one_run.epsilon_lb_max(1000, 0.01) < one_run.epsilon_lb_max(1000, 0.05)
+    assert memorization.epsilon_lb_max(0) == one_run.epsilon_lb_max(0) == 0.0
+
+
+@pytest.mark.parametrize("eps", [1.0, 4.0, 8.0, 30.0])
+@pytest.mark.parametrize("m", [20, 200])
+def test_a_real_attack_never_exceeds_its_cap(eps, m):
+    k = 10
+    labels = torch.randint(0, k, (4 * m,), generator=torch.Generator().manual_seed(0))
+    for seed in range(3):
+        c = plant(labels, k, m, m, 0, torch.Generator().manual_seed(seed))
+        probs = _rr_model_outputs(eps, k, c.training_labels(labels), seed=seed + 10)
+        # Blur the one-hot "model" with noise so that the attack's thresholds matter.
+        noise = torch.rand(
+            probs.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+        probs = torch.softmax(4 * probs + noise, dim=1)
+        mem = memorization_attack(
+            probs[c.indices], c.canary_labels, c.other_labels, torch.Generator().manual_seed(seed)
+        )
+        rows = torch.arange(m)
+        one = audit(
+            probs[c.audit_indices][rows, c.audit_a],
+            probs[c.audit_indices][rows, c.audit_b],
+            c.audit_is_a,
+        )
+        assert 0 <= mem["epsilon_lb"] <= mem["epsilon_lb_max"] == memorization.epsilon_lb_max(m)
+        assert 0 <= one["epsilon_lb"] <= one["epsilon_lb_max"] == one_run.epsilon_lb_max(m)
+        for row in one["by_guesses"]:
+            assert row["epsilon_lb"] <= one["epsilon_lb_max"]
+
+
+def test_the_bound_tested_follows_the_relation_of_the_methods_epsilon():
+    for method in ("rr", "lp-mst", "lp-2st", "alibi", "pate-fm"):
+        tested = bound_tested(method, 2.0, 1e-5)
+        assert tested["relation"] == REPLACE_ONE_LABEL
+        assert (tested["epsilon"], tested["delta"]) == (2.0, 1e-5)
+    # DP-SGD's ε is for adding or removing an example; a label change is both: (2ε, (1+e^ε)δ).
+    tested = bound_tested("dp-sgd", 2.0, 1e-5)
+    assert tested["relation"] == ADD_REMOVE_ONE_EXAMPLE
+    assert tested["epsilon"] == 4.0 and tested["delta"] == pytest.approx((1 + math.e**2) * 1e-5)
+    assert bound_tested("none", None, None)["epsilon"] is None
+    # A ledger that names its relation is taken at its word.
+    ledger = {
+        "ledger": {"entries": [{"details": {"neighboring_relation": ADD_REMOVE_ONE_EXAMPLE}}]}
+    }
+    assert bound_tested("some-new-method", 1.0, 0.0, ledger)["epsilon"] == 2.0
+    # Judging: above the bound is a violation; a bound at or above the cap cannot fail.
+    part = {"epsilon_lb": 1.2, "epsilon_lb_max": 5.11}
+    assert judge(dict(part), 1.0) == {**part, "exceeds_bound": True, "can_fail": True}
+    assert judge(dict(part), 8.0)["can_fail"] is False
+    assert judge(dict(part), 5.11)["can_fail"] is False
+    assert judge(dict(part), None) == {**part, "exceeds_bound": False, "can_fail": False}
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     isolate_data_sources(monkeypatch, tmp_path)
@@ -129,12 +241,12 @@ def test_canaries_are_planted_before_the_method_sees_labels(data_dir, tmp_path, 
         audit_canaries=30,
     )
     train_run(config, tmp_path / "run", Environment(data_dir=str(data_dir), progress=False))
-    c = torch.load(tmp_path / "run" / "canaries.pt", weights_only=True)
+    c = torch.load(tmp_path / "run" / "diagnostics" / "canaries.pt", weights_only=True)
     assert torch.equal(seen["labels"][c["indices"]], c["canary_labels"])
     audit_labels = torch.where(c["audit_is_a"], c["audit_a"], c["audit_b"])
     assert torch.equal(seen["labels"][c["audit_indices"]], audit_labels)
     assert len(c["control_indices"]) == 40
-    outputs = torch.load(tmp_path / "run" / "outputs.pt", weights_only=True)
+    outputs = torch.load(tmp_path / "run" / "diagnostics" / "outputs.pt", weights_only=True)
     assert outputs["canary"]["softmax"].shape == (40, 10) and outputs["audit"]["softmax"].shape == (
         30,
         10,
@@ -170,6 +282,11 @@ def test_a_memorizing_non_private_model_gives_a_large_lower_bound(data_dir, tmp_
     result = attack_run(tmp_path / "none")
     assert result["memorization"]["epsilon_lb"] > 1.5
     assert result["one_run"]["epsilon_lb"] > 1.5
+    assert result["memorization"]["epsilon_lb_max"] == memorization.epsilon_lb_max(100)
+    assert result["one_run"]["epsilon_lb_max"] == one_run.epsilon_lb_max(100)
+    for part in ("memorization", "one_run"):
+        assert result[part]["epsilon_lb"] <= result[part]["epsilon_lb_max"]
+        assert result[part]["exceeds_bound"] is False  # no claim to violate
     assert result["label_inference"]["gap"] > 0
     assert json.loads((tmp_path / "none" / "attack.json").read_text())["method"] == "none"
 
@@ -210,6 +327,18 @@ def test_attack_cli_on_runs_with_and_without_canaries(data_dir, tmp_path, capsys
     assert cli.main(["attack", str(tmp_path / "plain"), str(tmp_path / "rr")]) == 0
     out = capsys.readouterr().out
     assert "ε_LB memorization" in out and "no canaries in this run" in out
+    assert "bound tested" in out and "max" in out
     result = json.loads((tmp_path / "rr" / "attack.json").read_text())
     assert result["memorization"]["epsilon_lb"] <= 2 and result["one_run"]["epsilon_lb"] <= 2
+    assert result["bound_tested"]["epsilon"] == 2 and result["bound_tested"]["relation"] == (
+        REPLACE_ONE_LABEL
+    )
+    # 40 canaries certify at most 1.82 (memorization, 20 measured) and 2.10 (one run): the
+    # memorization attack cannot refute ε = 2, the one-run audit could.
+    assert result["memorization"]["epsilon_lb_max"] == pytest.approx(
+        memorization.epsilon_lb_max(40)
+    )
+    assert result["memorization"]["can_fail"] is False and result["one_run"]["can_fail"] is True
+    assert any("cannot refute it" in note for note in result["notes"])
+    assert "†" in format_table([result])
     assert cli.main(["attack", str(tmp_path / "missing")]) == 2

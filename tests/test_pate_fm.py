@@ -11,6 +11,7 @@ import torch
 from fakes import isolate_data_sources, write_learnable_fashion
 
 from labeldp import cli
+from labeldp.mechanisms.confident_gnmax import ConfidentGNMax
 from labeldp.methods import pate_fm
 from labeldp.privacy import pate_epsilon
 
@@ -34,25 +35,53 @@ def _argv(data_dir, out, *extra):
     ]  # fmt: skip
 
 
-def test_pate_fm_runs_records_a_data_dependent_epsilon_and_resumes(data_dir, tmp_path):
+def test_pate_fm_records_the_filter_guarantee_and_keeps_votes_out_of_the_release(
+    data_dir, tmp_path
+):
     out = tmp_path / "run"
     assert cli.main(_argv(data_dir, out)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     entry = metrics["ledger"]["entries"][0]
-    assert entry["mechanism"] == "confident-gnmax" and entry["details"]["data_dependent"]
-    assert metrics["epsilon"] <= 500
-    assert entry["details"]["epsilon_data_independent"] >= metrics["epsilon"]
+    assert entry["mechanism"] == "confident-gnmax" and not entry["details"]["data_dependent"]
+    assert entry["details"]["stopping_rule"] == "renyi-filter"
+    # the guarantee is fixed in advance: the budget, or answering the whole pool
+    worst = ConfidentGNMax(2, 1, 1).worst_case_epsilon(60, 1e-5)
+    assert metrics["epsilon"] == pytest.approx(min(500, worst))
+    assert "seed is secret" in entry["condition"]
     assert metrics["method_details"]["answered"] > 0
     record = torch.load(out / "pate.noisy.pt", weights_only=True)
+    assert record.shape == (3, 60)  # answered, label, query: no raw votes in the release
     considered = int((record[0] >= 0).sum())
-    votes = record[3:, :considered].T.numpy()
+    votes = torch.load(out / "diagnostics" / "pate_votes.pt", weights_only=True)
+    votes = votes[:considered].numpy()
     assert (votes.sum(1) == 4).all()  # every teacher voted on every query
     answered = record[0, :considered].numpy().astype(bool)
-    assert metrics["epsilon"] == pytest.approx(pate_epsilon(votes, answered, 2, 1, 1, 1e-5))
-    assert sorted(p.name for p in out.glob("votes-*.pt")) == ["votes-0.pt", "votes-2.pt"]
+    diagnostics = metrics["diagnostics"]
+    assert diagnostics["epsilon_data_dependent"] == pytest.approx(
+        pate_epsilon(votes, answered, 2, 1, 1, 1e-5)
+    )
+    assert sorted(p.name for p in (out / "diagnostics").glob("votes-*.pt")) == [
+        "votes-0.pt",
+        "votes-2.pt",
+    ]
+    assert "NOT COVERED" in (out / "diagnostics" / "NOTICE.txt").read_text()
     details = metrics["method_details"]
     assert details["answered"] == int(answered.sum()) and details["considered"] == considered
-    assert 0 <= details["label_accuracy_of_answers"] <= 1
+    assert "label_accuracy_of_answers" not in details
+    assert 0 <= diagnostics["label_accuracy_of_answers"] <= 1
+
+
+def test_every_canary_is_in_the_query_pool(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(_argv(data_dir, out, "--canaries", "20", "--audit-canaries", "20")) == 0
+    record = torch.load(out / "pate.noisy.pt", weights_only=True)
+    canaries = torch.load(out / "diagnostics" / "canaries.pt", weights_only=True)
+    pool = set(record[2].tolist())
+    assert len(pool) == 60
+    assert set(canaries["indices"].tolist()) <= pool
+    assert set(canaries["audit_indices"].tolist()) <= pool
+    too_many = _argv(data_dir, tmp_path / "b", "--canaries", "40", "--audit-canaries", "30")
+    assert cli.main(too_many) == 2
 
 
 def test_a_resumed_run_reuses_finished_teachers(data_dir, tmp_path, monkeypatch):
@@ -68,7 +97,8 @@ def test_a_resumed_run_reuses_finished_teachers(data_dir, tmp_path, monkeypatch)
 
     monkeypatch.setattr(pate_fm, "train_fixmatch_ensemble", counted)
     assert cli.main(_argv(data_dir, out)) == 130
-    assert (out / "votes-0.pt").exists() and not (out / "votes-2.pt").exists()
+    kept = out / "diagnostics"
+    assert (kept / "votes-0.pt").exists() and not (kept / "votes-2.pt").exists()
     assert cli.main(_argv(data_dir, out, "--resume")) == 0
     assert len(calls) == 3  # the first group was not trained again
 
@@ -91,7 +121,7 @@ def test_runs_differing_only_in_aggregation_share_teachers(data_dir, tmp_path, m
     changed[changed.index("--sigma2") + 1] = "2"
     assert cli.main(changed) == 0
     assert len(calls) == 2
-    votes = [torch.load(tmp_path / r / "pate.noisy.pt", weights_only=True)[3:] for r in "ab"]
+    votes = [_votes(tmp_path / r) for r in "ab"]
     assert torch.equal(votes[0], votes[1])
     # Another seed, or more teacher steps: new teachers.
     assert cli.main(_argv(data_dir, tmp_path / "c", *shared, "--seed", "1")) == 0
@@ -102,7 +132,7 @@ def test_runs_differing_only_in_aggregation_share_teachers(data_dir, tmp_path, m
     assert len(calls) == 6
     # The votes folder holds votes, not teacher checkpoints.
     assert not list((tmp_path / "shared").rglob("*.ckpt"))
-    assert len(list((tmp_path / "shared" / "pate-votes").iterdir())) == 3
+    assert len(list((tmp_path / "shared" / "diagnostics" / "pate-votes").iterdir())) == 3
 
 
 def test_votes_recomputed_equal_the_shared_ones(data_dir, tmp_path):
@@ -110,8 +140,14 @@ def test_votes_recomputed_equal_the_shared_ones(data_dir, tmp_path):
     equals recomputing them."""
     assert cli.main(_argv(data_dir, tmp_path / "a")) == 0
     assert cli.main(_argv(data_dir, tmp_path / "b")) == 0
-    votes = [torch.load(tmp_path / r / "pate.noisy.pt", weights_only=True) for r in "ab"]
+    votes = [_votes(tmp_path / r) for r in "ab"]
     assert torch.equal(votes[0], votes[1])
+    releases = [torch.load(tmp_path / r / "pate.noisy.pt", weights_only=True) for r in "ab"]
+    assert torch.equal(releases[0], releases[1])  # the same run reproduces its noise
+
+
+def _votes(run: Path) -> torch.Tensor:
+    return torch.load(run / "diagnostics" / "pate_votes.pt", weights_only=True)
 
 
 def test_student_steps_fix_the_student_length_whatever_the_answers(data_dir, tmp_path):
@@ -128,7 +164,7 @@ def test_student_steps_fix_the_student_length_whatever_the_answers(data_dir, tmp
 
 def test_a_budget_that_answers_nothing_leaves_the_student_untrained(data_dir, tmp_path):
     """A sweep must survive a small ε: no answers is a result (chance accuracy), recorded
-    with the ε the threshold checks spent, not a crash."""
+    with the ε of the filter's budget, not a crash."""
     out = tmp_path / "run"
     argv = _argv(data_dir, out)
     argv[argv.index("--epsilon") + 1] = "0.01"
@@ -136,6 +172,42 @@ def test_a_budget_that_answers_nothing_leaves_the_student_untrained(data_dir, tm
         assert cli.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method_details"]["answered"] == 0
-    assert metrics["method_details"]["label_accuracy_of_answers"] is None
+    assert metrics["diagnostics"]["label_accuracy_of_answers"] is None
     assert metrics["history"] == [] and 0 <= metrics["test_accuracy"] <= 1
     assert 0 <= metrics["epsilon"] <= 0.01
+
+
+def test_the_data_dependent_epsilon_can_be_published_through_gnss(data_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = _argv(data_dir, out, "--release-data-dependent")
+    argv[argv.index("--epsilon") + 1] = "40"
+    assert cli.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    entry = metrics["ledger"]["entries"][0]
+    published = entry["details"]["data_dependent_release"]
+    assert metrics["epsilon"] == 40  # the release is paid from the budget
+    assert published["release_rdp"] == pytest.approx(
+        0.25 * entry["details"]["filter"]["rdp_budget"]
+    )
+    assert published["epsilon_data_dependent_published"] >= 0
+    stored = torch.load(out / "pate-epsilon.noisy.pt", weights_only=True)
+    assert float(stored[0]) == pytest.approx(published["rdp_published"])
+    release = metrics["diagnostics"]["release"]
+    assert release["noise_std"] == pytest.approx(
+        release["smooth_sensitivity"] * published["sigma_s"]
+    )
+    # with less of the budget left, fewer queries fit than without the release
+    plain = json.loads(_run_metrics(data_dir, tmp_path / "plain", "40").read_text())
+    assert metrics["method_details"]["considered"] <= plain["method_details"]["considered"]
+    too_small = _argv(
+        data_dir, tmp_path / "small", "--release-data-dependent", "--release-share", "1e-6"
+    )
+    assert cli.main(too_small) == 2
+    assert not (tmp_path / "small").exists()  # refused before anything was written
+
+
+def _run_metrics(data_dir, out, epsilon):
+    argv = _argv(data_dir, out)
+    argv[argv.index("--epsilon") + 1] = epsilon
+    assert cli.main(argv) == 0
+    return out / "metrics.json"

@@ -164,6 +164,102 @@ def test_the_shipped_sweep_files_are_valid():
     assert {"fashion_mnist_quick", "fashion_mnist_full", "cifar10_paper", "cifar100_paper"} <= names
 
 
+AUDITED = """
+name = "facts"
+dataset = "fashion-mnist"
+methods = ["rr", "dp-sgd", "pate-fm"]
+epsilons = [1, 4]
+seeds = [0, 1]
+canaries = 20
+audit_canaries = 20
+
+[train]
+epochs = 1
+
+[method_options.dp-sgd]
+delta = 1e-5
+
+[method_options.pate-fm]
+delta = 1e-5
+teachers = 5
+queries = 10
+threshold = 3
+sigma1 = 2
+sigma2 = 1
+"""
+
+
+def _fake_audited_store(tmp_path: Path) -> tuple[SweepSpec, ResultsStore]:
+    """A store holding every grid point of AUDITED without training: attack.json made
+    before it recorded its caps, one violation (rr, ε = 1, seed 1), and pate-fm's seed 0
+    made before its ledger recorded the stopping rule."""
+    path = tmp_path / "facts.toml"
+    path.write_text(AUDITED)
+    spec, store = SweepSpec.load(path), ResultsStore(tmp_path / "runs.sqlite")
+    for name, config in spec.runs():
+        eps, seed = config.method_options.get("epsilon"), config.train.seed
+        details = {"stopping_rule": "data-independent"} if seed == 1 else {}
+        metrics = {
+            "method": config.method,
+            "epsilon": eps,
+            "delta": None if eps is None else config.method_options.get("delta", 0.0),
+            "test_accuracy": 0.5,
+            "train_seconds": 1.0,
+            "ledger": {"entries": [] if eps is None else [{"details": details}]},
+        }
+        lb = 1.04 if (config.method, eps, seed) == ("rr", 1.0, 1) else 0.1
+        attack = {
+            "alpha": 0.05,
+            "memorization": {"epsilon_lb": lb, "canaries": 20, "alpha": 0.05},
+            "one_run": {"epsilon_lb": 0.2, "canaries": 20, "alpha": 0.05},
+            "label_inference": {"gap": 0.01},
+        }
+        store.record(
+            spec.name, name, config.to_dict(), tmp_path, metrics, attack, "2026-01-01T00:00:00"
+        )
+    return spec, store
+
+
+def test_the_report_shows_caps_the_bound_tested_violations_and_stale_rows(tmp_path):
+    from attacks import memorization, one_run
+    from labeldp.report import STALE, summary, write_report
+    from paper_figs.plots import write_figures
+
+    spec, store = _fake_audited_store(tmp_path)
+    table = summary(store, spec).set_index(["method", "epsilon"], drop=False)
+    mem_cap, one_cap = memorization.epsilon_lb_max(20), one_run.epsilon_lb_max(20)  # 1.05, 1.35
+    # Old attack.json lacks the caps: they are recomputed from the canary counts.
+    assert (table["eps_lb_memorization_max"] == mem_cap).all()
+    assert (table["eps_lb_one_run_max"] == one_cap).all()
+    # DP-SGD is held to 2ε; 2 is above both caps, so neither audit can fail there.
+    dpsgd = table.loc[("dp-sgd", 1.0)]
+    assert dpsgd["bound_tested"] == 2.0 and dpsgd["relation"] == "add or remove one example"
+    assert dpsgd["memorization_cannot_fail"] and dpsgd["one_run_cannot_fail"]
+    rr1 = table.loc[("rr", 1.0)]
+    assert rr1["bound_tested"] == 1.0 and not rr1["memorization_cannot_fail"]
+    assert rr1["memorization_violations"] == 1 and rr1["seeds_with_violation"] == 1
+    assert rr1["eps_lb_memorization_min"] == pytest.approx(0.1)
+    assert table.loc[("pate-fm", 4.0), "stale_seeds"] == 1
+    assert table.loc[("pate-fm", 4.0), "note"] == f"{STALE} (1 of 2 seeds)"
+    assert table.loc[("rr", 4.0), "note"] == ""
+
+    md, csv = write_report(store, spec, "facts.toml", tmp_path / "results")
+    text = md.read_text()
+    assert "| rr | 1 | 1 | 0.57 | 1.05 | 0.20 | 1.35 | **1 of 2** |" in text
+    assert "| dp-sgd | 1 | 2 (2ε) | 0.10 | 1.05† | 0.20 | 1.35† | 0 of 2 |" in text
+    assert "| rr | 4 | 4 | 0.10 | 1.05† |" in text
+    assert "| pate-fm ‡ | 4 | 4 |" in text and f"‡ {STALE}." in text
+    assert "| pate-fm ‡ | 50.00 ± 0.00 |" in text  # the accuracy table marks it too
+    assert "ε above what 20 memorization / 20 audit canaries can certify" in text
+    # What the mean over seeds is, said in the report.
+    assert "the mean is not itself a 95 % lower bound" in text and "90 % confidence" in text
+    header = csv.read_text().splitlines()[0]
+    assert header.startswith("method,epsilon,accuracy_mean,accuracy_std,seeds")
+    assert "eps_lb_memorization_max" in header and header.endswith(",note")
+    paths = write_figures(store, spec, tmp_path / "figs")
+    assert {p.name for p in paths} >= {"facts_audit.png", "facts_utility.png"}
+
+
 def _rows(db: Path) -> list[tuple]:
     if not db.exists():
         return []

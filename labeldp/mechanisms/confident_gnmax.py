@@ -8,10 +8,18 @@ Spec: shared/specs/pate_fixmatch.md, step 4. For a query with vote histogram n �
 2. if answered: the label is argmax_j (n_j + N(0, σ₂²)), fresh noise on every count.
 
 :class:`ConfidentGNMax` answers queries in order and records every query's votes, whether
-it was answered and the label given. With a budget ε it stops before the first step that
-would take the data-dependent ε (:mod:`labeldp.privacy.pate_accounting`) above it. That
-stopping rule itself depends on the private votes — as in the PATE papers, the reported
-ε is data-dependent and the stopping point is not separately accounted.
+it was answered and the label given. With a budget ε it runs a Rényi privacy filter
+(:mod:`labeldp.privacy.renyi_filter`) on the *data-independent* cost of each step —
+λ/(2σ₁²) for a threshold check, λ/σ₂² for an answer — which depends only on public
+parameters and on the released outcome "answered" of earlier queries. It stops before the
+first step the filter does not admit. The run is then (ε, δ)-DP for the budget, whatever
+the votes. The data-dependent ε of Papernot et al. (2018) is computed too and reported as
+what it is: a function of the private votes, smaller, but not a guarantee that can be
+published (that needs its smooth-sensitivity release).
+
+Stopping on the data-dependent cost, as an earlier version did, is not a filter: whether
+a query is answered then depends deterministically on the private votes (two neighbouring
+histograms [100, 0, …] and [99, 1, …] could give an answer with probability 0.77 and 0).
 """
 
 from __future__ import annotations
@@ -25,13 +33,8 @@ from scipy import integrate
 from scipy.stats import norm
 
 from ..errors import ConfigError
-from ..privacy.pate_accounting import (
-    ORDERS,
-    log_p_answered,
-    log_q_gnmax,
-    rdp_data_dependent,
-    rdp_to_epsilon,
-)
+from ..privacy.pate_accounting import ORDERS, pate_rdp, rdp_to_epsilon
+from ..privacy.renyi_filter import RenyiFilter, best_order_for_linear_costs
 from .randomness import check_source, standard_normal
 
 
@@ -40,10 +43,16 @@ class Aggregation:
     """What Confident-GNMax did, query by query.
 
     votes: (Q, K) int64 vote counts of every query considered. answered: (Q,) bool.
-    labels: (Q,) int64, the label given, −1 where not answered. epsilon: data-dependent ε
-    at ``delta`` of everything done (threshold steps of all Q queries plus the answers).
-    stopped_by_budget: True if answering stopped early because of the budget (then
-    queries after the last one considered were never looked at).
+    labels: (Q,) int64, the label given, −1 where not answered.
+    epsilon: the guarantee at ``delta`` (label DP, replace one label): the smaller of the
+        filter's budget and the data-independent ε of answering every query of the pool
+        (both fixed before any vote is looked at).
+    epsilon_data_dependent: the data-dependent ε (Papernot et al. 2018) of what was done
+        (threshold steps of all Q queries plus the answers). It depends on the private
+        votes: a diagnostic, not a guarantee.
+    stopped_by_budget: True if the filter stopped before the end of the pool (then
+        queries after the last one considered were never looked at).
+    filter_order: the Rényi order of the filter (None without a budget).
     """
 
     votes: np.ndarray
@@ -52,6 +61,8 @@ class Aggregation:
     epsilon: float
     delta: float
     stopped_by_budget: bool
+    epsilon_data_dependent: float = 0.0
+    filter_order: float | None = None
 
 
 class ConfidentGNMax:
@@ -92,19 +103,41 @@ class ConfidentGNMax:
         return probs / probs.sum()
 
     # -------------------------------------------------------------------- aggregation
+    def step_costs(self, order: float) -> tuple[float, float]:
+        """Data-independent RDP at ``order`` of one threshold check (a Gaussian mechanism
+        on the maximum count, sensitivity 1) and of one answer (GNMax: λ/σ₂²)."""
+        return order / (2 * self.sigma1**2), order / self.sigma2**2
+
+    @staticmethod
+    def filter_order(budget: float, delta: float) -> float:
+        """The Rényi order of the filter for an (ε, δ) budget, fixed from public values
+        (the best single order for Gaussian costs)."""
+        return best_order_for_linear_costs(budget, delta)
+
+    def worst_case_epsilon(self, queries: int, delta: float) -> float:
+        """Data-independent ε at ``delta`` of ``queries`` threshold checks, all answered:
+        a bound fixed before any vote is seen."""
+        check, answer = self.step_costs(1.0)
+        return rdp_to_epsilon(queries * (check + answer) * ORDERS, delta)
+
     def aggregate(
         self,
         votes: np.ndarray,
         generator: torch.Generator | None = None,
         budget: float | None = None,
         delta: float = 1e-5,
+        reserve: float = 0.0,
     ) -> Aggregation:
         """Answers the queries (rows of ``votes``, (Q, K) counts) in order.
 
         generator: a CPU torch.Generator for the noise (None with ``secure``).
-        budget: ε budget at ``delta``; stop before the step (threshold check or answer)
-        that would take the data-dependent ε above it. None: answer every query that
-        passes the threshold."""
+        budget: ε budget at ``delta``: a Rényi filter on the data-independent cost of
+        each step (public information only) stops before the first threshold check or
+        answer it does not admit. None: answer every query that passes the threshold
+        (the guarantee is then the data-independent ε of answering all Q).
+        reserve: RDP at the filter's order (:meth:`filter_order`) held back from the
+        budget for a later step whose cost is fixed in advance (the smooth-sensitivity
+        release of the data-dependent cost); 0 without one."""
         check_source(generator, self.secure)
         votes = np.asarray(votes)
         if votes.ndim != 2 or votes.shape[1] < 2 or np.any(votes < 0):
@@ -122,33 +155,59 @@ class ConfidentGNMax:
         argmax_noise = standard_normal((q, k), generator=generator, secure=self.secure)
         answered = np.zeros(q, dtype=bool)
         labels = np.full(q, -1, dtype=np.int64)
-        rdp = np.zeros_like(ORDERS)
+        privacy_filter, check_cost, answer_cost = None, 0.0, 0.0
+        if budget is not None:
+            order = self.filter_order(budget, delta)
+            privacy_filter = RenyiFilter(budget, delta, order)
+            check_cost, answer_cost = self.step_costs(order)
+            if reserve:
+                if not (0 < reserve and privacy_filter.admits(reserve)):
+                    raise ConfigError(
+                        f"reserve must be in (0, {privacy_filter.budget:.4g}] (the RDP "
+                        f"budget at order {order:.4g}), got {reserve}"
+                    )
+                privacy_filter.spend(reserve)
+        elif reserve:
+            raise ConfigError("reserve needs a budget")
         considered, stopped = q, False
+        # The loop reads the votes only inside the two noisy tests: every decision to
+        # stop depends on public parameters and on earlier released outcomes.
         for i in range(q):
+            if privacy_filter is not None:
+                if not privacy_filter.admits(check_cost):
+                    considered, stopped = i, True
+                    break
+                privacy_filter.spend(check_cost)
             counts = votes[i].astype(np.float64)
-            cost = rdp_data_dependent(
-                min(log_p_answered(counts, self.threshold, self.sigma1)),
-                math.sqrt(2) * self.sigma1,
-            )
-            if budget is not None and rdp_to_epsilon(rdp + cost, delta) > budget:
-                considered, stopped = i, True
-                break
-            rdp += cost
             if counts.max() + self.sigma1 * float(threshold_noise[i]) < self.threshold:
                 continue
-            cost = rdp_data_dependent(log_q_gnmax(counts, self.sigma2), self.sigma2)
-            if budget is not None and rdp_to_epsilon(rdp + cost, delta) > budget:
-                considered, stopped = i + 1, True
-                break
-            rdp += cost
+            if privacy_filter is not None:
+                if not privacy_filter.admits(answer_cost):
+                    considered, stopped = i + 1, True
+                    break
+                privacy_filter.spend(answer_cost)
             noisy = counts + self.sigma2 * argmax_noise[i].numpy()
             answered[i] = True
             labels[i] = int(np.argmax(noisy))
+        guarantee = self.worst_case_epsilon(q, delta)
+        if budget is not None:
+            guarantee = min(guarantee, budget)
+        kept = votes[:considered].astype(np.int64)
+        data_dependent = (
+            rdp_to_epsilon(
+                pate_rdp(kept, answered[:considered], self.threshold, self.sigma1, self.sigma2),
+                delta,
+            )
+            if considered
+            else 0.0
+        )
         return Aggregation(
-            votes=votes[:considered].astype(np.int64),
+            votes=kept,
             answered=answered[:considered],
             labels=labels[:considered],
-            epsilon=rdp_to_epsilon(rdp, delta),
+            epsilon=guarantee,
             delta=delta,
             stopped_by_budget=stopped,
+            epsilon_data_dependent=data_dependent,
+            filter_order=privacy_filter.order if privacy_filter is not None else None,
         )

@@ -24,6 +24,7 @@ from ..augment import Normalize
 from ..data import DeviceDataset
 from ..io import atomic_write, atomic_write_json
 from ..privacy import PrivacyLedger
+from ..run_folder import diagnostics_dir
 from ..seeding import Stream, derive_seed
 from ..train import FitResult, TargetFn, TrainConfig, Trainer, accuracy, predict_logits
 from ..train.loop import Augmentation
@@ -48,6 +49,12 @@ class RunContext:
         depend on (see :meth:`shared_folder`); None: nothing is shared.
     resume: continue from the checkpoints in ``run_dir`` where present.
     fingerprint: JSON-able identity of the run, stored in checkpoints.
+    noise_key: the run's :func:`~labeldp.seeding.config_key`; every privacy-noise
+        stream (and the batch order, which holds DP-SGD's Poisson coins) is keyed by it,
+        so runs that differ in any option draw independent noise.
+    canary_indices: train-split positions of every planted canary (memorization and
+        audit), for methods that must make sure the canaries reach training (PATE's
+        query pool); None without canaries.
     """
 
     train: DeviceDataset
@@ -63,30 +70,46 @@ class RunContext:
     build_named_model: Callable[[str | None], nn.Module] | None = None
     checkpoint_every: int = 1
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    noise_key: tuple[int, ...] = ()
+    canary_indices: torch.Tensor | None = None
+
+    def noise_seed(self, stream: Stream, *index: int) -> int:
+        """The seed of privacy-noise ``stream`` (and e.g. a stage ``index``): the run's
+        seed keyed by its configuration (:attr:`noise_key`)."""
+        return derive_seed(self.config.seed, stream, *index, key=self.noise_key)
 
     def generator(self, stream: Stream, *index: int) -> torch.Generator:
-        """A generator on the training device for ``stream`` (and e.g. a stage ``index``)
-        of this run's seed; see :mod:`labeldp.seeding`."""
-        seed = derive_seed(self.config.seed, stream, *index)
-        return torch.Generator(device=self.train.device).manual_seed(seed)
+        """A generator on the training device for privacy-noise ``stream`` (and e.g. a
+        stage ``index``), seeded by :meth:`noise_seed`; see :mod:`labeldp.seeding`."""
+        return torch.Generator(device=self.train.device).manual_seed(
+            self.noise_seed(stream, *index)
+        )
+
+    def diagnostics(self) -> Path | None:
+        """The run's ``diagnostics/`` folder (not covered by the guarantee; see
+        :mod:`labeldp.run_folder`), or None without a run folder."""
+        return diagnostics_dir(self.run_dir) if self.run_dir is not None else None
 
     def shared_folder(self, kind: str, method_identity: dict[str, Any]) -> Path | None:
         """The folder for a shareable intermediate result of ``kind`` (e.g. "pate-votes"),
         fully determined by the run's fingerprint without its method options, by
         ``method_identity`` (the method options it depends on, JSON-able) and by the
-        device type: ``<shared_dir>/<kind>/<hash>``, with an ``identity.json``. It is the
-        run folder when nothing is shared (no shared_dir, or no fingerprint to key on), and
-        None without either.
+        device type: ``<shared_dir>/diagnostics/<kind>/<hash>``, with an ``identity.json``.
+        It is the run's ``diagnostics/`` folder when nothing is shared (no shared_dir, or
+        no fingerprint to key on), and None without either. Such results are computed
+        from the raw private labels (e.g. teacher votes): not covered by the guarantee.
 
         Sharing is sound only for results that the run would recompute identically
         (seeded, no private noise): a run that finds one uses it instead of redoing it."""
         if self.shared_dir is None or not self.fingerprint:
-            return self.run_dir
+            return self.diagnostics()
         run = {k: v for k, v in self.fingerprint.items() if k != "method_options"}
         full = {"kind": kind, "device": self.train.device.type, "run": run,
                 "method": method_identity}  # fmt: skip
         text = json.dumps(full, sort_keys=True, default=str)
-        folder = self.shared_dir / kind / hashlib.sha256(text.encode()).hexdigest()[:20]
+        folder = (
+            diagnostics_dir(self.shared_dir) / kind / hashlib.sha256(text.encode()).hexdigest()[:20]
+        )
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "identity.json").exists():
             atomic_write_json(folder / "identity.json", full)
@@ -142,6 +165,7 @@ class RunContext:
             checkpoint_path=self.run_dir / f"{name}.ckpt" if self.run_dir is not None else None,
             checkpoint_every=self.checkpoint_every,
             fingerprint={**self.fingerprint, "stage": name},
+            stream_key=self.noise_key,
             progress=self.progress,
             description=name,
         )
@@ -150,8 +174,13 @@ class RunContext:
 
 @dataclass
 class MethodResult:
+    """What a method returns. diagnostics: JSON-able statistics computed from the raw
+    private labels (e.g. the accuracy of PATE's answers against the true labels); they
+    are not covered by the guarantee and go under ``metrics.json["diagnostics"]``."""
+
     fit: FitResult
     ledger: PrivacyLedger
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 class Method(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar
 
@@ -14,7 +15,7 @@ from ..privacy.dpsgd_accounting import (
     dpsgd_epsilon,
     replace_one_bound,
 )
-from ..seeding import Stream, derive_seed
+from ..seeding import Stream
 from ..train import HardLabels
 from ..train.dpsgd import DPSGDStep, check_per_example_model
 from ..train.sampling import PoissonBatches
@@ -124,13 +125,20 @@ class DPSGDMethod:
             expected_batch_size=ctx.config.batch_size,
             physical_batch_size=self.physical_batch_size,
             secure_noise=self.secure_noise,
-            seed=derive_seed(ctx.config.seed, Stream.DPSGD_NOISE),
+            seed=ctx.noise_seed(Stream.DPSGD_NOISE),
         )
+        if self.secure_noise and ctx.checkpoint_every != 1:
+            # Secure noise cannot be replayed: epochs after the last checkpoint would be
+            # redone with fresh noise on resume, and anything they reported (test
+            # accuracy of an intermediate model) would be an unaccounted release. So a
+            # secure run checkpoints every epoch, before it reports the epoch.
+            ctx = dataclasses.replace(ctx, checkpoint_every=1)
         fit = ctx.fit(HardLabels(ctx.train.labels), model=model, step=step, sampler=sampler)
         # The accountant assumed exactly plan["steps"] steps: the ones of earlier sessions
         # (resumed from a checkpoint) plus the ones this session took.
         earlier = fit.resumed_from_epoch * sampler.steps_per_epoch(n)
-        if earlier + step.steps_taken != plan["steps"]:
+        # A diverged run stops early: fewer steps than accounted are covered by the ε.
+        if earlier + step.steps_taken != plan["steps"] and not fit.diverged:
             raise RuntimeError(
                 f"DP-SGD took {earlier + step.steps_taken} steps, accounted {plan['steps']}"
             )
@@ -158,7 +166,7 @@ class DPSGDMethod:
                     "secure_noise": self.secure_noise,
                     "noise_source": "os entropy (noise and sampling)"
                     if self.secure_noise
-                    else "seeded from the run seed: the guarantee holds while the seed is secret",
+                    else "seeded from the run seed and configuration",
                 },
             )
         )

@@ -13,14 +13,19 @@ Spec: shared/specs/pate_fixmatch.md. The pipeline:
 2. ``queries`` training images, chosen at random without looking at labels, get the
    teachers' vote histograms;
 3. Confident-GNMax (threshold ``threshold``, noises ``sigma1``, ``sigma2``) answers them in
-   order until the data-dependent ε would exceed the budget ``epsilon`` at ``delta``;
-   its records are drawn once and stored (``pate.noisy.pt``);
+   order while a Rényi privacy filter on the data-independent cost admits the next step
+   (:mod:`labeldp.mechanisms.confident_gnmax`): the run is (``epsilon``, ``delta``)-DP
+   whatever the votes. The release (answered flags, labels, the query pool) is drawn once
+   and stored (``pate.noisy.pt``); the raw votes are a diagnostic
+   (``diagnostics/pate_votes.pt``), never part of the release;
 4. the student trains with FixMatch on the answered queries and every training image
    unlabeled, with the run's training configuration (batch size = labeled batch; set
    ``ema_decay`` for FixMatch's EMA model).
 
-The ledger's ε is the data-dependent one (it depends on the private votes); the
-data-independent ε of the same answers is recorded beside it.
+The ledger's ε is the guarantee: the filter's budget (or the data-independent ε of
+answering the whole pool, when smaller). The data-dependent ε of Papernot et al. (2018)
+is smaller but a function of the private votes; it is recorded under ``diagnostics``
+(not publishable as it stands). Every canary planted in the run is in the query pool.
 """
 
 from __future__ import annotations
@@ -37,9 +42,12 @@ from ..data.dataset import random_partition, random_subset
 from ..errors import ConfigError, check_int
 from ..io import atomic_write
 from ..mechanisms.confident_gnmax import ConfidentGNMax
+from ..mechanisms.randomness import standard_normal
 from ..mechanisms.validation import check_epsilon
 from ..privacy import LedgerEntry, PrivacyLedger
 from ..privacy.pate_accounting import pate_epsilon
+from ..privacy.pate_smooth_sensitivity import gnss_sigma, release
+from ..privacy.renyi_filter import rdp_budget
 from ..seeding import Stream, derive_seed
 from ..strong_augment import StrongAugment
 from ..train import FitResult, HardLabels
@@ -61,14 +69,19 @@ def _unchanged(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 #: Options that act only on the aggregation, the budget or the student, not on the
 #: teachers' votes.
 VOTE_INDEPENDENT_OPTIONS = (
-    "epsilon", "delta", "threshold", "sigma1", "sigma2", "secure_noise", "student_steps"
+    "epsilon", "delta", "threshold", "sigma1", "sigma2", "secure_noise", "student_steps",
+    "release_data_dependent", "release_share",
 )  # fmt: skip
+
+#: Smoothness of the smooth-sensitivity release, as β·λ at the filter's order λ.
+RELEASE_BETA_TIMES_ORDER = 0.2
 
 
 class PateFM:
     """PATE-FM. Hyper-parameters (units: votes for threshold and noises):
 
-    epsilon: the budget ε > 0 at ``delta`` (data-dependent, label DP).
+    epsilon: the budget ε > 0 at ``delta`` (label DP, replace one label): a Rényi filter
+    on the data-independent cost stops answering before it would be exceeded.
     delta: δ in (0, 1), default 1e-5.
     teachers: number of teachers n ≥ 2. queries: query pool size M ≥ 1.
     threshold: T; sigma1: threshold noise σ₁ > 0; sigma2: argmax noise σ₂ > 0.
@@ -80,12 +93,18 @@ class PateFM:
     queries become ceil(student_steps / batches per epoch), so that a small budget (few
     answers) still trains the student as long; None: the run's ``epochs``.
     secure_noise: aggregation noise from OS entropy.
+    release_data_dependent: also publish the data-dependent ε with the smooth-sensitivity
+    (GNSS) release of Papernot et al. 2018 (:mod:`labeldp.privacy.pate_smooth_sensitivity`),
+    at the filter's order λ with β = 0.2/λ; its cost is fixed in advance and taken from
+    the budget, so the run's ε stays ``epsilon``.
+    release_share: the share of the filter's RDP budget kept for that release, in (0, 1).
     """
 
     name: ClassVar[str] = "pate-fm"
     epsilon_meaning: ClassVar[str] = (
-        "ε is data-dependent (Papernot et al. 2018): it depends on the private votes, and "
-        "releasing it would need the smooth-sensitivity analysis"
+        "ε is the guarantee of a Rényi filter on the data-independent cost of "
+        "Confident-GNMax (replace one label); the smaller data-dependent ε is a "
+        "diagnostic"
     )
 
     def __init__(
@@ -106,6 +125,8 @@ class PateFM:
         fixmatch_threshold: float = 0.95,
         student_steps: int | None = None,
         secure_noise: bool = False,
+        release_data_dependent: bool = False,
+        release_share: float = 0.25,
     ) -> None:
         self.epsilon = check_epsilon(epsilon)
         check_int("teachers", teachers, 2)
@@ -134,6 +155,12 @@ class PateFM:
         self.fixmatch_threshold = float(fixmatch_threshold)
         self.student_steps = student_steps
         self.secure_noise = bool(secure_noise)
+        if not (isinstance(release_share, (int, float)) and 0 < release_share < 1):
+            raise ConfigError(f"release_share must be in (0, 1), got {release_share!r}")
+        self.release_data_dependent = bool(release_data_dependent)
+        self.release_share = float(release_share)
+        if self.release_data_dependent:
+            self._release_plan()  # refuses a budget too small for the release, now
 
     def options(self) -> dict[str, Any]:
         return {
@@ -153,7 +180,18 @@ class PateFM:
             "fixmatch_threshold": self.fixmatch_threshold,
             "student_steps": self.student_steps,
             "secure_noise": self.secure_noise,
+            "release_data_dependent": self.release_data_dependent,
+            "release_share": self.release_share,
         }
+
+    def _release_plan(self) -> dict[str, float]:
+        """Order λ, β, the reserved RDP and σ_s of the smooth-sensitivity release: public,
+        fixed from (ε, δ, release_share) before any vote is seen."""
+        order = ConfidentGNMax.filter_order(self.epsilon, self.delta)
+        reserve = self.release_share * rdp_budget(self.epsilon, self.delta, order)
+        beta = RELEASE_BETA_TIMES_ORDER / order
+        return {"order": order, "beta": beta, "reserve": reserve,
+                "sigma_s": gnss_sigma(beta, order, reserve)}  # fmt: skip
 
     # ------------------------------------------------------------------ pipeline
     def _votes(self, ctx: RunContext, query_idx: torch.Tensor) -> torch.Tensor:
@@ -175,10 +213,11 @@ class PateFM:
             seed=derive_seed(seed, Stream.PATE_TEACHERS),
         )
         queries = ctx.train.images[query_idx.to(ctx.train.images.device)]
-        folder = ctx.shared_folder(
-            "pate-votes",
-            {k: v for k, v in self.options().items() if k not in VOTE_INDEPENDENT_OPTIONS},
-        )
+        identity = {k: v for k, v in self.options().items() if k not in VOTE_INDEPENDENT_OPTIONS}
+        # the teachers' whole recipe (schedule included), so that votes made under
+        # another recipe are never reused
+        identity["teacher_training"] = dataclasses.asdict(config)
+        folder = ctx.shared_folder("pate-votes", identity)
         total = torch.zeros(len(query_idx), k, dtype=torch.int64, device=ctx.train.images.device)
         for start in range(0, self.teachers, self.teacher_group):
             group = range(start, min(start + self.teacher_group, self.teachers))
@@ -237,61 +276,108 @@ class PateFM:
             config=config,
         )
 
-    def run(self, ctx: RunContext) -> MethodResult:
-        seed = ctx.config.seed
+    def query_pool(self, ctx: RunContext) -> torch.Tensor:
+        """The ``queries`` train positions the teachers are asked about, sorted, chosen
+        without looking at labels. Every planted canary is in the pool (so that an audit
+        can see whether its label reaches the student); the rest is a seeded random
+        subset of the other examples. Canary positions are themselves a label-independent
+        random choice, so the pool is a uniformly random subset either way."""
         n = len(ctx.train.labels)
         if self.queries > n:
             raise ConfigError(f"queries ({self.queries}) must be at most the examples ({n})")
-        query_idx = random_subset(n, self.queries, derive_seed(seed, Stream.PATE_QUERIES))
+        seed = derive_seed(ctx.config.seed, Stream.PATE_QUERIES)
+        canaries = ctx.canary_indices
+        if canaries is None or len(canaries) == 0:
+            return random_subset(n, self.queries, seed)
+        canaries = canaries.cpu()
+        if len(canaries) > self.queries:
+            raise ConfigError(
+                f"queries ({self.queries}) must be at least the number of canaries "
+                f"({len(canaries)}) so that every canary is in PATE's query pool"
+            )
+        if len(canaries) == self.queries:
+            return canaries.sort().values
+        is_canary = torch.zeros(n, dtype=torch.bool)
+        is_canary[canaries] = True
+        rest = torch.nonzero(~is_canary).flatten()
+        fill = rest[random_subset(len(rest), self.queries - len(canaries), seed)]
+        return torch.cat([canaries, fill]).sort().values
+
+    def guarantee(self, aggregator: ConfidentGNMax) -> float:
+        """The run's ε at δ, fixed before any vote is seen: the filter's budget, or less
+        when answering the whole pool costs less (data-independent)."""
+        if self.release_data_dependent:  # filter + release together fit the budget
+            return self.epsilon
+        return min(self.epsilon, aggregator.worst_case_epsilon(self.queries, self.delta))
+
+    def run(self, ctx: RunContext) -> MethodResult:
+        n = len(ctx.train.labels)
+        query_idx = self.query_pool(ctx)
         aggregator = ConfidentGNMax(self.threshold, self.sigma1, self.sigma2, self.secure_noise)
+        diagnostics = ctx.diagnostics()
+        votes_path = diagnostics / "pate_votes.pt" if diagnostics is not None else None
 
         def aggregate() -> torch.Tensor:
-            votes = self._votes(ctx, query_idx).cpu().numpy()
+            votes = self._votes(ctx, query_idx).cpu()
+            if votes_path is not None:  # raw votes: a diagnostic, never in the release
+                atomic_write(votes_path, lambda handle: torch.save(votes, handle))
             generator = (
                 None
                 if self.secure_noise
-                else torch.Generator().manual_seed(derive_seed(seed, Stream.PATE_NOISE))
+                else torch.Generator().manual_seed(ctx.noise_seed(Stream.PATE_NOISE))
             )
-            out = aggregator.aggregate(votes, generator, budget=self.epsilon, delta=self.delta)
+            reserve = self._release_plan()["reserve"] if self.release_data_dependent else 0.0
+            out = aggregator.aggregate(
+                votes.numpy(), generator, budget=self.epsilon, delta=self.delta, reserve=reserve
+            )
             considered = len(out.votes)
-            record = torch.full((3 + votes.shape[1], len(votes)), -1, dtype=torch.int64)
+            # The release: answered flag (−1: never considered), label (−1: none) and the
+            # query pool (public). Nothing computed from the raw votes without noise.
+            record = torch.full((3, len(query_idx)), -1, dtype=torch.int64)
             record[0, :considered] = torch.from_numpy(out.answered.astype(np.int64))
             record[1, :considered] = torch.from_numpy(out.labels)
             record[2] = query_idx
-            record[3:] = torch.from_numpy(votes.T.astype(np.int64))
             return record
 
         record = ctx.privatized("pate", aggregate).cpu()
         considered = int((record[0] >= 0).sum())
         answered = record[0, :considered].numpy().astype(bool)
-        votes = record[3:, :considered].T.numpy()
         labels = record[1, :considered][torch.from_numpy(answered)]
         taught = record[2, :considered][torch.from_numpy(answered)]
+        if votes_path is not None and votes_path.exists():
+            votes = torch.load(votes_path, weights_only=True)
+        else:  # resumed without the diagnostic: the (seeded, noise-free) votes again
+            votes = self._votes(ctx, query_idx).cpu()
+        votes = votes[:considered].numpy()
+        eps = self.guarantee(aggregator)
         if considered:
             args = (votes, answered, self.threshold, self.sigma1, self.sigma2, self.delta)
-            eps, eps_independent = pate_epsilon(*args), pate_epsilon(*args, False)
-        else:  # the budget did not cover one threshold check: nothing was released
-            eps = eps_independent = 0.0
+            eps_dependent = pate_epsilon(*args)
+            eps_transcript = pate_epsilon(*args, data_dependent=False)
+        else:
+            eps_dependent = eps_transcript = 0.0
         if len(taught) == 0:
             warnings.warn(
                 f"pate-fm: no query answered within ε = {self.epsilon:g}; the student has "
                 "no labels and is left untrained (chance accuracy). Raise epsilon, or "
-                "lower the threshold or the noise.",
+                "lower the threshold or the noise (one answer costs about λ/σ₂² in RDP).",
                 stacklevel=2,
             )
             fit = untrained(ctx)
         else:
             fit = self._student(ctx, labels, taught)
+        fit.extra.update({"answered": int(answered.sum()), "considered": considered})
         true = ctx.train.labels.cpu()[taught]
-        fit.extra.update(
-            {
-                "answered": int(answered.sum()),
-                "considered": considered,
-                "label_accuracy_of_answers": (labels == true).float().mean().item()
-                if len(taught)
-                else None,
-            }
-        )
+        not_private = {
+            "label_accuracy_of_answers": (labels == true).float().mean().item()
+            if len(taught)
+            else None,
+            "epsilon_data_dependent": eps_dependent,
+        }
+        order = ConfidentGNMax.filter_order(self.epsilon, self.delta)
+        published = None
+        if self.release_data_dependent:
+            published, not_private["release"] = self._release(ctx, votes, answered)
         ledger = PrivacyLedger()
         ledger.record(
             LedgerEntry(
@@ -300,18 +386,73 @@ class PateFM:
                 delta=self.delta,
                 examples=n,
                 details={
-                    "data_dependent": True,
-                    "epsilon_data_independent": eps_independent,
+                    "data_dependent": False,
+                    "stopping_rule": "renyi-filter",
+                    "filter": {
+                        "order": order,
+                        "rdp_budget": rdp_budget(self.epsilon, self.delta, order),
+                        "threshold_check_rdp": order / (2 * self.sigma1**2),
+                        "answer_rdp": order / self.sigma2**2,
+                        "reference": "Feldman & Zrnic 2021 (Rényi filter); Balle et al. "
+                        "2020 conversion",
+                    },
                     "epsilon_budget": self.epsilon,
+                    "epsilon_worst_case_pool": aggregator.worst_case_epsilon(
+                        self.queries, self.delta
+                    ),
+                    "epsilon_data_independent_of_transcript": eps_transcript,
                     "teachers": self.teachers,
                     "queries_considered": considered,
                     "queries_answered": int(answered.sum()),
                     "threshold": self.threshold,
                     "sigma1": self.sigma1,
                     "sigma2": self.sigma2,
-                    "accountant": "data-dependent RDP (Papernot et al. 2018), Balle et al. "
-                    "2020 conversion",
+                    "secure_noise": self.secure_noise,
+                    "accountant": "Rényi filter on the data-independent cost (threshold "
+                    "check λ/(2σ₁²), answer λ/σ₂²) at one order fixed in advance",
+                    "data_dependent_release": published,
                 },
             )
         )
-        return MethodResult(fit=fit, ledger=ledger)
+        return MethodResult(fit=fit, ledger=ledger, diagnostics=not_private)
+
+    def _release(
+        self, ctx: RunContext, votes: np.ndarray, answered: np.ndarray
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The GNSS release of the data-dependent cost, drawn once (``pate-epsilon``):
+        (what is published, diagnostics computed from the raw votes)."""
+        plan = self._release_plan()
+        args = (votes, answered, self.teachers, self.threshold, self.sigma1, self.sigma2,
+                plan["order"], plan["beta"], plan["sigma_s"], self.delta)  # fmt: skip
+
+        def draw() -> torch.Tensor:
+            generator = (
+                None
+                if self.secure_noise
+                else torch.Generator().manual_seed(ctx.noise_seed(Stream.PATE_RELEASE))
+            )
+            z = float(standard_normal((1,), generator=generator, secure=self.secure_noise)[0])
+            return torch.tensor([release(*args, z=z).rdp_noisy], dtype=torch.float64)
+
+        noisy = float(ctx.privatized("pate-epsilon", draw)[0])
+        exact = release(*args, z=0.0)
+        a = plan["order"]
+        eps = noisy + exact.release_rdp + math.log((a - 1) / a)
+        eps -= (math.log(self.delta) + math.log(a)) / (a - 1)
+        published = {
+            "epsilon_data_dependent_published": max(0.0, eps),
+            "rdp_published": noisy,
+            "order": a,
+            "beta": plan["beta"],
+            "sigma_s": plan["sigma_s"],
+            "release_rdp": exact.release_rdp,
+            "mechanism": "GNSS (Papernot et al. 2018, Theorem 23): data-dependent RDP at "
+            "the filter's order plus smooth sensitivity × σ_s × N(0, 1); its cost is "
+            "reserved from the filter's budget",
+        }
+        diagnostics = {
+            "rdp_data_dependent": exact.rdp_noisy,
+            "smooth_sensitivity": exact.smooth_sensitivity,
+            "noise_std": exact.noise_std,
+        }
+        return published, diagnostics

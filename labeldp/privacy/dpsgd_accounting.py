@@ -13,21 +13,37 @@ Changing one *label* is a replacement, which group privacy bounds by (2ε, (1 + 
 
 Accountants: "pld" (privacy loss distributions, the default: tight up to discretization)
 or "rdp" (Rényi DP, a few per cent to ~15 % looser in ε). Both come from dp-accounting;
-this module only builds the event, validates arguments and calibrates.
+this module only builds the event, validates arguments, keeps the PLD grid bounded
+(:func:`pld_discretization`) and calibrates.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import dp_accounting
+import numpy as np
 
 from ..errors import ConfigError
 
 ACCOUNTANTS = ("pld", "rdp")
 #: PLD discretization of the privacy loss (nats); 1e-4 keeps ε within ~1e-3 of exact.
 PLD_DISCRETIZATION = 1e-4
+#: Most points a PLD grid may have (2^22: ~32 MiB per array, a few seconds at most). A
+#: setting whose grid at PLD_DISCRETIZATION would be larger (a huge step count, a tiny
+#: noise multiplier) is accounted on a coarser grid instead; see :func:`dpsgd_epsilon`.
+PLD_MAX_POINTS = 2**22
+#: Most points of one step's PLD, which dp-accounting builds point by point in Python
+#: (~10 µs a point): 2^19 keeps that to a few seconds (σ ≥ 0.25 fits at 1e-4).
+PLD_MAX_STEP_POINTS = 2**19
+#: Coarsest PLD discretization (nats) worth computing; a setting that needs a coarser one
+#: (ε in the tens of thousands) is accounted by RDP alone.
+PLD_MAX_DISCRETIZATION = 0.1
+#: The smallest noise multiplier accounted (and considered by calibration): below it ε is
+#: astronomically large and the accountants' arithmetic overflows.
+MIN_NOISE_MULTIPLIER = 0.01
 
 
 def _check(noise_multiplier: float | None, sample_rate: float, steps: int, delta: float) -> None:
@@ -35,6 +51,11 @@ def _check(noise_multiplier: float | None, sample_rate: float, steps: int, delta
         math.isfinite(noise_multiplier) and noise_multiplier > 0
     ):
         raise ConfigError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier}")
+    if noise_multiplier is not None and noise_multiplier < MIN_NOISE_MULTIPLIER:
+        raise ConfigError(
+            f"noise_multiplier must be ≥ {MIN_NOISE_MULTIPLIER:g} (below it ε is astronomically "
+            f"large and cannot be accounted), got {noise_multiplier:g}"
+        )
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -49,6 +70,61 @@ def _accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
     if accountant == "rdp":
         return dp_accounting.rdp.RdpAccountant()
     raise ConfigError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+
+
+def pld_discretization(noise_multiplier: float, sample_rate: float, steps: int) -> float:
+    """The PLD discretization interval (nats) :func:`dpsgd_epsilon` uses: PLD_DISCRETIZATION,
+    or a coarser one where that grid would exceed PLD_MAX_POINTS points (one step's grid,
+    PLD_MAX_STEP_POINTS); ``math.inf`` where it would have to be coarser than
+    PLD_MAX_DISCRETIZATION (then RDP alone is used).
+
+    The grid spans the privacy losses of one step (between the noise's truncation points,
+    mass e^-50) and, composed ``steps`` times, the range dp-accounting keeps after its
+    Chernoff truncation; both widths in nats hardly depend on the interval, so they are
+    measured on a cheap coarse grid (4,000 points) and the interval is chosen to fit."""
+    from dp_accounting.pld import common
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+    from dp_accounting.pld import privacy_loss_mechanism as mechanism
+
+    if sample_rate == 1:  # dp-accounting folds T unsampled steps into one Gaussian
+        sigma, count = noise_multiplier / math.sqrt(steps), 1
+    else:
+        sigma, count = noise_multiplier, steps
+    widths = []
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        for adjacency in (mechanism.AdjacencyType.REMOVE, mechanism.AdjacencyType.ADD):
+            bounds = mechanism.GaussianPrivacyLoss(
+                sigma, sampling_prob=sample_rate, adjacency_type=adjacency
+            ).connect_dots_bounds()
+            widths.append(bounds.epsilon_upper - bounds.epsilon_lower)
+        width = step_width = max(widths)
+        if not math.isfinite(width) or width / PLD_MAX_STEP_POINTS > PLD_MAX_DISCRETIZATION:
+            return math.inf
+        if count > 1 and width / PLD_DISCRETIZATION * count > PLD_MAX_POINTS / 2:
+            probe = width / 4000
+            try:  # dp-accounting's own truncation of the composition, on the coarse grid
+                pld = pld_lib.from_gaussian_mechanism(
+                    sigma, value_discretization_interval=probe, sampling_prob=sample_rate
+                )
+                for pmf in (pld._pmf_remove, pld._pmf_add):
+                    probs = pmf.to_dense_pmf()._probs
+                    low, high = common.compute_self_convolve_bounds(probs, count, 1e-15)
+                    width = max(width, (high - low + 1) * probe)
+            except AttributeError:  # another dp-accounting layout: no truncation assumed
+                width *= count
+    # 1.5: the coarse grid underestimates the fine grid's composed width by up to ~30 %.
+    interval = max(
+        PLD_DISCRETIZATION, step_width / PLD_MAX_STEP_POINTS, 1.5 * width / PLD_MAX_POINTS
+    )
+    if count > 10**5 and min(widths) / interval < 1500:
+        # dp-accounting keeps a step PLD of ≤ 1000 points sparse, and composing a sparse
+        # one T times first computes points**T as a Python integer (0.9 s for 1000**1e6,
+        # hours for larger T). A grid that makes the step dense avoids that.
+        interval = min(widths) / 1500
+        if 1.5 * width / interval > PLD_MAX_POINTS:
+            return math.inf
+    return interval if interval <= PLD_MAX_DISCRETIZATION else math.inf
 
 
 def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
@@ -70,23 +146,54 @@ def dpsgd_epsilon(
 ) -> float:
     """ε (add/remove one example) of DP-SGD after ``steps`` steps.
 
-    noise_multiplier: σ > 0, noise standard deviation per step divided by the clipping
-        norm C. sample_rate: q in (0, 1], the Poisson sampling probability per example and
-        step (expected batch size / N). steps: T ≥ 1 optimizer steps. delta: δ in (0, 1).
-    accountant: "pld" (default) or "rdp".
+    noise_multiplier: σ ≥ MIN_NOISE_MULTIPLIER (0.01), noise standard deviation per step
+        divided by the clipping norm C. sample_rate: q in (0, 1], the Poisson sampling
+        probability per example and step (expected batch size / N). steps: T ≥ 1
+        optimizer steps. delta: δ in (0, 1). accountant: "pld" (default) or "rdp".
+
+    Memory and time are bounded whatever the arguments: where the PLD grid at
+    PLD_DISCRETIZATION would exceed PLD_MAX_POINTS (huge T, tiny σ), "pld" composes on a
+    coarser grid (still pessimistic, so still an upper bound on ε) and returns the smaller
+    of that and RDP's ε; where even PLD_MAX_DISCRETIZATION would not fit, RDP's ε.
     """
     _check(noise_multiplier, sample_rate, steps, delta)
     acc = _accountant(accountant)
+    interval = PLD_DISCRETIZATION
+    if accountant == "pld":
+        interval = pld_discretization(noise_multiplier, sample_rate, steps)
+        if math.isfinite(interval):
+            acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=interval)
+        else:  # a grid too coarse to be worth it: ε is enormous, RDP bounds it
+            acc = _accountant("rdp")
     # RDP logs a warning for each Rényi order whose series does not converge and is left
     # out (which can only make ε larger, never smaller); keep that out of users' output.
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
-        acc.compose(dpsgd_event(noise_multiplier, sample_rate, steps))
-        return float(acc.get_epsilon(delta))
+        event = dpsgd_event(noise_multiplier, sample_rate, steps)
+        epsilon = float(acc.compose(event).get_epsilon(delta))
+        if interval != PLD_DISCRETIZATION and math.isfinite(interval):
+            # A coarse (pessimistic) PLD is still an upper bound, but a loose one; so is
+            # RDP's, and the smaller of two upper bounds is one too.
+            rdp = float(_accountant("rdp").compose(event).get_epsilon(delta))
+            epsilon = min(epsilon, rdp)
+        return epsilon
     finally:
         absl.setLevel(level)
+
+
+class _AboveFloor(ConfigError):
+    """The target ε is met even at MIN_NOISE_MULTIPLIER."""
+
+    @classmethod
+    def at(cls, target: float, epsilon: float, steps: int, sample_rate: float) -> _AboveFloor:
+        return cls(
+            f"target ε = {target:g} is more than DP-SGD's ε even at the smallest noise "
+            f"multiplier accounted ({MIN_NOISE_MULTIPLIER:g}: ε = {epsilon:.6g} over {steps} "
+            f"steps at sample rate {sample_rate:g}); ask for ε ≤ {epsilon:.6g}, or give the "
+            "noise multiplier instead of a target"
+        )
 
 
 def calibrate_dpsgd_noise(
@@ -101,21 +208,27 @@ def calibrate_dpsgd_noise(
     most ``target_epsilon``: the result's ε lies in [(1 − rel_tol)·target, target].
 
     target_epsilon: ε > 0 (add/remove one example). Other arguments as in
-    :func:`dpsgd_epsilon`. False position on σ (ε is decreasing in σ).
+    :func:`dpsgd_epsilon`. False position on σ (ε is decreasing in σ), over σ ≥
+    MIN_NOISE_MULTIPLIER; each evaluation is bounded as in :func:`dpsgd_epsilon`. A target
+    that no σ in range meets within that promise is a ConfigError saying what to change.
     """
     _check(None, sample_rate, steps, delta)
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ConfigError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
     if not 0 < rel_tol < 1:
         raise ConfigError(f"rel_tol must be in (0, 1), got {rel_tol}")
+    floor = MIN_NOISE_MULTIPLIER
 
     def eps(sigma: float) -> float:
         return dpsgd_epsilon(sigma, sample_rate, steps, delta, accountant)
 
     # A bracket low < high with eps(high) ≤ target < eps(low). For PLD, the RDP
-    # calibration is a cheap upper end (RDP's ε is never below PLD's).
+    # calibration is a cheap upper end (RDP's ε is hardly ever below PLD's).
     if accountant == "pld":
-        high = calibrate_dpsgd_noise(target_epsilon, delta, sample_rate, steps, "rdp", rel_tol)
+        try:
+            high = calibrate_dpsgd_noise(target_epsilon, delta, sample_rate, steps, "rdp", rel_tol)
+        except _AboveFloor:  # then PLD's ε at the floor is below the target too
+            raise _AboveFloor.at(target_epsilon, eps(floor), steps, sample_rate) from None
     else:
         _accountant(accountant)
         high = 1.0
@@ -127,18 +240,31 @@ def calibrate_dpsgd_noise(
                     "raise target_epsilon or delta"
                 )
     e_high = eps(high)
-    low = high
+    while e_high > target_epsilon:
+        high *= 1.25
+        if high > 1e6:
+            raise ConfigError(
+                f"no noise multiplier ≤ 1e6 reaches ε = {target_epsilon} at δ = {delta}; "
+                "raise target_epsilon or delta"
+            )
+        e_high = eps(high)
+    low, factor = high, 1.25
     while True:
-        low /= 1.25
+        low = max(low / factor, floor)
+        factor *= factor  # PLD's σ can be several times below RDP's for tiny σ
         e_low = eps(low)
         if e_low > target_epsilon:
             break
+        if low == floor:
+            raise _AboveFloor.at(target_epsilon, e_low, steps, sample_rate)
         high, e_high = low, e_low
     # Illinois false position on ε(σ) − target; f_low / f_high are the interpolation
     # values (halved on a stuck side), e_high the true ε at ``high`` that decides when to stop.
     f_low, f_high = e_low, e_high
     side = 0
-    while e_high < (1 - rel_tol) * target_epsilon and high - low > 1e-9 * high:
+    for _ in range(200):
+        if e_high >= (1 - rel_tol) * target_epsilon or high - low <= 1e-9 * high:
+            break
         mid = high - (f_high - target_epsilon) * (high - low) / (f_high - f_low)
         mid = min(max(mid, low + 1e-3 * (high - low)), high - 1e-3 * (high - low))
         e_mid = eps(mid)
@@ -152,6 +278,12 @@ def calibrate_dpsgd_noise(
             if side == 1:
                 f_low = target_epsilon + (f_low - target_epsilon) / 2
             side = 1
+    if not (1 - rel_tol) * target_epsilon <= e_high <= target_epsilon:
+        raise ConfigError(
+            f"cannot calibrate the noise multiplier to ε within {rel_tol:g} of "
+            f"{target_epsilon:g}: ε jumps from {e_low:.6g} (σ = {low:.6g}) to {e_high:.6g} "
+            f"(σ = {high:.6g}); give the noise multiplier instead, or a larger rel_tol"
+        )
     return high
 
 

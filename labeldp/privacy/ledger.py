@@ -10,7 +10,7 @@ beside them. A run with no entry is non-private: ε = ∞ (written as null in JS
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 COMPOSITIONS = ("parallel", "sequential")
@@ -29,6 +29,8 @@ class LedgerEntry:
         "sequential" if it composes with everything else (costs add up).
     group: entries of one parallel group share a name (e.g. the stages of LP-MST).
     details: free-form, JSON-able facts (parameters, accountant used, ...).
+    condition: what the guarantee assumes beyond the mechanism, e.g. that a seeded run's
+        seed stays secret; empty when nothing.
     """
 
     mechanism: str
@@ -38,6 +40,7 @@ class LedgerEntry:
     composition: str = "sequential"
     group: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    condition: str = ""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
@@ -63,6 +66,14 @@ class PrivacyLedger:
 
     def record(self, entry: LedgerEntry) -> None:
         self.entries.append(entry)
+
+    def with_condition(self, condition: str) -> PrivacyLedger:
+        """A new ledger whose every entry states ``condition`` (appended to any it has)."""
+        out = PrivacyLedger()
+        for e in self.entries:
+            text = f"{e.condition}; {condition}" if e.condition else condition
+            out.record(replace(e, condition=text))
+        return out
 
     @property
     def is_private(self) -> bool:

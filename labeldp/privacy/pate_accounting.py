@@ -91,6 +91,30 @@ def rdp_data_dependent(log_q: float, sigma: float, orders: np.ndarray = ORDERS) 
     return out
 
 
+def rdp_data_dependent_at_order(log_q: np.ndarray, sigma: float, order: float) -> np.ndarray:
+    """:func:`rdp_data_dependent` at one order λ for an array of log q values at once
+    (elementwise the same numbers; used by the smooth-sensitivity analysis)."""
+    log_q = np.asarray(log_q, dtype=np.float64)
+    variance = sigma**2
+    independent = np.full(log_q.shape, order / variance)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        mu2 = np.sqrt(variance * np.maximum(-log_q, 0.0))
+        mu1 = mu2 + 1
+        eps2 = mu2 / variance
+        limit = (mu2 - 1) * eps2 - mu2 * (np.log1p(1 / (mu1 - 1)) + np.log1p(1 / (mu2 - 1)))
+        valid = (log_q < 0) & (mu2 > 1) & (-log_q > eps2) & (log_q <= limit) & (mu1 > order)
+        lq = np.where(valid, log_q, -1.0)
+        m1, m2 = np.where(valid, mu1, 3.0), np.where(valid, mu2, 2.0)
+        e1, e2 = m1 / variance, m2 / variance
+        log_1mq = _log1mexp(lq)
+        log_a = log_1mq - _log1mexp((lq + e2) * (1 - 1 / m2))
+        log_b = e1 - lq / (m1 - 1)
+        bound = np.logaddexp(log_1mq + (order - 1) * log_a, lq + (order - 1) * log_b) / (
+            order - 1
+        )
+    return np.where(valid, np.minimum(independent, bound), independent)
+
+
 def _check(votes, answered, threshold, sigma1, sigma2, delta):
     votes = np.asarray(votes)
     if votes.ndim != 2 or votes.shape[1] < 2:

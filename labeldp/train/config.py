@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import ConfigError, check_int
 
-SCHEDULES = ("onecycle", "cosine", "constant")
+SCHEDULES = ("onecycle", "cosine", "fixmatch", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 

@@ -120,8 +120,11 @@ class EnsembleFixMatchConfig:
 
     steps: optimizer steps per teacher (≥ 1). batch_size: labeled examples per teacher and
     step (≥ 1). mu: unlabeled per labeled (≥ 1). threshold: τ in (0, 1]. lambda_u ≥ 0.
-    lr, momentum, nesterov, weight_decay: SGD; schedule: "cosine" (to 0) or "constant".
-    ema_decay: in (0, 1). seed ≥ 0. checkpoint_every: steps between checkpoints (≥ 1).
+    lr, momentum, nesterov, weight_decay: SGD; schedule: "fixmatch" (the spec's and the
+    FixMatch paper's cosine, lr·cos(7π·k / (16·steps)) at step k, ending at
+    cos(7π/16)·lr), "cosine" (to 0) or "constant" (see
+    :func:`labeldp.train.schedule.learning_rate`). ema_decay: in (0, 1). seed ≥ 0.
+    checkpoint_every: steps between checkpoints (≥ 1).
     """
 
     steps: int
@@ -133,7 +136,7 @@ class EnsembleFixMatchConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: str = "cosine"
+    schedule: str = "fixmatch"
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 200
@@ -146,8 +149,10 @@ class EnsembleFixMatchConfig:
             raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
         if not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.schedule not in ("fixmatch", "cosine", "constant"):
+            raise ConfigError(
+                f"schedule must be fixmatch, cosine or constant, got {self.schedule!r}"
+            )
         if not self.lr > 0 or not self.lambda_u >= 0 or not self.weight_decay >= 0:
             raise ConfigError("lr must be > 0, lambda_u and weight_decay ≥ 0")
 

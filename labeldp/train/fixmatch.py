@@ -10,7 +10,10 @@ sees one concatenated batch: labeled, weak unlabeled views, strong unlabeled vie
   when its probability ≥ τ; cross-entropy of the strong view against it, averaged over
   all μ·B unlabeled examples (unconfident ones count as zero), weight λ_u.
 
-Use with ``TrainConfig(ema_decay=0.999)`` for FixMatch's EMA model. The unlabeled draws
+Use with ``TrainConfig(ema_decay=0.999)`` for FixMatch's EMA model. The learning rate is
+the loop's (``TrainConfig.schedule``); FixMatch's own schedule, lr·cos(7π·k / (16·K)) at
+step k of K, is :func:`~labeldp.train.schedule.learning_rate`'s "fixmatch" kind, which the
+teachers (:class:`~labeldp.train.ensemble.EnsembleFixMatchConfig`) use. The unlabeled draws
 and their augmentation come from the step's own generator, reseeded from (seed, epoch)
 by the loop (:meth:`FixMatchStep.start_epoch`), so a resumed run is bit-exact.
 """

@@ -10,6 +10,7 @@ exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,9 @@ class FitResult:
     train_seconds: wall-clock seconds spent in training steps, over all sessions of a
         resumed run; eval_seconds likewise for evaluation.
     eval_model: the model to evaluate and release (the weight average when EMA is on).
+    diverged: training stopped early because the training loss or the weights became
+        non-finite (NaN or ±inf) in the last epoch of ``history`` (marked ``"diverged":
+        True`` there); test_accuracy is then that of the diverged model, as measured.
     """
 
     history: list[dict[str, Any]]
@@ -83,6 +87,7 @@ class FitResult:
     eval_model: nn.Module
     resumed_from_epoch: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    diverged: bool = False
 
 
 class Trainer:
@@ -99,6 +104,9 @@ class Trainer:
         epochs and after the last; None for no checkpoints.
     fingerprint: a JSON-able description of the run stored in the checkpoint; resuming
         from a checkpoint whose fingerprint differs is refused.
+    stream_key: the run's configuration key (:func:`labeldp.seeding.config_key`) mixed
+        into the per-epoch seeds, so that the batch order — DP-SGD's Poisson coins — of
+        runs that differ in any option is independent; empty: seeds from (seed, epoch).
     """
 
     def __init__(
@@ -119,6 +127,7 @@ class Trainer:
         fingerprint: dict[str, Any] | None = None,
         progress: bool = True,
         description: str = "train",
+        stream_key: tuple[int, ...] = (),
     ) -> None:
         if train_images.dtype != torch.uint8 or train_images.dim() != 4:
             raise ValueError(
@@ -148,6 +157,7 @@ class Trainer:
         self.fingerprint = fingerprint or {}
         self.progress = progress
         self.description = description
+        self.stream_key = tuple(stream_key)
         self.autocast = autocast_for(self.device, config.precision)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
@@ -176,16 +186,32 @@ class Trainer:
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load_checkpoint(self.checkpoint_path)
             resumed_from = self.epochs_done
+        diverged = False
         for epoch in range(self.epochs_done, self.config.epochs):
             self._train_epoch(epoch)
+            if not self._finite():
+                # Diverged (e.g. a far too large learning rate): more epochs cannot
+                # recover; stop, record the measured accuracy and mark the outcome.
+                diverged = True
+                self.history[-1]["diverged"] = True
+                if self.test_images is not None:
+                    self.history[-1]["test_accuracy"] = self.evaluate()
+                self._report_epoch()
+                if self.progress:
+                    tqdm.write(
+                        f"{self.description}: training diverged in epoch {epoch + 1} (the "
+                        "loss or the weights are not finite); stopped"
+                    )
+                break
             last = epoch + 1 == self.config.epochs
             if self.test_images is not None and (last or (epoch + 1) % self.config.eval_every == 0):
                 self.history[-1]["test_accuracy"] = self.evaluate()
-            self._report_epoch()
             if self.checkpoint_path is not None and (
                 last or (epoch + 1) % self.checkpoint_every == 0
             ):
                 self.save_checkpoint(self.checkpoint_path)
+            # Reported after the checkpoint: what a resume would redo is never shown.
+            self._report_epoch()
         test_accuracy = self.history[-1]["test_accuracy"] if self.history else None
         return FitResult(
             history=list(self.history),
@@ -194,6 +220,7 @@ class Trainer:
             eval_seconds=self.eval_seconds,
             eval_model=self.eval_model,
             resumed_from_epoch=resumed_from,
+            diverged=diverged,
         )
 
     def evaluate(self) -> float:
@@ -250,11 +277,22 @@ class Trainer:
         self.load_state_dict(state)
 
     # ------------------------------------------------------------------ internals
+    @torch.no_grad()
+    def _finite(self) -> bool:
+        """Whether the last epoch's training loss (where recorded) and every weight are
+        finite; one device synchronization per epoch."""
+        loss = self.history[-1]["train_loss"] if self.history else None
+        if loss is not None and not math.isfinite(loss):
+            return False
+        flags = [torch.isfinite(p).all() for p in self.model.parameters()]
+        return bool(torch.stack(flags).all()) if flags else True
+
     def _train_epoch(self, epoch: int) -> None:
         cfg = self.config
-        torch.manual_seed(derive_seed(cfg.seed, Stream.EPOCH_GLOBAL, epoch))
+        key = self.stream_key
+        torch.manual_seed(derive_seed(cfg.seed, Stream.EPOCH_GLOBAL, epoch, key=key))
         generator = torch.Generator(device=self.device).manual_seed(
-            derive_seed(cfg.seed, Stream.EPOCH_BATCHES, epoch)
+            derive_seed(cfg.seed, Stream.EPOCH_BATCHES, epoch, key=key)
         )
         start_epoch = getattr(self.step, "start_epoch", None)
         if start_epoch is not None:  # a step with its own per-epoch random stream

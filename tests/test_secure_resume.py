@@ -1,0 +1,83 @@
+"""Audit item 6: secure noise cannot be replayed, so a secure DP-SGD run checkpoints every
+epoch whatever --checkpoint-every says, and the loop reports an epoch only after its
+checkpoint: nothing it showed is redone (with fresh noise) by a resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fakes import isolate_data_sources, write_learnable_fashion
+
+from labeldp.runner import Environment, RunConfig, train_run
+from labeldp.train import TrainConfig, loop
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    isolate_data_sources(monkeypatch, tmp_path)
+    return write_learnable_fashion(tmp_path / "data", n_train=300, n_test=50)
+
+
+def _run(data_dir, out, *, secure, resume=False, progress=False):
+    config = RunConfig(
+        dataset="fashion-mnist",
+        train=TrainConfig(epochs=3, batch_size=50, lr=0.5),
+        method="dp-sgd",
+        method_options={"epsilon": 8.0, "accountant": "rdp", "secure_noise": secure},
+        norm="group",
+        model="cnn-tanh",
+        crop_padding=0,
+    )
+    env = Environment(data_dir=str(data_dir), download=False, progress=progress,
+                      checkpoint_every=5)  # fmt: skip
+    return train_run(config, out, env, resume=resume)
+
+
+def _interrupt_at(monkeypatch, stop_epoch):
+    original = loop.Trainer._train_epoch
+
+    def interrupt(self, epoch):
+        if epoch == stop_epoch:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(loop.Trainer, "_train_epoch", interrupt)
+    return original
+
+
+@pytest.mark.parametrize("secure, checkpointed", [(True, 2), (False, None)])
+def test_a_secure_run_checkpoints_every_epoch(
+    data_dir, tmp_path, monkeypatch, secure, checkpointed
+):
+    out = tmp_path / "run"
+    original = _interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data_dir, out, secure=secure)
+    ckpt = out / "train.ckpt"
+    if checkpointed is None:  # seeded noise replays exactly: --checkpoint-every holds
+        assert not ckpt.exists()
+    else:
+        assert torch.load(ckpt, weights_only=True)["epochs_done"] == checkpointed
+        monkeypatch.setattr(loop.Trainer, "_train_epoch", original)
+        metrics = _run(data_dir, out, secure=secure, resume=True)
+        assert metrics["resumed_from_epoch"] == 2
+
+
+def test_an_epoch_is_reported_only_after_its_checkpoint(data_dir, tmp_path, monkeypatch):
+    events = []
+    save, report = loop.Trainer.save_checkpoint, loop.Trainer._report_epoch
+
+    def saving(self, path):
+        events.append(("save", self.epochs_done))
+        return save(self, path)
+
+    def reporting(self):
+        events.append(("report", self.epochs_done))
+        return report(self)
+
+    monkeypatch.setattr(loop.Trainer, "save_checkpoint", saving)
+    monkeypatch.setattr(loop.Trainer, "_report_epoch", reporting)
+    _run(data_dir, tmp_path / "run", secure=True, progress=True)
+    assert events == [(kind, e) for e in (1, 2, 3) for kind in ("save", "report")]
