@@ -72,7 +72,7 @@ class RenyiFilter:
 
     def admits(self, cost: float) -> bool:
         """Whether a step of RDP cost ``cost`` (at :attr:`order`) fits in the budget."""
-        return self.spent + cost <= self.budget * (1 + 1e-12)
+        return self.spent + cost <= self.budget
 
     def spend(self, cost: float) -> None:
         """Records a step of RDP cost ``cost``; refuses one the budget does not admit."""
