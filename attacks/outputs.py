@@ -33,8 +33,14 @@ def collect_outputs(
     true_train_labels: the labels before canaries were planted (label inference compares
     with the real training labels of non-canary examples)."""
 
+    classes: list[int] = []
+
     def softmax(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = predict_logits(model, images, normalize).cpu()
+        if images.shape[0] == 0 and classes:  # none of a kind: (0, K) tensors
+            logits = torch.empty(0, classes[0])
+        else:
+            logits = predict_logits(model, images, normalize).cpu()
+            classes[:] = [logits.shape[1]]
         return {"logits": logits, "softmax": torch.softmax(logits, dim=1)}
 
     n = train_images.shape[0]
@@ -47,13 +53,14 @@ def collect_outputs(
         torch.randperm(len(candidates), generator=generator)[:LABEL_INFERENCE_SAMPLE]
     ]
     device = train_images.device
+    heldout = {"labels": test_labels.cpu(), **softmax(test_images)}
     out: dict[str, Any] = {
         "train_sample": {
             "indices": sample,
             "labels": true_train_labels.cpu()[sample],
             **softmax(train_images[sample.to(device)]),
         },
-        "heldout": {"labels": test_labels.cpu(), **softmax(test_images)},
+        "heldout": heldout,
     }
     if canaries is not None:
         out["canary"] = softmax(train_images[canaries.indices.to(device)])

@@ -1,8 +1,10 @@
 """The ``labeldp`` command line.
 
-Errors a user can cause print one line and exit with status 2 (bad options) or 1 (data
-or a run's record missing or corrupt, a full disk: the line names the file and what to
-do); an interrupted run exits with 130 and can be continued with ``--resume``.
+Errors a user can cause print one line (at most MAX_ERROR_CHARS characters) and exit with
+status 2 (bad options) or 1 (data, a run's record or the results store missing or corrupt,
+a full disk, a path that cannot be written: the line names the file and what to do); an
+interrupted run exits with 130 (Ctrl-C) or 143 (SIGTERM) and can be continued with
+``--resume``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import argparse
 import errno
 import math
 import os
+import signal
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +24,7 @@ from . import __version__
 from .data import DATASETS, fetch
 from .errors import ConfigError, DataError
 from .io import DiskFullError, read_json
-from .methods import METHODS, method_parameters
+from .methods import METHODS, method_parameters, required_parameters
 from .models import MODELS
 from .runner import SEEDED_CONDITION, Environment, RunConfig, format_epsilon, train_run
 from .train import TrainConfig
@@ -35,12 +39,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _number(
-    kind: Callable[[str], Any], low: float, *, strict: bool = False, high: float | None = None
+    kind: Callable[[str], Any],
+    low: float,
+    *,
+    strict: bool = False,
+    high: float | None = None,
+    high_inclusive: bool = False,
 ):
-    """An argparse type: ``kind`` in [low, high] (or (low, high] with ``strict``)."""
+    """An argparse type: ``kind`` in [low, high) (or (low, high) with ``strict``; the
+    upper end included with ``high_inclusive``)."""
     bound = f"> {low:g}" if strict else f"≥ {low:g}"
     if high is not None:
-        bound = f"in {'(' if strict else '['}{low:g}, {high:g})"
+        close = "]" if high_inclusive else ")"
+        bound = f"in {'(' if strict else '['}{low:g}, {high:g}{close}"
     noun = "an integer" if kind is int else "a number"
 
     def parse(text: str) -> Any:
@@ -49,7 +60,7 @@ def _number(
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text!r}") from None
         too_low = value <= low if strict else value < low
-        too_high = high is not None and value >= high
+        too_high = high is not None and (value > high if high_inclusive else value >= high)
         if too_low or too_high or (isinstance(value, float) and not math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text!r}")
         return value
@@ -419,6 +430,10 @@ def _fractions(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"must be numbers separated by commas, got {text!r}"
         ) from None
+    if any(not (math.isfinite(v) and v > 0) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"must be numbers > 0 separated by commas (summing to 1), got {text!r}"
+        )
     return values
 
 
@@ -435,7 +450,25 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
             )
     if "epsilon" in accepted and "epsilon" not in given:
         raise ConfigError(f"--method {args.method} needs --epsilon (a number > 0)")
+    missing = [METHOD_FLAGS.get(p, p) for p in required_parameters(args.method) if p not in given]
+    if missing:
+        raise ConfigError(f"--method {args.method} needs {', '.join(missing)}")
     return given
+
+
+def _check_out(out: str) -> None:
+    """Refuses a run folder that cannot be one: an existing file, or a path under a file."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"--out {out} is under {parent}, which is a file, not a folder; "
+                    "choose another --out"
+                )
+            break
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -475,6 +508,7 @@ def _train(args: argparse.Namespace) -> int:
         shared_dir=args.shared_dir,
     )
     out = args.out or f"runs/{args.dataset}-{args.method}-seed{args.seed}"
+    _check_out(out)
     if config.method != "none" and not config.method_options.get("secure_noise", False):
         print(f"note: {SEEDED_CONDITION}.", file=sys.stderr)
     metrics = train_run(config, out, env, resume=args.resume)
@@ -526,7 +560,12 @@ def _add_account_parser(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--noise-multiplier", type=_number(float, 0, strict=True), metavar="SIGMA")
     what.add_argument("--epsilon", type=_number(float, 0, strict=True), help="target ε")
     d.add_argument("--delta", type=_number(float, 0, strict=True, high=1), default=1e-5)
-    d.add_argument("--sample-rate", type=_number(float, 0, strict=True, high=1), metavar="Q")
+    d.add_argument(
+        "--sample-rate",
+        type=_number(float, 0, strict=True, high=1, high_inclusive=True),
+        metavar="Q",
+        help="Poisson sampling rate in (0, 1] (1: every example in every step)",
+    )
     d.add_argument("--steps", type=_number(int, 1), metavar="T")
     d.add_argument("--examples", type=_number(int, 1), metavar="N")
     d.add_argument("--batch-size", type=_number(int, 1), metavar="B", help="expected batch size")
@@ -651,6 +690,12 @@ def _add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
         help="run just the grid points whose names match this shell pattern, "
         "e.g. 'pate-fm-*-seed0' (names: <method>-eps<ε>-seed<seed>, none-seed<seed>)",
     )
+    p.add_argument(
+        "--allow-mixed-numerics",
+        action="store_true",
+        help="add runs to a sweep whose stored runs were made under another thread count, "
+        "torch version or device (refused by default: the floating-point results differ)",
+    )
     p.set_defaults(handler=_sweep)
     p = sub.add_parser(
         "report",
@@ -687,18 +732,37 @@ def _sweep(args: argparse.Namespace) -> int:
     spec = SweepSpec.load(args.sweep_file)
     env = Environment(data_dir=args.data_dir, device=args.device, progress=not args.quiet)
     run_sweep(
-        spec, ResultsStore(args.store), args.runs_dir, env, workers=args.workers, only=args.only
+        spec,
+        ResultsStore(args.store),
+        args.runs_dir,
+        env,
+        workers=args.workers,
+        only=args.only,
+        allow_mixed_numerics=getattr(args, "allow_mixed_numerics", False),
     )
     return 0
 
 
+def _existing_store(args: argparse.Namespace, spec: Any) -> Any:
+    """The store of ``report``/``plot``: never created here, and holding runs of the
+    sweep's current grid (else one line: run labeldp sweep first)."""
+    from .report import grid_rows
+    from .store import ResultsStore
+
+    store = ResultsStore(args.store, create=False)
+    if grid_rows(store, spec).empty:
+        raise ConfigError(
+            f"the store {args.store} holds no runs of sweep {spec.name}; run labeldp sweep first"
+        )
+    return store
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .store import ResultsStore
     from .sweep import SweepSpec
 
     spec = SweepSpec.load(args.sweep_file)
-    for path in write_report(ResultsStore(args.store), spec, args.sweep_file, args.results_dir):
+    for path in write_report(_existing_store(args, spec), spec, args.sweep_file, args.results_dir):
         print(path)
     return 0
 
@@ -706,11 +770,10 @@ def _report(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from paper_figs.plots import write_figures
 
-    from .store import ResultsStore
     from .sweep import SweepSpec
 
     spec = SweepSpec.load(args.sweep_file)
-    paths = write_figures(ResultsStore(args.store), spec, args.figures_dir)
+    paths = write_figures(_existing_store(args, spec), spec, args.figures_dir)
     if not paths:
         raise ConfigError(
             f"the store {args.store} holds no runs of sweep {spec.name}; run labeldp sweep first"
@@ -758,29 +821,107 @@ def _after_disk_full(args: argparse.Namespace) -> str:
     return "free some space, then run the command again"
 
 
+#: The longest error line printed (a longer message is cut, saying how much was cut).
+MAX_ERROR_CHARS = 600
+#: Exit status after SIGTERM (128 + 15, the shell's convention), and after Ctrl-C.
+EXIT_SIGTERM, EXIT_INTERRUPT = 143, 130
+#: errno values of a path that cannot be written: the line names it and what to do.
+_PATH_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
+
+
+def _one_line(message: object) -> str:
+    """``message`` as one line of at most MAX_ERROR_CHARS characters."""
+    text = " ".join(str(message).split())
+    if len(text) > MAX_ERROR_CHARS:
+        cut = len(text) - MAX_ERROR_CHARS
+        text = f"{text[:MAX_ERROR_CHARS]}… ({cut} more characters)"
+    return text
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it stops like after Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def _join_negative_lists(argv: list[str]) -> list[str]:
+    """``--opt -0.5,1.5`` as ``--opt=-0.5,1.5``: argparse takes a value that starts with
+    '-' and is not a plain number for an option, and then reports the option's value as
+    missing; joined, the option's own check names what is wrong with the value."""
+    out: list[str] = []
+    for token in argv:
+        if (
+            out
+            and out[-1].startswith("--")
+            and "=" not in out[-1]
+            and token.startswith("-")
+            and "," in token
+            and token[1:2] in set("0123456789.")
+        ):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = _join_negative_lists(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    previous = None
+    try:  # SIGTERM (kill, a batch system's time limit) stops a run like Ctrl-C does
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = f"labeldp {args.command}"
     try:
         return args.handler(args)
     except ConfigError as exc:
-        print(f"labeldp {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except DataError as exc:
-        print(f"labeldp {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as exc:  # OperationalError included
+        store = getattr(args, "store", None) or "the results store"
+        print(
+            f"{command}: error: the results store {store} cannot be used "
+            f"({_one_line(exc)}); check that it is a store labeldp wrote and that its disk "
+            "has space, or pass another --store",
+            file=sys.stderr,
+        )
         return 1
     except (DiskFullError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in _PATH_ERRORS and exc.filename:
+            where = "choose another --out" if args.command == "train" else "choose another path"
+            print(
+                f"{command}: error: cannot write {exc.filename}: {exc.strerror}; "
+                f"check its permissions, or {where}",
+                file=sys.stderr,
+            )
+            return 1
         if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         what = exc if isinstance(exc, DiskFullError) else f"the disk is full: {exc}"
-        print(f"labeldp {args.command}: error: {what}; {_after_disk_full(args)}", file=sys.stderr)
+        print(f"{command}: error: {what}; {_after_disk_full(args)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
         print(
-            f"labeldp {args.command}: interrupted; finished epochs are checkpointed, "
+            f"{command}: {how}; finished epochs are checkpointed, "
             "run the same command with --resume to continue",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_SIGTERM if isinstance(exc, _Terminated) else EXIT_INTERRUPT
 
 
 if __name__ == "__main__":

@@ -42,6 +42,20 @@ def _disk_full(exc: BaseException) -> bool:
     return False
 
 
+def _umask() -> int:
+    """The process's umask: from /proc where it can be read without changing it (other
+    threads may be creating files), else by setting it and putting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` atomically: ``write`` fills a temporary file in the same folder,
     which is flushed, fsynced and renamed over ``path``. Returns the path.
@@ -56,6 +70,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             raise DiskFullError(path) from exc
         raise
     try:
+        # mkstemp creates the file 0600; give it the mode open() would (0666 & ~umask).
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

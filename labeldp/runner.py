@@ -19,6 +19,7 @@ finished run is never overwritten; an unfinished one is continued with ``resume=
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -32,12 +33,14 @@ from attacks.outputs import collect_outputs
 
 from .augment import Normalize, WeakAugment
 from .data import DATASETS, DeviceDataset, load_splits, random_subset
+from .data.sources import find_file, locate
 from .errors import ConfigError, check_int
 from .io import atomic_write, atomic_write_json, json_safe, read_json
+from .locking import folder_lock
 from .methods import build_method
-from .methods.base import RunContext
+from .methods.base import RunCheck, RunContext, check_method
 from .models import NORM_KINDS, build_model, model_builder
-from .provenance import provenance
+from .provenance import numerics, provenance
 from .run_folder import diagnostics_dir
 from .seeding import Stream, config_key, derive_seed
 from .train import TrainConfig, device_description, resolve_device
@@ -173,20 +176,38 @@ def train_run(
 
     A folder that already holds a finished run is left alone: with ``resume`` its metrics
     are returned, without it that is an error. A folder with an unfinished run is
-    continued from its checkpoints with ``resume``, and refused without it.
+    continued from its checkpoints with ``resume``, and refused without it. The folder is
+    locked for the whole run: a second process training it at the same time is refused
+    (:class:`labeldp.locking.FolderLocked`) before it reads or writes anything there.
     """
     env = env or Environment()
     run_dir = Path(out) if out is not None else None
-    if run_dir is not None:
+    if run_dir is None:
+        return _train_run(config, None, env, resume)
+    with folder_lock(run_dir):
         finished = _check_run_dir(run_dir, config, resume)
         if finished is not None:
             return finished
+        return _train_run(config, run_dir, env, resume)
+
+
+def _train_run(
+    config: RunConfig, run_dir: Path | None, env: Environment, resume: bool
+) -> dict[str, Any]:
+    """train_run's work, once the run folder (if any) is locked and checked."""
     started = time.perf_counter()
     device = resolve_device(env.device)
     train, test = prepare_data(config, env)
     info = train.info
     true_labels = train.labels
     canaries = None
+    if config.canaries + config.audit_canaries > len(train) - 1:
+        raise ConfigError(
+            f"canaries + audit_canaries (--canaries, --audit-canaries) must be at most "
+            f"{len(train) - 1}, the {len(train)} training examples less one (label inference "
+            f"needs an example that is not a canary), got {config.canaries} + "
+            f"{config.audit_canaries}"
+        )
     if config.canaries or config.audit_canaries:
         canaries = plant_canaries(
             true_labels,
@@ -199,10 +220,6 @@ def train_run(
         train = DeviceDataset(train.images, canaries.training_labels(true_labels), info)
     method = build_method(config.method, config.method_options)
     fingerprint = config.to_dict()
-    if run_dir is not None:
-        atomic_write_json(run_dir / "config.json", {"run": fingerprint, "environment": asdict(env)})
-        if canaries is not None:
-            canaries.save(diagnostics_dir(run_dir) / "canaries.pt")
 
     def named_model(name: str | None = None) -> torch.nn.Module:
         return build_model(
@@ -216,6 +233,23 @@ def train_run(
     def new_model() -> torch.nn.Module:
         torch.manual_seed(derive_seed(config.train.seed, Stream.MODEL_INIT))
         return named_model()
+
+    # Everything the method can check is checked before config.json exists, so that a
+    # refused command, once corrected, may use the same folder.
+    check_method(
+        method,
+        RunCheck(
+            num_examples=len(train),
+            num_classes=info.num_classes,
+            config=config.train,
+            build_model=new_model,
+            canaries=config.canaries + config.audit_canaries,
+        ),
+    )
+    if run_dir is not None:
+        atomic_write_json(run_dir / "config.json", {"run": fingerprint, "environment": asdict(env)})
+        if canaries is not None:
+            canaries.save(diagnostics_dir(run_dir) / "canaries.pt")
 
     crop = (
         config.crop_padding
@@ -276,6 +310,8 @@ def train_run(
         "session_wall_seconds": time.perf_counter() - started,
         "resumed_from_epoch": result.fit.resumed_from_epoch,
         "device": device_description(device),
+        "numerics": numerics(device),
+        "data": data_record(config.dataset, env),
         "history": result.fit.history,
         "diagnostics": result.diagnostics,
         **provenance(),
@@ -330,6 +366,24 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> dict[str, 
             "or choose another --out"
         )
     return None
+
+
+def data_record(dataset: str, env: Environment) -> dict[str, Any]:
+    """Where the run's data came from: the folder used and each file's MD5 (of the bytes
+    on disk; a re-compressed copy of the official data has another MD5 than the download)."""
+    info = DATASETS[dataset]
+    folder = locate(info, env.data_dir, download=False)
+    files: dict[str, str] = {}
+    for name in info.files:
+        path = find_file(info, folder, name)
+        if path is None:
+            continue
+        digest = hashlib.md5()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        files[path.name] = digest.hexdigest()
+    return {"folder": str(folder.resolve()), "md5": files}
 
 
 def format_epsilon(epsilon: float | None) -> str:

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
@@ -37,14 +39,17 @@ CREATE TABLE IF NOT EXISTS runs (
     git_commit TEXT,
     machine TEXT,
     finished_at TEXT NOT NULL,
+    numerics TEXT,
     UNIQUE (sweep, key)
 );
 """
 
 
-#: The layout of the stored metrics JSON. 1: statistics against the true labels live
-#: under ``metrics["diagnostics"]`` (see labeldp.run_folder), never beside the results.
-SCHEMA_VERSION = 1
+#: The layout of the store. 1: statistics against the true labels live under
+#: ``metrics["diagnostics"]`` (see labeldp.run_folder), never beside the results.
+#: 2: a ``numerics`` column (JSON of labeldp.provenance.numerics: torch version, thread
+#: count, device), NULL for runs made before it was recorded ("unknown").
+SCHEMA_VERSION = 2
 
 #: Keys that earlier versions kept in ``metrics["method_details"]`` but that are
 #: diagnostics (computed from the raw private labels).
@@ -57,6 +62,24 @@ def _migrate(db: sqlite3.Connection) -> None:
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version >= SCHEMA_VERSION:
         return
+    if version < 1:
+        _migrate_to_1(db)
+    if version < 2:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+        if "numerics" not in columns:
+            db.execute("ALTER TABLE runs ADD COLUMN numerics TEXT")
+        for row_id, text in db.execute("SELECT id, metrics FROM runs").fetchall():
+            settings = json.loads(text).get("numerics")
+            if settings:
+                db.execute(
+                    "UPDATE runs SET numerics = ? WHERE id = ?",
+                    (json.dumps(settings, sort_keys=True), row_id),
+                )
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _migrate_to_1(db: sqlite3.Connection) -> None:
+    """Version 1: label statistics move under ``metrics["diagnostics"]``."""
     for row_id, text in db.execute("SELECT id, metrics FROM runs").fetchall():
         metrics = json.loads(text)
         details = metrics.get("method_details") or {}
@@ -67,7 +90,6 @@ def _migrate(db: sqlite3.Connection) -> None:
                 "UPDATE runs SET metrics = ? WHERE id = ?",
                 (json.dumps(metrics, sort_keys=True), row_id),
             )
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def run_key(config: dict[str, Any]) -> str:
@@ -83,10 +105,13 @@ def _bound(part: dict[str, Any] | None) -> float | None:
 
 
 class ResultsStore:
-    """The runs of all sweeps in the SQLite database at ``path`` (created if absent)."""
+    """The runs of all sweeps in the SQLite database at ``path`` (created if absent, unless
+    ``create`` is False: then a missing store is a :class:`ConfigError`)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise ConfigError(f"the store {self.path} does not exist; run labeldp sweep first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(SCHEMA)
@@ -138,14 +163,15 @@ class ResultsStore:
             metrics.get("git_commit"),
             metrics.get("machine"),
             finished_at,
+            json.dumps(metrics["numerics"], sort_keys=True) if metrics.get("numerics") else None,
         )
         with self._connect() as db:
             cursor = db.execute(
                 "INSERT OR IGNORE INTO runs (sweep, key, name, method, epsilon, seed, "
                 "test_accuracy, eps_lb_memorization, eps_lb_one_run, label_inference_gap, "
                 "train_seconds, run_dir, config, metrics, attack, git_commit, machine, "
-                "finished_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "finished_at, numerics) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
             return cursor.rowcount == 1

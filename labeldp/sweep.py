@@ -7,14 +7,25 @@ and records it in the :class:`~labeldp.store.ResultsStore`. Finished runs are sk
 unfinished one continues from its last checkpoint; a row is stored only once its run
 folder is complete. So Ctrl-C or ``kill -9`` at any point loses at most the epoch in
 progress, and a rerun neither repeats nor duplicates anything.
+
+Each grid point's run folder is locked while it trains (labeldp.locking): a second copy
+of the sweep skips the points the first one holds instead of training them twice.
+Workers (``--workers``) die with the sweep process. Every run records its numerics
+settings (thread count, torch version, device); a sweep does not mix runs made under
+different ones unless ``allow_mixed_numerics``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import fnmatch
+import json
 import os
+import signal
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
@@ -30,9 +41,12 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .errors import ConfigError
+from .locking import FolderLocked, folder_lock
+from .methods import METHODS, method_parameters
+from .provenance import describe_numerics, numerics
 from .runner import Environment, RunConfig, format_epsilon, train_run
 from .store import ResultsStore, run_key
-from .train import TrainConfig
+from .train import TrainConfig, resolve_device
 
 #: RunConfig fields that a sweep varies itself; every other RunConfig field (dataset,
 #: model, norm, train_size, crop_padding, hflip, canaries, ...) may be set once, at the top
@@ -88,6 +102,7 @@ class SweepSpec:
         missing = [k for k in ("name", "dataset", "methods", "epsilons") if k not in data]
         if missing:
             raise ConfigError(f"{path}: missing keys {', '.join(missing)}")
+        _check_types(path, data)
         if "seed" in data.get("train", {}):
             raise ConfigError(f"{path}: put seeds in 'seeds', not in [train]")
         for method, override in data.get("per_method", {}).items():
@@ -106,11 +121,19 @@ class SweepSpec:
             run={k: v for k, v in data.items() if k in shared},
         )
         try:
-            spec.runs()  # validates every grid point now, not halfway through the sweep
+            grid = spec.runs()  # validates every grid point now, not halfway through the sweep
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         except TypeError as exc:
             raise ConfigError(f"{path}: bad [train] option: {exc}") from None
+        for method in spec.methods:
+            if not spec.method_epsilons(method):
+                raise ConfigError(f"{path}: method {method} has an empty ε grid (epsilons = [])")
+        if not grid:
+            raise ConfigError(
+                f"{path}: the grid is empty (methods = {spec.methods}, seeds = {spec.seeds}, "
+                f"include_nonprivate = {str(spec.include_nonprivate).lower()}): nothing to run"
+            )
         return spec
 
     def method_epsilons(self, method: str) -> list[float]:
@@ -155,18 +178,199 @@ class SweepSpec:
         return grid
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: Types of the shared RunConfig fields that RunConfig itself would not catch in time (a
+#: string hflip is truthy; a string crop_padding fails deep in TrainConfig's checks).
+_RUN_TYPES = {
+    "hflip": (lambda v: isinstance(v, bool), "true or false"),
+    "crop_padding": (lambda v: _is_int(v) and v >= 0, "an integer ≥ 0"),
+    "model": (lambda v: isinstance(v, str), "a model name"),
+    "norm": (lambda v: isinstance(v, str), "batch or group"),
+    "dataset": (lambda v: isinstance(v, str), "a dataset name"),
+}
+
+
+def _check_types(path: Path, data: dict[str, Any]) -> None:
+    """The sweep file's own keys have the right types, and every ``[method_options.<m>]``
+    names a method of the sweep and only options that method takes; each error names the
+    key (a misspelt table, e.g. ``[method_options.dp_sgd]``, would otherwise be dropped
+    and every run would use the defaults)."""
+
+    def fail(key: str, wanted: str) -> None:
+        raise ConfigError(f"{path}: {key} must be {wanted}, got {data_at(key)!r}")
+
+    def data_at(key: str) -> Any:
+        value: Any = data
+        for part in key.split("."):
+            value = value[part]
+        return value
+
+    if not isinstance(data["name"], str) or not data["name"].strip():
+        fail("name", "a non-empty string")
+    if "/" in data["name"] or data["name"] in (".", ".."):
+        fail("name", "a name without '/' (it names the sweep's run folder)")
+    for key in ("description",):
+        if key in data and not isinstance(data[key], str):
+            fail(key, "a string")
+    if "include_nonprivate" in data and not isinstance(data["include_nonprivate"], bool):
+        fail("include_nonprivate", "true or false")
+    methods = data["methods"]
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        fail("methods", "a list of method names")
+    if len(set(methods)) != len(methods):
+        fail("methods", "a list without repeats")
+    unknown_methods = [m for m in methods if m not in METHODS]
+    if unknown_methods:
+        raise ConfigError(
+            f"{path}: method must be one of {', '.join(METHODS)}; no such method "
+            f"{', '.join(unknown_methods)}"
+        )
+    if not isinstance(data["epsilons"], list) or not all(map(_is_number, data["epsilons"])):
+        fail("epsilons", "a list of numbers")
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) for x in seeds
+    ):
+        fail("seeds", "a list of integers")
+    if len(set(seeds)) != len(seeds):
+        fail("seeds", "a list without repeats")
+    for key in ("train", "method_options", "per_method", "reference"):
+        if key in data and not isinstance(data[key], dict):
+            fail(key, "a table")
+    for method, override in data.get("per_method", {}).items():
+        if not isinstance(override, dict):
+            fail(f"per_method.{method}", "a table")
+        if "epsilons" in override and (
+            not isinstance(override["epsilons"], list)
+            or not all(map(_is_number, override["epsilons"]))
+        ):
+            fail(f"per_method.{method}.epsilons", "a list of numbers")
+        if "train" in override and not isinstance(override["train"], dict):
+            fail(f"per_method.{method}.train", "a table")
+    for prefix, table in [("", data)] + [
+        (f"per_method.{m}.", o) for m, o in data.get("per_method", {}).items()
+    ]:
+        for key, wanted in _RUN_TYPES.items():
+            value = table.get(key)
+            if value is not None and not wanted[0](value):
+                fail(prefix + key, wanted[1])
+    for method, options in data.get("method_options", {}).items():
+        where = f"[method_options.{method}]"
+        if method not in METHODS:
+            raise ConfigError(f"{path}: {where} names no method; methods: {', '.join(METHODS)}")
+        if method not in [*methods, "none"] or (
+            method == "none" and not data.get("include_nonprivate", True)
+        ):
+            raise ConfigError(
+                f"{path}: {where} names no method of the sweep ({', '.join(methods)})"
+            )
+        if not isinstance(options, dict):
+            fail(f"method_options.{method}", "a table")
+        if "epsilon" in options:
+            raise ConfigError(f"{path}: {where} cannot set epsilon; put ε in epsilons")
+        allowed = [name for name in method_parameters(method) if name != "epsilon"]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"{path}: {where} does not take {', '.join(unknown)}; method {method} takes "
+                f"{', '.join(allowed) or 'no options'}"
+            )
+    # last, so that it never hides the errors above
+    if "epochs" not in data.get("train", {}):
+        raise ConfigError(f"{path}: [train] must set epochs (an integer ≥ 1)")
+
+
 def _execute(
     name: str, config: dict[str, Any], run_dir: str, env: dict[str, Any], threads: int | None
 ):
-    """Runs one grid point (in this process or a worker): train, attack, report back."""
+    """Runs one grid point (in this process or a worker): train, attack, report back.
+
+    The run folder stays locked from training to the attack; a grid point another
+    process holds (a second copy of the sweep, a ``labeldp train`` into the folder) is
+    skipped, not trained twice: metrics and attack come back None, with the reason."""
     if threads:
         torch.set_num_threads(threads)
     from attacks.harness import attack_run
 
     run_config = RunConfig.from_dict(config)
-    metrics = train_run(run_config, run_dir, Environment(**env), resume=True)
-    attack = attack_run(run_dir) if run_config.canaries or run_config.audit_canaries else None
-    return name, config, run_dir, metrics, attack
+    try:
+        with folder_lock(run_dir):
+            metrics = train_run(run_config, run_dir, Environment(**env), resume=True)
+            audited = run_config.canaries or run_config.audit_canaries
+            attack = attack_run(run_dir) if audited else None
+    except FolderLocked as exc:
+        return name, config, run_dir, None, None, f"in use by another process (pid {exc.holder})"
+    return name, config, run_dir, metrics, attack, None
+
+
+def _worker_init(parent: int) -> None:
+    """Ties a sweep worker's life to the sweep process ``parent``: the kernel kills the
+    worker when its parent dies (Linux ``PR_SET_PDEATHSIG``), and a watcher thread does
+    the same wherever the parent's pid changes (the fallback, e.g. off Linux). Otherwise a
+    ``kill -9`` of the sweep would leave workers training grid points whose results
+    nothing stores. (The death signal follows the thread that started the worker; the
+    pool starts its workers from the thread that submits, the sweep's main thread.)"""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _watch_parent(parent: int, every: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(every)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _expected_numerics(env: Environment, threads: int | None) -> dict[str, Any]:
+    """The numerics settings (labeldp.provenance.numerics) the sweep's new runs get."""
+    settings = numerics(resolve_device(env.device))
+    if threads:
+        settings["threads"] = threads
+    return settings
+
+
+def _check_numerics(
+    spec: SweepSpec, store: ResultsStore, expected: dict[str, Any], allow_mixed: bool
+) -> None:
+    """Refuses (unless ``allow_mixed``) to add runs to a sweep whose stored runs were
+    made under other numerics settings; warns about stored runs that recorded none."""
+    keys = {run_key(c.to_dict()) for _, c in spec.runs()}
+    rows = [r for r in store.rows(spec.name) if r["key"] in keys]
+    unknown = [r["name"] for r in rows if not r.get("numerics")]
+    other = sorted(
+        {r["numerics"] for r in rows if r.get("numerics")} - {json.dumps(expected, sort_keys=True)}
+    )
+    if other and not allow_mixed:
+        seen = "; ".join(describe_numerics(json.loads(text)) for text in other)
+        raise ConfigError(
+            f"sweep {spec.name}: the store holds runs made under other numerics ({seen}) "
+            f"than this sweep would use ({describe_numerics(expected)}); results differ "
+            "with them. Use the same --workers and --device as before, or pass "
+            "--allow-mixed-numerics to mix them"
+        )
+    if unknown:
+        print(
+            f"sweep {spec.name}: warning: {len(unknown)} stored runs recorded no numerics "
+            f"settings (made before they were recorded); new runs use "
+            f"{describe_numerics(expected)}",
+            file=sys.stderr,
+        )
 
 
 def run_sweep(
@@ -176,13 +380,20 @@ def run_sweep(
     env: Environment | None = None,
     workers: int = 1,
     only: str | None = None,
+    allow_mixed_numerics: bool = False,
 ) -> int:
     """Runs every grid point of ``spec`` not yet in ``store``; returns how many it ran.
 
     workers: runs at once (≥ 1); each worker process gets an equal share of the CPU
     threads. only: a shell-style pattern over run names (e.g. ``"pate-fm-*-seed0"``):
     run just the matching points (an error when none matches). Progress shows as one bar
-    over the grid and a line per finished run."""
+    over the grid and a line per finished run.
+
+    The thread count, torch version and device change a result's floating-point
+    arithmetic (see labeldp.provenance.numerics): a sweep whose stored runs were made under
+    other settings than its new runs would get is refused unless
+    ``allow_mixed_numerics``. Grid points another process is training are skipped (a
+    line says so); the count returned excludes them."""
     if workers < 1:
         raise ConfigError(f"workers must be an integer ≥ 1, got {workers}")
     env = env or Environment()
@@ -198,6 +409,12 @@ def run_sweep(
             names = ", ".join(n for n, _ in spec.runs())
             raise ConfigError(f"only: {only!r} matches no run of {spec.name}; runs: {names}")
     todo = [(n, c.to_dict()) for n, c in grid if run_key(c.to_dict()) not in done]
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    expected = _expected_numerics(env, threads) if todo else {}
+    if todo:
+        _check_numerics(spec, store, expected, allow_mixed_numerics)
+    skipped: list[str] = []
+    refused: list[str] = []
     bar = tqdm(
         total=len(grid),
         initial=len(grid) - len(todo),
@@ -207,7 +424,21 @@ def run_sweep(
         dynamic_ncols=True,
     )
 
-    def finish(name, config, run_dir, metrics, attack) -> None:
+    def finish(name, config, run_dir, metrics, attack, busy) -> None:
+        if busy is not None:
+            skipped.append(name)
+            bar.write(f"{name}: skipped, {run_dir} is {busy}; it is not trained twice")
+            return
+        made = metrics.get("numerics")
+        if made and made != expected and not allow_mixed_numerics:
+            # e.g. a finished run folder left by `labeldp train` under other settings
+            refused.append(name)
+            bar.write(
+                f"{name}: not stored: {run_dir} was made under other numerics "
+                f"({describe_numerics(made)}, here {describe_numerics(expected)}); "
+                "pass --allow-mixed-numerics to store it"
+            )
+            return
         # When the run itself finished (its provenance date), not when it was stored.
         stamp = metrics.get("date") or _dt.datetime.now(_dt.timezone.utc).isoformat(
             timespec="seconds"
@@ -228,16 +459,29 @@ def run_sweep(
         for name, config in todo:
             finish(*_execute(name, config, str(folder / name), inner, None))
     else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            workers,
+            mp_context=get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = [
                 pool.submit(_execute, n, c, str(folder / n), inner, threads) for n, c in todo
             ]
             for future in as_completed(futures):
                 finish(*future.result())
     bar.close()
+    new = len(todo) - len(skipped) - len(refused)
     if env.progress:
+        stored = len({run_key(c.to_dict()) for _, c in grid} & store.finished_keys(spec.name))
         print(
-            f"sweep {spec.name}: {len(grid)} runs in the store ({len(todo)} new)", file=sys.stderr
+            f"sweep {spec.name}: {stored} of {len(grid)} runs in the store ({new} new)",
+            file=sys.stderr,
         )
-    return len(todo)
+    if skipped:
+        print(
+            f"sweep {spec.name}: {len(skipped)} grid points skipped, in use by another "
+            f"process: {', '.join(skipped)}",
+            file=sys.stderr,
+        )
+    return new

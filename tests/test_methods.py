@@ -163,7 +163,7 @@ def test_paper_settings_by_nearest_epsilon():
 @pytest.mark.parametrize(
     "name,options,fragment",
     [
-        ("rr", {}, "needs 'epsilon'"),
+        ("rr", {}, "method rr needs options: epsilon"),
         ("rr", {"epsilon": 0.0}, "epsilon must be a finite number > 0"),
         ("rr", {"epsilon": 1.0, "stages": 2}, "does not take stages"),
         ("lp-mst", {"epsilon": 1.0, "stages": 1}, "stages must be an integer ≥ 2"),

@@ -37,6 +37,13 @@ def method_parameters(name: str) -> list[str]:
     return [p.name for p in parameters if p.name != "self" and p.kind in named]
 
 
+def required_parameters(name: str) -> list[str]:
+    """The hyper-parameters of method ``name`` that have no default (read from its
+    constructor's signature)."""
+    parameters = inspect.signature(METHODS[name].__init__).parameters
+    return [p for p in method_parameters(name) if parameters[p].default is inspect.Parameter.empty]
+
+
 def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
     """The method called ``name`` built with its hyper-parameters ``options``."""
     if name not in METHODS:
@@ -48,11 +55,10 @@ def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
             f"method {name} does not take {', '.join(unknown)}; it takes "
             f"{', '.join(method_parameters(name)) or 'no options'}"
         )
-    try:
-        return METHODS[name](**options)
-    except TypeError as exc:  # a required option is missing
-        missing = str(exc).split("argument", 1)[-1].strip(": ")
-        raise ConfigError(f"method {name} needs {missing}") from exc
+    missing = [p for p in required_parameters(name) if p not in options]
+    if missing:
+        raise ConfigError(f"method {name} needs options: {', '.join(missing)}")
+    return METHODS[name](**options)
 
 
 __all__ = [
@@ -69,4 +75,5 @@ __all__ = [
     "RunContext",
     "build_method",
     "method_parameters",
+    "required_parameters",
 ]

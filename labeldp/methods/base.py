@@ -22,6 +22,7 @@ from torch import nn
 
 from ..augment import Normalize
 from ..data import DeviceDataset
+from ..errors import ConfigError
 from ..io import atomic_write, atomic_write_json
 from ..privacy import PrivacyLedger
 from ..run_folder import diagnostics_dir
@@ -183,15 +184,47 @@ class MethodResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RunCheck:
+    """What a method's :meth:`Method.check` sees before the run folder is written.
+
+    num_examples: training examples N (after ``--train-size``). num_classes: K.
+    config: the core loop's hyper-parameters. build_model: a fresh model of the run (it
+    seeds torch's global generator: call it under ``torch.random.fork_rng`` so that the
+    run's draws stay as they were). canaries: planted canaries, both kinds together."""
+
+    num_examples: int
+    num_classes: int
+    config: TrainConfig
+    build_model: Callable[[], nn.Module]
+    canaries: int = 0
+
+
 class Method(Protocol):
     """A training method. ``name`` is its CLI name; ``options()`` its hyper-parameters as
-    recorded in config.json."""
+    recorded in config.json. An optional ``check(RunCheck)`` refuses (ConfigError) a run
+    it cannot carry out, before anything is written (see :func:`check_method`)."""
 
     name: ClassVar[str]
 
     def options(self) -> dict[str, Any]: ...
 
     def run(self, ctx: RunContext) -> MethodResult: ...
+
+
+def check_method(method: Method, run: RunCheck) -> None:
+    """Every check a run must pass before its folder is written: the batch size against
+    the data, then the method's own ``check`` (none: nothing more to check). A failure
+    is a ConfigError, and the corrected command may then use the same folder."""
+    n, batch = run.num_examples, run.config.batch_size
+    if batch > n:
+        raise ConfigError(
+            f"--batch-size (batch_size) must be in 1..{n}, the number of training examples, "
+            f"got {batch}"
+        )
+    check = getattr(method, "check", None)
+    if check is not None:
+        check(run)
 
 
 def untrained(ctx: RunContext) -> FitResult:

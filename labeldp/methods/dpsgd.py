@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Any, ClassVar
 
+import torch
+
 from ..errors import ConfigError, check_int
 from ..mechanisms.validation import check_epsilon
 from ..privacy import LedgerEntry, PrivacyLedger
@@ -19,7 +21,7 @@ from ..seeding import Stream
 from ..train import HardLabels
 from ..train.dpsgd import DPSGDStep, check_per_example_model
 from ..train.sampling import PoissonBatches
-from .base import MethodResult, RunContext
+from .base import MethodResult, RunCheck, RunContext
 
 
 class DPSGDMethod:
@@ -78,6 +80,7 @@ class DPSGDMethod:
         self.accountant = accountant
         self.physical_batch_size = physical_batch_size
         self.secure_noise = bool(secure_noise)
+        self._plans: dict[tuple[int, int, int], dict[str, Any]] = {}
 
     def options(self) -> dict[str, Any]:
         return {
@@ -92,7 +95,14 @@ class DPSGDMethod:
 
     def plan(self, num_examples: int, batch_size: int, epochs: int) -> dict[str, Any]:
         """The sample rate q, the steps T, the noise multiplier σ and the run's ε for
-        ``num_examples`` examples, expected batch ``batch_size`` and ``epochs``."""
+        ``num_examples`` examples, expected batch ``batch_size`` and ``epochs`` (computed
+        once per setting: :meth:`check` and :meth:`run` share it)."""
+        key = (num_examples, batch_size, epochs)
+        if key not in self._plans:
+            self._plans[key] = self._plan(num_examples, batch_size, epochs)
+        return dict(self._plans[key])
+
+    def _plan(self, num_examples: int, batch_size: int, epochs: int) -> dict[str, Any]:
         sampler = PoissonBatches(batch_size)
         try:
             q = sampler.sample_rate(num_examples)
@@ -103,6 +113,15 @@ class DPSGDMethod:
         if sigma is None:
             sigma = calibrate_dpsgd_noise(self.epsilon, self.delta, q, steps, self.accountant)
         epsilon = dpsgd_epsilon(sigma, q, steps, self.delta, self.accountant)
+        if epsilon > self.epsilon and self.noise_multiplier is None:
+            # Calibration promises ε ≤ the budget; should an accountant still disagree,
+            # say what the user can change (they already left the noise to calibration).
+            raise ConfigError(
+                f"the noise multiplier calibrated to epsilon = {self.epsilon:g} ({sigma:.6g}) "
+                f"gives ε = {epsilon:.6g} over {steps} steps at sample rate {q:.6g}, above the "
+                "budget; ask for a larger epsilon, try the other accountant, or give "
+                "noise_multiplier yourself"
+            )
         if epsilon > self.epsilon:
             raise ConfigError(
                 f"noise_multiplier {sigma} gives ε = {epsilon:.4f} over {steps} steps at sample "
@@ -110,6 +129,13 @@ class DPSGDMethod:
                 "lower the epochs or the batch size, or omit noise_multiplier to calibrate"
             )
         return {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "epsilon": epsilon}
+
+    def check(self, run: RunCheck) -> None:
+        """Refuses, before the run folder is written, a model with batch statistics and a
+        plan that cannot keep the budget (the calibration's own errors included)."""
+        with torch.random.fork_rng(devices=[]):
+            check_per_example_model(run.build_model())
+        self.plan(run.num_examples, run.config.batch_size, run.config.epochs)
 
     def run(self, ctx: RunContext) -> MethodResult:
         model = ctx.build_model()

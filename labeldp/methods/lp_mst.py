@@ -19,13 +19,14 @@ from typing import Any, ClassVar
 import torch
 
 from ..data import random_partition
+from ..data.dataset import _part_sizes
 from ..errors import ConfigError, check_int
 from ..mechanisms import RandomizedResponse, RRWithPrior
 from ..mechanisms.validation import check_epsilon
 from ..privacy import PrivacyLedger
 from ..seeding import Stream, derive_seed
 from ..train import FitResult, HardLabels, predict_logits
-from .base import MethodResult, RunContext
+from .base import MethodResult, RunCheck, RunContext
 
 #: The paper's CIFAR-10 settings by ε: (share of the data in stage 1, prior temperature).
 PAPER_SETTINGS: dict[float, tuple[float, float]] = {
@@ -105,6 +106,21 @@ class LPMST:
             "drop_outside_topk": self.drop_outside_topk,
             "secure_noise": self.secure_noise,
         }
+
+    def check(self, run: RunCheck) -> None:
+        """Refuses, before the run folder is written, stages that would get no example."""
+        n = run.num_examples
+        try:
+            _part_sizes(n, self.stage_fractions)
+        except ConfigError:
+            exact = [f * n for f in self.stage_fractions]
+            small = sum(1 for e in exact if e < 1)
+            raise ConfigError(
+                f"{self.stages} stages over {n} training examples leave some stages without "
+                f"an example ({small} of the stage fractions give less than one example, "
+                f"smallest {min(self.stage_fractions):.3g}); use fewer stages (--stages) or "
+                "larger --stage-fractions"
+            ) from None
 
     def _prior(
         self, ctx: RunContext, model: torch.nn.Module, indices: torch.Tensor

@@ -58,7 +58,7 @@ from ..train.ensemble import (
     train_fixmatch_ensemble,
 )
 from ..train.fixmatch import FixMatchStep
-from .base import MethodResult, RunContext, untrained
+from .base import MethodResult, RunCheck, RunContext, untrained
 
 
 def _unchanged(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -192,6 +192,20 @@ class PateFM:
         beta = RELEASE_BETA_TIMES_ORDER / order
         return {"order": order, "beta": beta, "reserve": reserve,
                 "sigma_s": gnss_sigma(beta, order, reserve)}  # fmt: skip
+
+    def check(self, run: RunCheck) -> None:
+        """Refuses, before the run folder is written, more teachers or queries than
+        training examples and fewer queries than canaries (all must be in the pool)."""
+        n = run.num_examples
+        if self.teachers > n:
+            raise ConfigError(f"teachers ({self.teachers}) must be at most the examples ({n})")
+        if self.queries > n:
+            raise ConfigError(f"queries ({self.queries}) must be at most the examples ({n})")
+        if run.canaries > self.queries:
+            raise ConfigError(
+                f"queries ({self.queries}) must be at least the number of canaries "
+                f"({run.canaries}) so that every canary is in PATE's query pool"
+            )
 
     # ------------------------------------------------------------------ pipeline
     def _votes(self, ctx: RunContext, query_idx: torch.Tensor) -> torch.Tensor:

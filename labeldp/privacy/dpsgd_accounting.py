@@ -36,8 +36,10 @@ PLD_DISCRETIZATION = 1e-4
 #: noise multiplier) is accounted on a coarser grid instead; see :func:`dpsgd_epsilon`.
 PLD_MAX_POINTS = 2**22
 #: Most points of one step's PLD, which dp-accounting builds point by point in Python
-#: (~10 µs a point): 2^19 keeps that to a few seconds (σ ≥ 0.25 fits at 1e-4).
-PLD_MAX_STEP_POINTS = 2**19
+#: (~5-10 µs a point): 2^17 keeps one evaluation to about a second, so a calibration (about
+#: ten evaluations) stays within seconds. A coarser step grid is still pessimistic; at
+#: ε = 50 or 1000 over a few steps it changes ε by < 1e-5 against 2^19 points.
+PLD_MAX_STEP_POINTS = 2**17
 #: Coarsest PLD discretization (nats) worth computing; a setting that needs a coarser one
 #: (ε in the tens of thousands) is accounted by RDP alone.
 PLD_MAX_DISCRETIZATION = 0.1
@@ -281,13 +283,26 @@ def calibrate_dpsgd_noise(
     if not (1 - rel_tol) * target_epsilon <= e_high <= target_epsilon:
         raise ConfigError(
             f"cannot calibrate the noise multiplier to ε within {rel_tol:g} of "
-            f"{target_epsilon:g}: ε jumps from {e_low:.6g} (σ = {low:.6g}) to {e_high:.6g} "
-            f"(σ = {high:.6g}); give the noise multiplier instead, or a larger rel_tol"
+            f"{target_epsilon:g}: at σ ≈ {high:.6g} the accountant's ε jumps from "
+            f"{e_low:.3g} to {e_high:.3g} (its resolution), no σ gives an ε in between; ask "
+            f"for ε ≥ {_round_up(e_low)}, or give the noise multiplier instead of a target"
         )
     return high
 
 
+def _round_up(value: float) -> str:
+    """``value`` rounded up to two significant digits, for messages."""
+    if not (math.isfinite(value) and value > 0):
+        return f"{value:g}"
+    scale = 10 ** (math.floor(math.log10(value)) - 1)
+    return f"{float(f'{math.ceil(value / scale * (1 - 1e-12)) * scale:.2g}'):g}"
+
+
 def replace_one_bound(epsilon: float, delta: float) -> tuple[float, float]:
     """(ε′, δ′) for replacing one example (e.g. changing one label) implied by an
-    (ε, δ) add/remove guarantee through group privacy of size 2: (2ε, (1 + e^ε)·δ)."""
+    (ε, δ) add/remove guarantee through group privacy of size 2: (2ε, (1 + e^ε)·δ).
+    δ′ is capped at 1 (a vacuous bound, e.g. for ε ≳ 12 at δ = 1e-5; e^ε overflows a float
+    beyond ε ≈ 709)."""
+    if epsilon >= 700 or (1 + math.exp(epsilon)) * delta >= 1:
+        return 2 * epsilon, 1.0
     return 2 * epsilon, (1 + math.exp(epsilon)) * delta
