@@ -3,13 +3,15 @@
 Covered by the run's ε (under its neighbouring relation, and — with seeded noise — only
 while the run seed is secret):
 
-- ``config.json``: what was asked for (public choices);
+- ``config.json``: what was asked for (public choices) and the run's noise key (a hash
+  of the configuration, kept so that a resumed run draws the noise it started with);
 - ``model.pt``: the released model;
 - ``<name>.noisy.pt``: the output of a label mechanism, drawn once (the privatized labels
   of RR, ALIBI and LP-MST's stages, PATE's released answers and the query pool);
 - ``metrics.json`` apart from its ``diagnostics`` key: test accuracy and training
   history (post-processing of the model and of the privatized labels), ε, δ, the ledger;
-- ``*.ckpt`` while the run is unfinished: intermediate models of the same training.
+- ``*.ckpt`` while the run is unfinished: intermediate models of the same training;
+- ``.lock``: the run's lock file (:mod:`labeldp.locking`).
 
 Not covered — evaluation diagnostics computed from the raw private labels, in one place,
 :data:`DIAGNOSTICS` (``diagnostics/``), and under the ``diagnostics`` key of
@@ -21,7 +23,8 @@ Not covered — evaluation diagnostics computed from the raw private labels, in 
 - ``diagnostics/pate_votes.pt`` and the teachers' vote caches and checkpoints: raw teacher
   vote histograms and teachers trained on true labels;
 - ``metrics.json["diagnostics"]``: statistics against the true labels (e.g. the accuracy
-  of PATE's answered labels).
+  of PATE's answered labels, its data-dependent ε) and the MD5s of the data files (which
+  hash the raw training labels).
 
 Never publish ``diagnostics/`` (or a sweep's shared folder, which holds teacher votes)
 with a run: they are what the attacks and the researcher compare against, not a release.

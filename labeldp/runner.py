@@ -246,8 +246,16 @@ def _train_run(
             canaries=config.canaries + config.audit_canaries,
         ),
     )
+    noise_key = config_key(fingerprint)
     if run_dir is not None:
-        atomic_write_json(run_dir / "config.json", {"run": fingerprint, "environment": asdict(env)})
+        recorded = run_dir / "config.json"
+        if resume and recorded.exists():  # a resumed run keeps the noise key it started with
+            old = read_json(recorded, "delete the run folder to start afresh").get("noise_key")
+            noise_key = tuple(old) if old else noise_key
+        atomic_write_json(
+            recorded,
+            {"run": fingerprint, "environment": asdict(env), "noise_key": list(noise_key)},
+        )
         if canaries is not None:
             canaries.save(diagnostics_dir(run_dir) / "canaries.pt")
 
@@ -271,7 +279,7 @@ def _train_run(
         progress=env.progress,
         checkpoint_every=env.checkpoint_every,
         fingerprint=fingerprint,
-        noise_key=config_key(fingerprint),
+        noise_key=noise_key,
         canary_indices=torch.cat([canaries.indices, canaries.audit_indices])
         if canaries is not None
         else None,
@@ -311,9 +319,9 @@ def _train_run(
         "resumed_from_epoch": result.fit.resumed_from_epoch,
         "device": device_description(device),
         "numerics": numerics(device),
-        "data": data_record(config.dataset, env),
         "history": result.fit.history,
-        "diagnostics": result.diagnostics,
+        # the data files' MD5s hash the raw training labels: a diagnostic, not a release
+        "diagnostics": {**result.diagnostics, "data": data_record(config.dataset, env)},
         **provenance(),
     }
     # A run whose training diverged is recorded as such, its non-finite numbers as null.

@@ -4,6 +4,7 @@ checkpoint: nothing it showed is redone (with fresh noise) by a resume."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,29 @@ def test_an_epoch_is_reported_only_after_its_checkpoint(data_dir, tmp_path, monk
     monkeypatch.setattr(loop.Trainer, "_report_epoch", reporting)
     _run(data_dir, tmp_path / "run", secure=True, progress=True)
     assert events == [(kind, e) for e in (1, 2, 3) for kind in ("save", "report")]
+
+
+def test_a_diverged_epoch_is_checkpointed_before_it_is_reported(data_dir, tmp_path, monkeypatch):
+    events = []
+    save, report = loop.Trainer.save_checkpoint, loop.Trainer._report_epoch
+    monkeypatch.setattr(
+        loop.Trainer, "save_checkpoint", lambda self, p: (events.append("save"), save(self, p))[1]
+    )
+    monkeypatch.setattr(
+        loop.Trainer, "_report_epoch", lambda self: (events.append("report"), report(self))[1]
+    )
+    config = RunConfig(
+        dataset="fashion-mnist",
+        train=TrainConfig(epochs=3, batch_size=50, lr=1e6),
+        method="dp-sgd",
+        method_options={"epsilon": 8.0, "accountant": "rdp", "secure_noise": True},
+        norm="group",
+        model="cnn-tanh",
+        crop_padding=0,
+    )
+    env = Environment(data_dir=str(data_dir), download=False, progress=True)
+    metrics = train_run(config, tmp_path / "run", env)
+    assert metrics["outcome"] == "diverged"
+    assert events and events[-1] == "report" and events[-2] == "save"
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert len(recorded["noise_key"]) == 8  # a resume keeps the key the run started with

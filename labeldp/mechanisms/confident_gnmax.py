@@ -44,9 +44,11 @@ class Aggregation:
 
     votes: (Q, K) int64 vote counts of every query considered. answered: (Q,) bool.
     labels: (Q,) int64, the label given, −1 where not answered.
-    epsilon: the guarantee at ``delta`` (label DP, replace one label): the smaller of the
-        filter's budget and the data-independent ε of answering every query of the pool
-        (both fixed before any vote is looked at).
+    epsilon: the guarantee at ``delta`` (label DP, replace one label) of the aggregation
+        together with any step paid from its ``reserve``: the smaller of the filter's
+        budget and the data-independent ε of answering every query of the pool (both fixed
+        before any vote is looked at). With a reserve, the second bound does not cover the
+        reserved step: use the budget.
     epsilon_data_dependent: the data-dependent ε (Papernot et al. 2018) of what was done
         (threshold steps of all Q queries plus the answers). It depends on the private
         votes: a diagnostic, not a guarantee.

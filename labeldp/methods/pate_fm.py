@@ -46,7 +46,7 @@ from ..mechanisms.randomness import standard_normal
 from ..mechanisms.validation import check_epsilon
 from ..privacy import LedgerEntry, PrivacyLedger
 from ..privacy.pate_accounting import pate_epsilon
-from ..privacy.pate_smooth_sensitivity import gnss_sigma, release
+from ..privacy.pate_smooth_sensitivity import gnss_rdp, gnss_sigma, release
 from ..privacy.renyi_filter import rdp_budget
 from ..seeding import Stream, derive_seed
 from ..strong_augment import StrongAugment
@@ -188,10 +188,13 @@ class PateFM:
         """Order λ, β, the reserved RDP and σ_s of the smooth-sensitivity release: public,
         fixed from (ε, δ, release_share) before any vote is seen."""
         order = ConfidentGNMax.filter_order(self.epsilon, self.delta)
-        reserve = self.release_share * rdp_budget(self.epsilon, self.delta, order)
+        share = self.release_share * rdp_budget(self.epsilon, self.delta, order)
         beta = RELEASE_BETA_TIMES_ORDER / order
-        return {"order": order, "beta": beta, "reserve": reserve,
-                "sigma_s": gnss_sigma(beta, order, reserve)}  # fmt: skip
+        sigma_s = gnss_sigma(beta, order, share)
+        # the filter reserves the release's actual cost (equal to the share up to float
+        # rounding, which must not go unaccounted)
+        return {"order": order, "beta": beta, "sigma_s": sigma_s,
+                "reserve": gnss_rdp(beta, sigma_s, order)}  # fmt: skip
 
     def check(self, run: RunCheck) -> None:
         """Refuses, before the run folder is written, more teachers or queries than

@@ -186,8 +186,11 @@ class Trainer:
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load_checkpoint(self.checkpoint_path)
             resumed_from = self.epochs_done
-        diverged = False
+        # a run checkpointed after it diverged stays stopped on resume
+        diverged = bool(self.history and self.history[-1].get("diverged"))
         for epoch in range(self.epochs_done, self.config.epochs):
+            if diverged:
+                break
             self._train_epoch(epoch)
             if not self._finite():
                 # Diverged (e.g. a far too large learning rate): more epochs cannot
@@ -196,6 +199,8 @@ class Trainer:
                 self.history[-1]["diverged"] = True
                 if self.test_images is not None:
                     self.history[-1]["test_accuracy"] = self.evaluate()
+                if self.checkpoint_path is not None:  # before the report, as below
+                    self.save_checkpoint(self.checkpoint_path)
                 self._report_epoch()
                 if self.progress:
                     tqdm.write(
