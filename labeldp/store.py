@@ -110,6 +110,10 @@ class ResultsStore:
 
     def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ConfigError(
+                f"the store {self.path} is a folder, not a results store file; pass another --store"
+            )
         if not create and not self.path.is_file():
             raise ConfigError(f"the store {self.path} does not exist; run labeldp sweep first")
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -328,3 +328,20 @@ def test_a_store_error_names_the_store(monkeypatch, capsys):
     line = _the_line(1, "", capsys.readouterr().err)
     assert "results store results/elsewhere.sqlite cannot be used" in line, line
     assert "file is not a database" in line
+
+
+@pytest.mark.parametrize("kind", ["folder", "truncated", "not sqlite"])
+def test_a_store_that_is_not_a_store_is_one_line(tmp_path, capsys, kind):
+    store = tmp_path / "runs.sqlite"
+    if kind == "folder":
+        store.mkdir()
+    elif kind == "truncated":
+        source = Path(__file__).resolve().parents[1] / "results" / "runs.sqlite"
+        store.write_bytes(source.read_bytes()[:5000])
+    else:
+        store.write_text("not a database\n" * 100)
+    sweep = Path(__file__).resolve().parents[1] / "experiments" / "fashion_mnist_dpsgd.toml"
+    status = cli.main(["report", str(sweep), "--store", str(store)])
+    err = capsys.readouterr().err.strip()
+    assert status in (1, 2) and len(err.splitlines()) == 1, err
+    assert str(store) in err and "Traceback" not in err
