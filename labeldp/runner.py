@@ -325,7 +325,7 @@ def _train_run(
         **provenance(),
     }
     # A run whose training diverged is recorded as such, its non-finite numbers as null.
-    metrics["outcome"] = "diverged" if getattr(result.fit, "diverged", False) else "finished"
+    metrics["outcome"] = "diverged" if result.fit.diverged else "finished"
     metrics = json_safe(metrics)
     if run_dir is not None:
         weights = result.fit.eval_model.state_dict()

@@ -211,3 +211,36 @@ def _run_metrics(data_dir, out, epsilon):
     argv[argv.index("--epsilon") + 1] = epsilon
     assert cli.main(argv) == 0
     return out / "metrics.json"
+
+
+def test_a_run_without_a_folder_trains_its_teachers_once(data_dir, monkeypatch):
+    """Without a run folder nothing is cached on disk: the votes the aggregation computed
+    are the ones the diagnostics use, not a second training of every teacher."""
+    from labeldp.runner import Environment, RunConfig, train_run
+    from labeldp.train import TrainConfig
+
+    calls = []
+    original = pate_fm.train_fixmatch_ensemble
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pate_fm, "train_fixmatch_ensemble", counted)
+    options = {"epsilon": 500.0, "teachers": 4, "queries": 60, "threshold": 2, "sigma1": 1,
+               "sigma2": 1, "teacher_steps": 15, "teacher_batch": 8, "mu": 2,
+               "teacher_lr": 0.1, "teacher_group": 2, "teacher_model": "cnn-tanh",
+               "fixmatch_threshold": 0.9}  # fmt: skip
+    config = RunConfig(
+        dataset="fashion-mnist",
+        train=TrainConfig(epochs=2, batch_size=10),
+        method="pate-fm",
+        method_options=options,
+        model="cnn-tanh",
+        norm="group",
+        crop_padding=0,
+    )
+    env = Environment(data_dir=str(data_dir), download=False, progress=False)
+    metrics = train_run(config, None, env)
+    assert len(calls) == 2  # two groups of two teachers, each trained once
+    assert metrics["diagnostics"]["epsilon_data_dependent"] >= 0

@@ -21,16 +21,20 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return write_learnable_fashion(tmp_path / "data", n_train=300, n_test=50)
 
 
-def _run(data_dir, out, *, secure, resume=False, progress=False):
-    config = RunConfig(
+def _config(*, secure, lr=0.5):
+    return RunConfig(
         dataset="fashion-mnist",
-        train=TrainConfig(epochs=3, batch_size=50, lr=0.5),
+        train=TrainConfig(epochs=3, batch_size=50, lr=lr),
         method="dp-sgd",
         method_options={"epsilon": 8.0, "accountant": "rdp", "secure_noise": secure},
         norm="group",
         model="cnn-tanh",
         crop_padding=0,
     )
+
+
+def _run(data_dir, out, *, secure, resume=False, progress=False):
+    config = _config(secure=secure)
     env = Environment(data_dir=str(data_dir), download=False, progress=progress,
                       checkpoint_every=5)  # fmt: skip
     return train_run(config, out, env, resume=resume)
@@ -93,15 +97,7 @@ def test_a_diverged_epoch_is_checkpointed_before_it_is_reported(data_dir, tmp_pa
     monkeypatch.setattr(
         loop.Trainer, "_report_epoch", lambda self: (events.append("report"), report(self))[1]
     )
-    config = RunConfig(
-        dataset="fashion-mnist",
-        train=TrainConfig(epochs=3, batch_size=50, lr=1e6),
-        method="dp-sgd",
-        method_options={"epsilon": 8.0, "accountant": "rdp", "secure_noise": True},
-        norm="group",
-        model="cnn-tanh",
-        crop_padding=0,
-    )
+    config = _config(secure=True, lr=1e6)
     env = Environment(data_dir=str(data_dir), download=False, progress=True)
     metrics = train_run(config, tmp_path / "run", env)
     assert metrics["outcome"] == "diverged"

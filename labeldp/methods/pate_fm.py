@@ -199,15 +199,19 @@ class PateFM:
     def check(self, run: RunCheck) -> None:
         """Refuses, before the run folder is written, more teachers or queries than
         training examples and fewer queries than canaries (all must be in the pool)."""
-        n = run.num_examples
+        self._check_sizes(run.num_examples, run.canaries)
+
+    def _check_sizes(self, n: int, canaries: int) -> None:
+        """The size checks of :meth:`check`, for ``n`` examples and ``canaries`` planted
+        (also run by :meth:`run`, which may be called without :meth:`check`)."""
         if self.teachers > n:
             raise ConfigError(f"teachers ({self.teachers}) must be at most the examples ({n})")
         if self.queries > n:
             raise ConfigError(f"queries ({self.queries}) must be at most the examples ({n})")
-        if run.canaries > self.queries:
+        if canaries > self.queries:
             raise ConfigError(
                 f"queries ({self.queries}) must be at least the number of canaries "
-                f"({run.canaries}) so that every canary is in PATE's query pool"
+                f"({canaries}) so that every canary is in PATE's query pool"
             )
 
     # ------------------------------------------------------------------ pipeline
@@ -217,8 +221,6 @@ class PateFM:
         finished."""
         seed = ctx.config.seed
         n = len(ctx.train.labels)
-        if self.teachers > n:
-            raise ConfigError(f"teachers ({self.teachers}) must be at most the examples ({n})")
         parts = random_partition(n, self.teachers, derive_seed(seed, Stream.PATE_PARTITION))
         k = ctx.train.info.num_classes
         config = EnsembleFixMatchConfig(
@@ -300,18 +302,11 @@ class PateFM:
         subset of the other examples. Canary positions are themselves a label-independent
         random choice, so the pool is a uniformly random subset either way."""
         n = len(ctx.train.labels)
-        if self.queries > n:
-            raise ConfigError(f"queries ({self.queries}) must be at most the examples ({n})")
         seed = derive_seed(ctx.config.seed, Stream.PATE_QUERIES)
         canaries = ctx.canary_indices
         if canaries is None or len(canaries) == 0:
             return random_subset(n, self.queries, seed)
         canaries = canaries.cpu()
-        if len(canaries) > self.queries:
-            raise ConfigError(
-                f"queries ({self.queries}) must be at least the number of canaries "
-                f"({len(canaries)}) so that every canary is in PATE's query pool"
-            )
         if len(canaries) == self.queries:
             return canaries.sort().values
         is_canary = torch.zeros(n, dtype=torch.bool)
@@ -329,13 +324,17 @@ class PateFM:
 
     def run(self, ctx: RunContext) -> MethodResult:
         n = len(ctx.train.labels)
+        planted = ctx.canary_indices
+        self._check_sizes(n, len(planted) if planted is not None else 0)
         query_idx = self.query_pool(ctx)
         aggregator = ConfidentGNMax(self.threshold, self.sigma1, self.sigma2, self.secure_noise)
         diagnostics = ctx.diagnostics()
         votes_path = diagnostics / "pate_votes.pt" if diagnostics is not None else None
+        computed: list[torch.Tensor] = []  # the votes, when this session computes them
 
         def aggregate() -> torch.Tensor:
             votes = self._votes(ctx, query_idx).cpu()
+            computed.append(votes)
             if votes_path is not None:  # raw votes: a diagnostic, never in the release
                 atomic_write(votes_path, lambda handle: torch.save(votes, handle))
             generator = (
@@ -361,7 +360,9 @@ class PateFM:
         answered = record[0, :considered].numpy().astype(bool)
         labels = record[1, :considered][torch.from_numpy(answered)]
         taught = record[2, :considered][torch.from_numpy(answered)]
-        if votes_path is not None and votes_path.exists():
+        if computed:
+            votes = computed[0]
+        elif votes_path is not None and votes_path.exists():  # a resumed run
             votes = torch.load(votes_path, weights_only=True)
         else:  # resumed without the diagnostic: the (seeded, noise-free) votes again
             votes = self._votes(ctx, query_idx).cpu()
