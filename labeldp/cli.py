@@ -27,6 +27,7 @@ from .io import DiskFullError, read_json
 from .methods import METHODS, method_parameters, required_parameters
 from .models import MODELS
 from .runner import SEEDED_CONDITION, Environment, RunConfig, format_epsilon, train_run
+from .store import evaluation_accuracy
 from .train import TrainConfig
 from .train.config import PRECISIONS, SCHEDULES
 
@@ -107,6 +108,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="train on a seeded random subset of N training examples (default: all)",
     )
+    what.add_argument(
+        "--validation-size",
+        type=_number(int, 1),
+        default=None,
+        metavar="N",
+        help="hold out N training examples as a validation split (the same for every run) "
+        "and evaluate on it instead of the test split, for choosing hyper-parameters",
+    )
     private = p.add_argument_group(
         "label privacy (each applies to the methods named; see the method's docstring)"
     )
@@ -164,6 +173,13 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         choices=["model", "uniform"],
         default=None,
         help="ALIBI's prior: the current model's softmax (default) or uniform",
+    )
+    private.add_argument(
+        "--learning",
+        choices=["plain", "forward", "posterior"],
+        default=None,
+        help="rr: learn from the RR labels by plain cross-entropy, forward loss correction "
+        "with RR's channel, or the Bayes posterior given the model (all free post-processing)",
     )
     private.add_argument(
         "--secure-noise",
@@ -305,6 +321,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="share of steps spent warming up",
     )
     how.add_argument(
+        "--mixup",
+        dest="mixup_alpha",
+        type=_number(float, 0),
+        default=defaults.mixup_alpha,
+        metavar="ALPHA",
+        help="mixup of inputs and targets with λ ~ Beta(α, α) per batch (0 = off)",
+    )
+    how.add_argument(
         "--ema",
         type=_number(float, 0, strict=True, high=1),
         default=None,
@@ -401,6 +425,7 @@ METHOD_FLAGS = {
     "noise": "--alibi-noise",
     "prior": "--alibi-prior",
     "secure_noise": "--secure-noise",
+    "learning": "--learning",
     "max_grad_norm": "--max-grad-norm",
     "noise_multiplier": "--noise-multiplier",
     "accountant": "--accountant",
@@ -482,6 +507,7 @@ def _train(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         warmup_fraction=args.warmup_fraction,
         ema_decay=args.ema,
+        mixup_alpha=args.mixup_alpha,
         seed=args.seed,
         eval_every=args.eval_every,
         precision=args.precision,
@@ -494,6 +520,7 @@ def _train(args: argparse.Namespace) -> int:
         model=args.model,
         norm=args.norm,
         train_size=args.train_size,
+        validation_size=args.validation_size,
         crop_padding=args.crop_padding,
         hflip=args.hflip,
         canaries=args.canaries,
@@ -514,13 +541,21 @@ def _train(args: argparse.Namespace) -> int:
     metrics = train_run(config, out, env, resume=args.resume)
     print(
         f"{config.dataset} {config.method} ({metrics['model']}, {metrics['train_size']} examples): "
-        f"test accuracy {metrics['test_accuracy']:.4f}, ε = {format_epsilon(metrics['epsilon'])}, "
+        f"{metrics['evaluation_split']} accuracy {evaluation_accuracy(metrics):.4f}, "
+        f"ε = {format_epsilon(metrics['epsilon'])}, "
         f"{metrics['train_seconds']:.0f} s training on {metrics['device']} -> {out}"
     )
     if metrics.get("outcome") == "diverged":
         print(
             "warning: training diverged (the loss or the weights became non-finite) and "
             f"stopped early; {out}/metrics.json records outcome 'diverged'. Lower --lr",
+            file=sys.stderr,
+        )
+    if metrics.get("outcome") == "collapsed":
+        print(
+            "warning: the model ended on the constant-prediction plateau (one class takes "
+            f"most of its predictions); {out}/metrics.json records outcome 'collapsed'. With "
+            "heavily noised labels lower --lr (or use the method's recipe)",
             file=sys.stderr,
         )
     return 0

@@ -29,11 +29,16 @@ from .io import atomic_write_text
 from .methods import METHODS
 from .provenance import provenance
 from .runner import DEFAULT_MODEL
-from .store import ResultsStore, run_key
+from .store import ResultsStore
 from .sweep import SweepSpec
 
 STALE = "stale: made under the withdrawn data-dependent stopping rule (issue 12); rerun pending"
-STALE_MARK, CANNOT_FAIL_MARK = "‡", "†"
+STALE_MARK, CANNOT_FAIL_MARK, UNSOUND_MARK = "‡", "†", "§"
+UNSOUND = (
+    "some seeds of this cell diverged or ended on the constant-prediction plateau (outcome "
+    "'diverged' or 'collapsed' in their metrics.json); the accuracy is as measured, the "
+    "lowest seed in the CSV's accuracy_min"
+)
 
 
 def is_stale(method: str, metrics: dict[str, Any]) -> bool:
@@ -87,9 +92,20 @@ def grid_rows(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
     """The stored runs of ``spec`` whose configuration is in its current grid (rows left
     by an earlier version of the sweep file are not counted), with each run's audit facts
     (see :func:`_audit_facts`)."""
-    keys = {run_key(config.to_dict()) for _, config in spec.runs()}
-    rows = [r for r in store.rows(spec.name) if r["key"] in keys]
-    return pd.DataFrame([{**r, **_audit_facts(r)} for r in rows])
+    variants = spec.variants()
+    rows = [r for r in store.rows(spec.name) if r["key"] in variants]
+    return pd.DataFrame(
+        [{**r, **_audit_facts(r), "variant": variants[r["key"]], **_outcome(r)} for r in rows]
+    )
+
+
+def _outcome(row: dict[str, Any]) -> dict[str, Any]:
+    """The run's outcome ("finished", "diverged", "collapsed") and its evaluation split."""
+    metrics = json.loads(row["metrics"])
+    return {
+        "outcome": metrics.get("outcome", "finished"),
+        "evaluation_split": metrics.get("evaluation_split", "test"),
+    }
 
 
 def summary(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
@@ -100,7 +116,8 @@ def summary(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
     if rows.empty:
         return rows
     rows["epsilon"] = rows["epsilon"].astype(float)
-    grouped = rows.groupby(["method", "epsilon"], dropna=False, sort=False)
+    rows["unsound"] = rows["outcome"] != "finished"
+    grouped = rows.groupby(["method", "variant", "epsilon"], dropna=False, sort=False)
     table = grouped.agg(
         accuracy_mean=("test_accuracy", "mean"),
         accuracy_std=("test_accuracy", "std"),
@@ -120,16 +137,31 @@ def summary(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
         one_run_violations=("one_run_above", "sum"),
         seeds_with_violation=("any_above", "sum"),
         stale_seeds=("stale", "sum"),
+        unsound_seeds=("unsound", "sum"),
+        accuracy_min=("test_accuracy", "min"),
     ).reset_index()
     for name in ("memorization", "one_run"):
         table[f"{name}_cannot_fail"] = table["bound_tested"] >= table[f"eps_lb_{name}_max"]
     table["note"] = [
-        STALE if n == s else f"{STALE} ({n} of {s} seeds)" if n else ""
-        for n, s in zip(table["stale_seeds"], table["seeds"], strict=True)
+        "; ".join(
+            part
+            for part in (
+                STALE if n == s else f"{STALE} ({n} of {s} seeds)" if n else "",
+                f"{u} of {s} seeds diverged or collapsed" if u else "",
+            )
+            if part
+        )
+        for n, u, s in zip(
+            table["stale_seeds"], table["unsound_seeds"], table["seeds"], strict=True
+        )
     ]
     order = {m: i for i, m in enumerate(["none", *spec.methods])}
     table["order"] = table["method"].map(order).fillna(len(order))
-    return table.sort_values(["order", "epsilon"]).drop(columns="order").reset_index(drop=True)
+    return (
+        table.sort_values(["order", "variant", "epsilon"], kind="stable")
+        .drop(columns="order")
+        .reset_index(drop=True)
+    )
 
 
 def _accuracy(mean: float, std: float, seeds: int, of: int = 1) -> str:
@@ -140,6 +172,44 @@ def _accuracy(mean: float, std: float, seeds: int, of: int = 1) -> str:
         else f"{100 * mean:.2f}"
     )
     return text if seeds >= of else f"{text} ({seeds} of {of} seeds)"
+
+
+def _cell(row: Any, of: int) -> str:
+    """One accuracy cell: mean ± std over seeds, marked when a seed diverged or collapsed."""
+    text = _accuracy(row["accuracy_mean"], row["accuracy_std"], row["seeds"], of)
+    return text + (f" {UNSOUND_MARK}" if row["unsound_seeds"] else "")
+
+
+def _method_variants(table: pd.DataFrame, spec: SweepSpec) -> list[tuple[str, str]]:
+    """(method, variant) of every private table row, in the sweep's method order."""
+    pairs = []
+    for method in spec.methods:
+        for variant in table.loc[table["method"] == method, "variant"].drop_duplicates():
+            pairs.append((method, variant))
+    return pairs
+
+
+def _best_variants(table: pd.DataFrame, split: str) -> list[str]:
+    """Per (method, ε), the ``[grid]`` variant with the best mean accuracy on the
+    evaluation split (the tuning choice, when that split is the validation split)."""
+    lines = [
+        "",
+        f"## Best variant per method and ε (highest mean {split} accuracy)",
+        "",
+        "| method | ε | variant | accuracy (%) | runner-up | its accuracy (%) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (method, eps), group in table.groupby(["method", "epsilon"], dropna=False, sort=False):
+        ranked = group.sort_values("accuracy_mean", ascending=False)
+        best = ranked.iloc[0]
+        second = ranked.iloc[1] if len(ranked) > 1 else None
+        lines.append(
+            f"| {method} | {'∞' if math.isnan(eps) else f'{eps:g}'} | {best.variant or '–'} | "
+            f"{100 * best.accuracy_mean:.2f} | "
+            f"{'–' if second is None else second.variant} | "
+            f"{'–' if second is None else f'{100 * second.accuracy_mean:.2f}'} |"
+        )
+    return lines
 
 
 def _bound(value: float) -> str:
@@ -260,6 +330,11 @@ def write_report(
     csv_path, md_path = out_dir / f"{spec.name}.csv", out_dir / f"{spec.name}.md"
     atomic_write_text(csv_path, table.to_csv(index=False))
     runs = grid_rows(store, spec)
+    split = (
+        "validation"
+        if not runs.empty and (runs["evaluation_split"] == "validation").all()
+        else "test"
+    )
     now = provenance()
     lines = [f"# {spec.name}", ""]
     if spec.description:
@@ -287,33 +362,30 @@ def write_report(
                 else []
             ),
             "",
-            "## Test accuracy (%)" + (" — mean ± std over seeds" if len(spec.seeds) > 1 else ""),
+            f"## {split.capitalize()} accuracy (%)"
+            + (" — mean ± std over seeds" if len(spec.seeds) > 1 else ""),
             "",
         ]
         eps_grid = spec.all_epsilons
         lines.append("| method | " + " | ".join(f"ε={e:g}" for e in eps_grid) + " |")
         lines.append("|---" * (len(eps_grid) + 1) + "|")
-        for method in spec.methods:
+        for method, variant in _method_variants(table, spec):
             cells = []
+            mine = table[(table["method"] == method) & (table["variant"] == variant)]
             for e in eps_grid:
-                hit = table[(table["method"] == method) & (table["epsilon"] == e)]
-                cells.append(
-                    "–"
-                    if hit.empty
-                    else _accuracy(
-                        *hit.iloc[0][["accuracy_mean", "accuracy_std", "seeds"]], len(spec.seeds)
-                    )
-                )
-            lines.append(f"| {_method_label(table, method)} | " + " | ".join(cells) + " |")
-        none = table[table["method"] == "none"]
-        if not none.empty:
-            r = none.iloc[0]
+                hit = mine[mine["epsilon"] == e]
+                cells.append("–" if hit.empty else _cell(hit.iloc[0], len(spec.seeds)))
+            label = _method_label(mine, method) + (f" [{variant}]" if variant else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for r in table[table["method"] == "none"].itertuples():
+            label = "none (ε = ∞)" + (f" [{r.variant}]" if r.variant else "")
             lines.append(
-                f"| none (ε = ∞) | "
-                f"{_accuracy(r.accuracy_mean, r.accuracy_std, r.seeds, len(spec.seeds))} |"
-                + " |"
-                * (len(eps_grid) - 1)
+                f"| {label} | {_cell(r._asdict(), len(spec.seeds))} |" + " |" * (len(eps_grid) - 1)
             )
+        if table["unsound_seeds"].any():
+            lines += ["", f"{UNSOUND_MARK} {UNSOUND}."]
+        if spec.grid:
+            lines += _best_variants(table, split)
         if table["stale_seeds"].any():
             lines += ["", f"{STALE_MARK} {STALE}."]
         for method in spec.methods:

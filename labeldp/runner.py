@@ -77,6 +77,14 @@ class RunConfig:
         images (92.7 % against 92.2 % with 2 for the 8-epoch Fashion-MNIST baseline) and 4
         for 32x32. hflip: random horizontal flips; None follows the dataset.
     train: the core loop's hyper-parameters (epochs, lr, seed, ...).
+    validation_size: hold out a validation split of this many examples (1..N−1), carved
+        from the training split before ``train_size`` applies and never trained on; the
+        run is then evaluated on it instead of the test split (``validation_accuracy`` in
+        metrics.json, ``test_accuracy`` null), so hyper-parameters are chosen without
+        seeing the test set. The split is the same for every run and seed of a dataset
+        (a fixed seed, never labels). Its true labels are used only to score the run (a
+        tuning statistic, outside the guarantee, as in the label-DP literature's tuning
+        on public benchmarks); None: evaluate on the test split.
     canaries: memorization canaries planted among the training labels (≥ 0); as many
         control test images are recorded too. audit_canaries: one-run audit canaries
         (≥ 0). Both replace labels before the method sees any (see attacks.canaries).
@@ -89,6 +97,7 @@ class RunConfig:
     model: str | None = None
     norm: str = "batch"
     train_size: int | None = None
+    validation_size: int | None = None
     crop_padding: int | None = None
     hflip: bool | None = None
     canaries: int = 0
@@ -105,6 +114,14 @@ class RunConfig:
             or self.train_size < 1
         ):
             raise ConfigError(f"train_size must be an integer ≥ 1 or None, got {self.train_size!r}")
+        if self.validation_size is not None and (
+            isinstance(self.validation_size, bool)
+            or not isinstance(self.validation_size, int)
+            or self.validation_size < 1
+        ):
+            raise ConfigError(
+                f"validation_size must be an integer ≥ 1 or None, got {self.validation_size!r}"
+            )
         if self.crop_padding is not None and self.crop_padding < 0:
             raise ConfigError(f"crop_padding must be ≥ 0 pixels, got {self.crop_padding}")
         if self.model is not None:
@@ -151,12 +168,31 @@ class Environment:
     shared_dir: str | None = None
 
 
+#: The seed of the validation split: one split per dataset, whatever the run's seed.
+VALIDATION_SEED = 0
+
+
 def prepare_data(config: RunConfig, env: Environment) -> tuple[DeviceDataset, DeviceDataset]:
-    """Loads the splits on the training device and applies ``train_size``."""
+    """Loads the splits on the training device and applies ``validation_size`` and
+    ``train_size``; returns (train, evaluation split): the test split, or the validation
+    split carved from the training split when ``validation_size`` is set."""
     device = resolve_device(env.device)
     train, test = load_splits(
         config.dataset, data_dir=env.data_dir, download=env.download, device=device
     )
+    if config.validation_size is not None:
+        if config.validation_size > len(train) - 1:
+            raise ConfigError(
+                f"validation_size must be in 1..{len(train) - 1} for {config.dataset} (the "
+                f"training split less one example), got {config.validation_size}"
+            )
+        held = random_subset(
+            len(train), config.validation_size, derive_seed(VALIDATION_SEED, Stream.VALIDATION)
+        )
+        keep = torch.ones(len(train), dtype=torch.bool)
+        keep[held] = False
+        test = train.subset(held.to(train.device))
+        train = train.subset(torch.nonzero(keep).squeeze(1).to(train.device))
     if config.train_size is not None:
         if config.train_size > len(train):
             raise ConfigError(
@@ -309,7 +345,11 @@ def _train_run(
         "method_details": result.fit.extra,
         "model": config.model_name,
         "train_size": len(train),
-        "test_accuracy": result.fit.test_accuracy,
+        "evaluation_split": "test" if config.validation_size is None else "validation",
+        "test_accuracy": result.fit.test_accuracy if config.validation_size is None else None,
+        "validation_accuracy": None
+        if config.validation_size is None
+        else result.fit.test_accuracy,
         "epsilon": ledger["epsilon"],
         "delta": ledger["delta"],
         "ledger": ledger,
@@ -325,7 +365,10 @@ def _train_run(
         **provenance(),
     }
     # A run whose training diverged is recorded as such, its non-finite numbers as null.
-    metrics["outcome"] = "diverged" if result.fit.diverged else "finished"
+    # So is one that ended on the constant-prediction plateau (labeldp.train.loop.collapsed).
+    metrics["outcome"] = (
+        "diverged" if result.fit.diverged else "collapsed" if result.fit.collapsed else "finished"
+    )
     metrics = json_safe(metrics)
     if run_dir is not None:
         weights = result.fit.eval_model.state_dict()

@@ -34,6 +34,7 @@ class Stream(IntEnum):
     CANARIES = 3  # canary choice, canary labels, coins
     OUTPUT_SAMPLE = 4  # label-inference sample stored with the run
     ATTACK_SPLIT = 5  # memorization attack's selection/measurement halves
+    VALIDATION = 6  # the validation split held out of the training split
     EPOCH_GLOBAL = 10  # torch's global generator, per epoch
     EPOCH_BATCHES = 11  # batch order and augmentation, per epoch
     RR_NOISE = 100

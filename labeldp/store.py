@@ -104,6 +104,15 @@ def _bound(part: dict[str, Any] | None) -> float | None:
     return float("inf") if value == "inf" else value
 
 
+def evaluation_accuracy(metrics: dict[str, Any]) -> float:
+    """The run's accuracy on its evaluation split (0–1): the test split, or the validation
+    split of a tuning run (``metrics["evaluation_split"]`` says which); this is what the
+    store's ``test_accuracy`` column holds."""
+    if metrics.get("evaluation_split") == "validation":
+        return metrics["validation_accuracy"]
+    return metrics["test_accuracy"]
+
+
 class ResultsStore:
     """The runs of all sweeps in the SQLite database at ``path`` (created if absent, unless
     ``create`` is False: then a missing store is a :class:`ConfigError`)."""
@@ -155,7 +164,7 @@ class ResultsStore:
             config["method"],
             options.get("epsilon"),
             config["train"]["seed"],
-            metrics["test_accuracy"],
+            evaluation_accuracy(metrics),
             _bound(attack and attack.get("memorization")),
             _bound(attack and attack.get("one_run")),
             attack["label_inference"]["gap"] if attack else None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import datetime as _dt
 import fnmatch
+import itertools
 import json
 import os
 import signal
@@ -45,7 +46,7 @@ from .locking import FolderLocked, folder_lock
 from .methods import METHODS, method_parameters
 from .provenance import describe_numerics, numerics
 from .runner import Environment, RunConfig, format_epsilon, train_run
-from .store import ResultsStore, run_key
+from .store import ResultsStore, evaluation_accuracy, run_key
 from .train import TrainConfig, resolve_device
 
 #: RunConfig fields that a sweep varies itself; every other RunConfig field (dataset,
@@ -69,6 +70,14 @@ class SweepSpec:
         (``[per_method.dp-sgd]`` in TOML).
     reference: published numbers to print beside ours: ``{"source": str, "epsilons":
     [...], "rows": {method: [accuracy in %, ...]}}``.
+    grid: a Cartesian product over further options (``[grid]`` in TOML), each key a list of
+        values: ``"train.<field>"`` (a TrainConfig field, e.g. ``"train.lr"``), a shared
+        RunConfig field (``model``, ``norm``, ``crop_padding``, ...) or
+        ``"<method>.<option>"`` (an option of that method only, e.g. ``"rr.learning"``).
+        Every run of the sweep takes every combination of the keys that apply to it
+        (method keys apply to that method's runs); a grid value replaces the shared,
+        per-method and method-option values. Each combination is a *variant*, named in the
+        run's name and in the report (e.g. ``rr-eps1-lr0.05-learningposterior-seed0``).
     """
 
     name: str
@@ -82,6 +91,7 @@ class SweepSpec:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference: dict[str, Any] | None = None
+    grid: dict[str, list[Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> SweepSpec:
@@ -157,6 +167,19 @@ class SweepSpec:
 
     def runs(self) -> list[tuple[str, RunConfig]]:
         """(name, config) of every grid point, seed by seed, non-private first."""
+        return [(name, config) for name, config, _ in self.points()]
+
+    def variants(self) -> dict[str, str]:
+        """Each grid point's run key → its variant label ("" without a ``[grid]``)."""
+        return {run_key(config.to_dict()): variant for _, config, variant in self.points()}
+
+    def grid_keys(self, method: str) -> list[str]:
+        """The ``[grid]`` keys that apply to ``method``'s runs, in file order."""
+        return [k for k in self.grid if "." not in k or k.split(".", 1)[0] in ("train", method)]
+
+    def points(self) -> list[tuple[str, RunConfig, str]]:
+        """(name, config, variant) of every grid point, seed by seed, non-private first,
+        then method by method, ε by ε, variant by variant."""
         grid = []
         for seed in self.seeds:
             points: list[tuple[str, float | None]] = (
@@ -164,18 +187,37 @@ class SweepSpec:
             )
             points += [(m, float(e)) for m in self.methods for e in self.method_epsilons(m)]
             for method, eps in points:
-                options = dict(self.method_options.get(method, {}))
-                if eps is not None:
-                    options["epsilon"] = eps
-                override = dict(self.per_method.get(method, {}))
-                override.pop("epsilons", None)
-                train = TrainConfig(**{**self.train, **override.pop("train", {})}, seed=seed)
-                config = RunConfig(
-                    **{**self.run, **override}, train=train, method=method, method_options=options
-                )
-                label = method if eps is None else f"{method}-eps{eps:g}"
-                grid.append((f"{label}-seed{seed}", config))
+                keys = self.grid_keys(method)
+                for values in itertools.product(*(self.grid[k] for k in keys)):
+                    chosen = dict(zip(keys, values, strict=True))
+                    config = self._config(method, eps, seed, chosen)
+                    variant = "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in chosen.items())
+                    label = method if eps is None else f"{method}-eps{eps:g}"
+                    label += f"-{variant}" if variant else ""
+                    grid.append((f"{label}-seed{seed}", config, variant))
         return grid
+
+    def _config(
+        self, method: str, eps: float | None, seed: int, chosen: dict[str, Any]
+    ) -> RunConfig:
+        options = dict(self.method_options.get(method, {}))
+        if eps is not None:
+            options["epsilon"] = eps
+        override = dict(self.per_method.get(method, {}))
+        override.pop("epsilons", None)
+        train = {**self.train, **override.pop("train", {})}
+        run = {**self.run, **override}
+        for key, value in chosen.items():
+            head, _, tail = key.partition(".")
+            if not tail:
+                run[key] = value
+            elif head == "train":
+                train[tail] = value
+            else:
+                options[tail] = value
+        return RunConfig(
+            **run, train=TrainConfig(**train, seed=seed), method=method, method_options=options
+        )
 
 
 def _is_number(value: Any) -> bool:
@@ -241,7 +283,8 @@ def _check_types(path: Path, data: dict[str, Any]) -> None:
         fail("seeds", "a list of integers")
     if len(set(seeds)) != len(seeds):
         fail("seeds", "a list without repeats")
-    for key in ("train", "method_options", "per_method", "reference"):
+    _check_grid(path, data)
+    for key in ("train", "method_options", "per_method", "reference", "grid"):
         if key in data and not isinstance(data[key], dict):
             fail(key, "a table")
     for method, override in data.get("per_method", {}).items():
@@ -285,6 +328,51 @@ def _check_types(path: Path, data: dict[str, Any]) -> None:
     # last, so that it never hides the errors above
     if "epochs" not in data.get("train", {}):
         raise ConfigError(f"{path}: [train] must set epochs (an integer ≥ 1)")
+
+
+def _check_grid(path: Path, data: dict[str, Any]) -> None:
+    """``[grid]``: each key names a TrainConfig field (``train.<field>``), a shared
+    RunConfig field or ``<method>.<option>`` of a method of the sweep, and holds a
+    non-empty list without repeats; errors name the key and what it may be."""
+    grid = data.get("grid")
+    if grid is None:
+        return
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{path}: grid must be a table, got {grid!r}")
+    train_fields = sorted(f.name for f in fields(TrainConfig) if f.name != "seed")
+    shared = sorted({f.name for f in fields(RunConfig)} - set(VARIED))
+    methods = [*data.get("methods", []), "none"]
+    for key, values in grid.items():
+        where = f"[grid] {key}"
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: {where} must be a non-empty list of values, got {values!r}")
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            raise ConfigError(f"{path}: {where} must be a list without repeats")
+        head, _, tail = key.partition(".")
+        if not tail:
+            if key not in shared:
+                raise ConfigError(
+                    f"{path}: {where} is no run option; a grid key is train.<field> "
+                    f"({', '.join(train_fields)}), one of {', '.join(shared)}, or "
+                    "<method>.<option>"
+                )
+        elif head == "train":
+            if tail not in train_fields:
+                raise ConfigError(
+                    f"{path}: {where}: TrainConfig has no field {tail!r} (seeds go in "
+                    f"'seeds'); fields: {', '.join(train_fields)}"
+                )
+        elif head in methods:
+            allowed = [n for n in method_parameters(head) if n != "epsilon"]
+            if tail not in allowed:
+                raise ConfigError(
+                    f"{path}: {where}: method {head} takes {', '.join(allowed) or 'no options'}"
+                )
+        else:
+            raise ConfigError(
+                f"{path}: {where} names no method of the sweep ({', '.join(methods)}) and is "
+                "not train.<field>"
+            )
 
 
 def _execute(
@@ -451,7 +539,8 @@ def run_sweep(
             else f", ε_LB {attack['memorization']['epsilon_lb']}"
         )
         bar.write(
-            f"{name}: accuracy {metrics['test_accuracy']:.4f}, "
+            f"{name}: {metrics.get('evaluation_split', 'test')} accuracy "
+            f"{evaluation_accuracy(metrics):.4f}, "
             f"ε = {format_epsilon(metrics['epsilon'])}{bound}"
         )
 

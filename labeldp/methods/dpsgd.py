@@ -132,7 +132,14 @@ class DPSGDMethod:
 
     def check(self, run: RunCheck) -> None:
         """Refuses, before the run folder is written, a model with batch statistics and a
-        plan that cannot keep the budget (the calibration's own errors included)."""
+        plan that cannot keep the budget (the calibration's own errors included), and mixup:
+        a mixed example carries two examples' data, which per-example clipping does not
+        bound, so the accounting would not hold."""
+        if run.config.mixup_alpha > 0:
+            raise ConfigError(
+                f"mixup_alpha (--mixup) must be 0 for dp-sgd (mixing examples breaks the "
+                f"per-example sensitivity its ε rests on), got {run.config.mixup_alpha}"
+            )
         with torch.random.fork_rng(devices=[]):
             check_per_example_model(run.build_model())
         self.plan(run.num_examples, run.config.batch_size, run.config.epochs)

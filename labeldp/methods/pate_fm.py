@@ -198,7 +198,13 @@ class PateFM:
 
     def check(self, run: RunCheck) -> None:
         """Refuses, before the run folder is written, more teachers or queries than
-        training examples and fewer queries than canaries (all must be in the pool)."""
+        training examples, fewer queries than canaries (all must be in the pool), and
+        mixup (the FixMatch student does not mix)."""
+        if run.config.mixup_alpha > 0:
+            raise ConfigError(
+                f"mixup_alpha (--mixup) must be 0 for pate-fm (its FixMatch student does not "
+                f"mix), got {run.config.mixup_alpha}"
+            )
         self._check_sizes(run.num_examples, run.canaries)
 
     def _check_sizes(self, n: int, canaries: int) -> None:

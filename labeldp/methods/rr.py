@@ -4,12 +4,46 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
 from ..mechanisms import RandomizedResponse
 from ..mechanisms.validation import check_epsilon
 from ..privacy import PrivacyLedger
 from ..seeding import Stream
 from ..train import HardLabels
+from ..train.targets import ForwardCorrectedLabels
 from .base import MethodResult, RunContext
+
+#: How a model learns from RR's labels; every choice is post-processing of the release.
+LEARNING = ("plain", "forward", "posterior")
+
+
+def rr_transition(mechanism: RandomizedResponse, device: torch.device) -> torch.Tensor:
+    """RR's noise channel T[k, j] = P(ỹ = j | y = k): e^ε/(e^ε+K−1) on the diagonal,
+    1/(e^ε+K−1) elsewhere; float64 (K, K)."""
+    k, keep = mechanism.num_classes, mechanism.keep_probability
+    other = (1 - keep) / (k - 1)
+    eye = torch.eye(k, dtype=torch.float64, device=device)
+    return eye * keep + (1 - eye) * other
+
+
+class RRPosterior:
+    """Soft targets P(y = k | ỹ, x) ∝ P(ỹ | y = k) · softmax(z)_k for RR's labels ỹ: the
+    Bayes posterior of the true label with the current model as the prior (the RR analogue
+    of ALIBI's inference). With RR's channel this is ``softmax(z + ε·onehot(ỹ))``.
+
+    noisy: int64 (N,) RR labels. epsilon: RR's ε. num_classes: K."""
+
+    def __init__(self, noisy: torch.Tensor, epsilon: float, num_classes: int) -> None:
+        self.noisy = noisy
+        self.epsilon = float(epsilon)
+        self.num_classes = num_classes
+
+    def __call__(self, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        onehot = F.one_hot(self.noisy[indices], self.num_classes).float()
+        return torch.softmax(logits.float() + self.epsilon * onehot, dim=1)
 
 
 class RandomizedResponseMethod:
@@ -17,16 +51,26 @@ class RandomizedResponseMethod:
     trains on the noisy labels every epoch.
 
     epsilon: ε > 0 per label. secure_noise: draw from OS entropy instead of the run seed.
+    learning: how the model learns from the RR labels (all post-processing, free):
+        "plain" (cross-entropy on the noisy labels), "forward" (forward loss correction
+        with RR's known channel, Patrini et al. 2017; see
+        :class:`~labeldp.train.targets.ForwardCorrectedLabels`) or "posterior" (soft targets
+        that are the Bayes posterior of the true label given the RR label and the current
+        model, :class:`RRPosterior`).
     """
 
     name: ClassVar[str] = "rr"
 
-    def __init__(self, epsilon: float, secure_noise: bool = False) -> None:
+    def __init__(self, epsilon: float, secure_noise: bool = False, learning: str = "plain") -> None:
         self.epsilon = check_epsilon(epsilon)
         self.secure_noise = bool(secure_noise)
+        if learning not in LEARNING:
+            raise ConfigError(f"learning must be one of {', '.join(LEARNING)}, got {learning!r}")
+        self.learning = learning
 
     def options(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "secure_noise": self.secure_noise}
+        return {"epsilon": self.epsilon, "secure_noise": self.secure_noise,
+                "learning": self.learning}  # fmt: skip
 
     def run(self, ctx: RunContext) -> MethodResult:
         labels = ctx.train.labels
@@ -37,4 +81,13 @@ class RandomizedResponseMethod:
         noisy = ctx.privatized("rr", lambda: mechanism.privatize(labels, generator))
         ledger = PrivacyLedger()
         ledger.record(mechanism.ledger_entry(examples=len(noisy)))
-        return MethodResult(fit=ctx.fit(HardLabels(noisy)), ledger=ledger)
+        return MethodResult(fit=ctx.fit(rr_targets(self.learning, noisy, mechanism)), ledger=ledger)
+
+
+def rr_targets(learning: str, noisy: torch.Tensor, mechanism: RandomizedResponse):
+    """The training targets for RR labels ``noisy`` under ``learning`` (see LEARNING)."""
+    if learning == "forward":
+        return ForwardCorrectedLabels(noisy, rr_transition(mechanism, noisy.device))
+    if learning == "posterior":
+        return RRPosterior(noisy, mechanism.epsilon, mechanism.num_classes)
+    return HardLabels(noisy)

@@ -33,6 +33,11 @@ class TrainConfig:
         is always evaluated.
     eval_batch_size: examples per evaluation batch, ≥ 1.
     precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16".
+    mixup_alpha: mixup (Zhang et al. 2018) with λ ~ Beta(α, α) per batch, α ≥ 0; 0 turns
+        it off. Each batch is mixed with a permutation of itself, inputs and (one-hot or
+        soft) targets alike, as the label-DP references train on noisy labels. Only the
+        plain back-propagation step mixes: DP-SGD refuses it (a mixed example carries two
+        examples' data, which per-example clipping does not bound).
     """
 
     epochs: int
@@ -48,6 +53,7 @@ class TrainConfig:
     eval_every: int = 1
     eval_batch_size: int = 1000
     precision: str = "auto"
+    mixup_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, 1)
@@ -71,6 +77,15 @@ class TrainConfig:
             raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if not (
+            isinstance(self.mixup_alpha, (int, float))
+            and not isinstance(self.mixup_alpha, bool)
+            and math.isfinite(self.mixup_alpha)
+            and self.mixup_alpha >= 0
+        ):
+            raise ConfigError(
+                f"mixup_alpha must be a finite number ≥ 0 (0: no mixup), got {self.mixup_alpha!r}"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"

@@ -58,6 +58,25 @@ def predict_logits(
     return torch.cat(outputs)
 
 
+#: A model is "collapsed" (the constant-prediction plateau that heavy label noise with too
+#: large a learning rate produces) when one class takes more than this share of its
+#: predictions on the evaluation split; with K ≥ 3 classes only (see :func:`collapsed`).
+COLLAPSE_SHARE = 0.5
+
+
+def top_class_share(logits: torch.Tensor) -> float:
+    """The share (0–1) of rows predicted as the most-predicted class."""
+    counts = torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1])
+    return (counts.max().float() / max(logits.shape[0], 1)).item()
+
+
+def collapsed(share: float | None, num_classes: int) -> bool:
+    """Whether a model whose most-predicted class takes ``share`` of its predictions sits on
+    the constant-prediction plateau: share > :data:`COLLAPSE_SHARE` with K ≥ 3 (a
+    heuristic for roughly balanced evaluation splits such as Fashion-MNIST's or CIFAR's)."""
+    return share is not None and num_classes >= 3 and share > COLLAPSE_SHARE
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of rows whose argmax equals the label, in [0, 1]."""
     return (logits.argmax(dim=1) == labels).float().mean().item()
@@ -78,6 +97,9 @@ class FitResult:
     diverged: training stopped early because the training loss or the weights became
         non-finite (NaN or ±inf) in the last epoch of ``history`` (marked ``"diverged":
         True`` there); test_accuracy is then that of the diverged model, as measured.
+    collapsed: the final model sits on the constant-prediction plateau (one class takes
+        more than :data:`COLLAPSE_SHARE` of its predictions on the evaluation split; each
+        evaluated epoch records ``top_class_share``); test_accuracy is as measured.
     """
 
     history: list[dict[str, Any]]
@@ -88,6 +110,7 @@ class FitResult:
     resumed_from_epoch: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     diverged: bool = False
+    collapsed: bool = False
 
 
 class Trainer:
@@ -146,7 +169,14 @@ class Trainer:
         self.augment = augment
         self.test_images = test_images
         self.test_labels = test_labels
-        self.step = step or BackpropStep()
+        if step is None:
+            step = BackpropStep(config.mixup_alpha)
+        elif config.mixup_alpha > 0 and not getattr(step, "supports_mixup", False):
+            raise ConfigError(
+                f"mixup_alpha must be 0 for this method's gradient step "
+                f"({type(step).__name__}), got {config.mixup_alpha}"
+            )
+        self.step = step
         # A step whose loss and logits are statistics of the raw training data that its
         # privacy guarantee does not cover (DP-SGD: true labels and features) sets
         # ``private_outputs``; the loop then neither shows nor records them.
@@ -219,6 +249,7 @@ class Trainer:
             self._report_epoch()
         test_accuracy = self.history[-1]["test_accuracy"] if self.history else None
         return FitResult(
+            collapsed=bool(self.history and self.history[-1].get("collapsed")),
             history=list(self.history),
             test_accuracy=test_accuracy,
             train_seconds=self.train_seconds,
@@ -241,6 +272,10 @@ class Trainer:
             self.autocast,
         )
         result = accuracy(logits, self.test_labels)
+        if self.history:
+            share = top_class_share(logits)
+            self.history[-1]["top_class_share"] = share
+            self.history[-1]["collapsed"] = collapsed(share, logits.shape[1])
         self.eval_seconds += time.perf_counter() - start
         return result
 

@@ -17,7 +17,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .targets import TargetFn, target_loss
+from ..errors import ConfigError
+from .targets import TargetFn, loss_function, soft_targets
 
 
 @dataclass
@@ -41,8 +42,36 @@ class GradientStep(Protocol):
     ) -> StepOutput: ...
 
 
+def mixup_pairs(batch: int, alpha: float, device: torch.device) -> tuple[float, torch.Tensor]:
+    """Mixup's draws for one batch (Zhang et al. 2018): λ ~ Beta(α, α), once per batch, and
+    a random permutation π of the batch; mix with :func:`mix`. Draws from torch's global
+    generator (the loop seeds it per epoch). alpha > 0."""
+    if not alpha > 0:
+        raise ConfigError(f"mixup alpha must be > 0, got {alpha}")
+    lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
+    return lam, torch.randperm(batch).to(device)
+
+
+def mix(values: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
+    """``λ·v + (1−λ)·v[π]``: mixed inputs, or mixed soft targets (B, K)."""
+    return lam * values + (1 - lam) * values[perm]
+
+
 class BackpropStep:
-    """Mean loss over the batch, back-propagated: the non-private step."""
+    """Mean loss over the batch, back-propagated: the non-private step.
+
+    mixup_alpha: mix each batch (see :func:`mixup`) with λ ~ Beta(α, α); 0: no mixup.
+    Targets that depend on the model (ALIBI's or RR's posterior) are computed from the
+    model's logits on the unmixed batch (one more forward pass without gradients; in train
+    mode, so BatchNorm's running statistics also see the clean batch), then mixed; targets
+    with their own loss (forward correction) receive the mixed soft targets."""
+
+    supports_mixup = True
+
+    def __init__(self, mixup_alpha: float = 0.0) -> None:
+        if not mixup_alpha >= 0:
+            raise ConfigError(f"mixup_alpha must be ≥ 0, got {mixup_alpha}")
+        self.mixup_alpha = float(mixup_alpha)
 
     def __call__(
         self,
@@ -52,9 +81,25 @@ class BackpropStep:
         targets: TargetFn,
         autocast: Callable[[], AbstractContextManager],
     ) -> StepOutput:
+        if self.mixup_alpha > 0:
+            return self._mixed(model, inputs, indices, targets, autocast)
         with autocast():
             logits = model(inputs)
         batch_targets = targets(indices, logits.detach())
-        loss = target_loss(logits, batch_targets)
+        loss = loss_function(targets)(logits, batch_targets)
         loss.backward()
         return StepOutput(loss.detach(), logits.detach(), batch_targets)
+
+    def _mixed(self, model, inputs, indices, targets, autocast) -> StepOutput:
+        current = None
+        if getattr(targets, "uses_logits", True):
+            with torch.no_grad(), autocast():
+                current = model(inputs).float()
+        batch_targets = targets(indices, current)
+        lam, perm = mixup_pairs(inputs.shape[0], self.mixup_alpha, inputs.device)
+        with autocast():
+            logits = model(mix(inputs, lam, perm))
+        mixed = mix(soft_targets(batch_targets, logits.shape[1]), lam, perm)
+        loss = loss_function(targets)(logits, mixed)
+        loss.backward()
+        return StepOutput(loss.detach(), logits.detach(), mixed)

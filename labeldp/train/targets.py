@@ -56,6 +56,55 @@ def target_loss(
     return per_example.mean() if reduction == "mean" else per_example
 
 
+def soft_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Targets as probability rows (B, K) float32: one-hot rows for hard labels (B,)."""
+    if targets.dtype == torch.int64:
+        return F.one_hot(targets, num_classes).float()
+    return targets.float()
+
+
+def loss_function(targets: TargetFn):
+    """The loss a step minimizes for ``targets``: their own ``loss(logits, batch_targets,
+    reduction)`` when they define one (forward correction), else :func:`target_loss`."""
+    return getattr(targets, "loss", target_loss)
+
+
+class ForwardCorrectedLabels(HardLabels):
+    """Noisy hard labels trained with forward loss correction (Patrini et al. 2017):
+    the loss is ``−log (softmax(z) · T)_ỹ`` where ``T[k, j] = P(ỹ = j | y = k)`` is the
+    known noise channel, so the model learns P(y | x) while fitting P(ỹ | x).
+    Post-processing of the released labels: free of privacy cost.
+
+    labels: int64 (N,) noisy labels. transition: float (K, K), rows summing to 1, on the
+    labels' device."""
+
+    def __init__(self, labels: torch.Tensor, transition: torch.Tensor) -> None:
+        super().__init__(labels)
+        k = transition.shape[0]
+        if transition.shape != (k, k) or not torch.allclose(
+            transition.sum(dim=1), torch.ones(k, dtype=transition.dtype, device=transition.device)
+        ):
+            raise ValueError(
+                f"transition must be a (K, K) row-stochastic matrix, got {tuple(transition.shape)}"
+            )
+        self.transition = transition.float()
+
+    def loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """``−log Σ_k softmax(z)_k T[k, ỹ]`` per example for hard labels ỹ (B,); for soft
+        targets t (B, K) (mixed labels) the cross-entropy ``−Σ_j t_j log (softmax(z) T)_j``
+        against the predicted distribution of the noisy label. In log space, float32."""
+        log_p = F.log_softmax(logits.float(), dim=1)  # (B, K)
+        log_t = self.transition.log()  # (K, K)
+        log_noisy = torch.logsumexp(log_p.unsqueeze(2) + log_t.unsqueeze(0), dim=1)  # (B, K)
+        if targets.dtype == torch.int64:
+            per_example = -log_noisy.gather(1, targets.unsqueeze(1)).squeeze(1)
+        else:
+            per_example = -(targets * log_noisy).sum(dim=1)
+        return per_example.mean() if reduction == "mean" else per_example
+
+
 def target_classes(targets: torch.Tensor) -> torch.Tensor:
     """The class each target points at: the label itself, or the argmax of a soft target."""
     return targets if targets.dtype == torch.int64 else targets.argmax(dim=1)
