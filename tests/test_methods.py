@@ -12,7 +12,7 @@ from fakes import isolate_data_sources, write_learnable_fashion
 
 from labeldp import cli
 from labeldp.errors import ConfigError
-from labeldp.mechanisms import Alibi, RandomizedResponse, RRWithPrior
+from labeldp.mechanisms import Alibi, RandomizedResponse
 from labeldp.methods import build_method
 from labeldp.methods.alibi import AlibiTargets
 from labeldp.methods.lp_mst import paper_setting
@@ -114,31 +114,6 @@ def test_alibi_targets_are_the_posterior_under_the_model_prior():
     torch.testing.assert_close(targets, mech.posterior(noisy, torch.softmax(logits, 1)))
     flat = AlibiTargets(mech, noisy, prior="uniform")(torch.arange(4), logits)
     torch.testing.assert_close(flat, mech.posterior(noisy))
-
-
-def test_lp_2st_randomizes_every_label_exactly_once_in_parallel(data_dir, tmp_path, monkeypatch):
-    rr_calls = _count_calls(monkeypatch, RandomizedResponse)
-    prior_calls = _count_calls(monkeypatch, RRWithPrior)
-    metrics = _run(data_dir, tmp_path / "lp", "lp-2st", epsilon=2.0)
-    assert len(rr_calls) == 1 and len(prior_calls) == 1
-    entries = metrics["ledger"]["entries"]
-    assert [e["mechanism"] for e in entries] == ["randomized-response", "rr-with-prior"]
-    assert sum(e["examples"] for e in entries) == 400
-    assert {e["composition"] for e in entries} == {"parallel"}
-    assert metrics["epsilon"] == 2.0  # parallel composition: max, not sum
-    share = paper_setting(2.0)[0]
-    assert entries[0]["examples"] == round(share * 400)
-    assert metrics["method_options"]["prior_temperature"] == 0.5
-    stage1 = torch.load(tmp_path / "lp" / "stage1.noisy.pt")
-    stage2 = torch.load(tmp_path / "lp" / "stage2.noisy.pt")
-    assert len(stage1) + len(stage2) == 400
-    histories = metrics["method_details"]["stage_histories"]
-    assert len(histories) == 2
-    assert metrics["train_seconds"] == pytest.approx(
-        sum(h["seconds"] for hs in histories for h in hs)
-    )
-    sizes = metrics["method_details"]["stage_training_sizes"]
-    assert sizes[0] == len(stage1) and len(stage2) <= sizes[1] <= 400
 
 
 def test_lp_mst_split_does_not_depend_on_labels(data_dir, tmp_path, monkeypatch):

@@ -48,6 +48,56 @@ class RRWithPrior(LabelMechanism):
         weights = self._keep_probabilities(sizes) * values.cumsum(dim=1)
         return order, weights.argmax(dim=1) + 1
 
+    def top_sets(self, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k* set of each row of ``prior`` (N, K): ``(members, k)`` with
+        ``members`` bool (N, K) (class c is in row i's set) and ``k`` int64 (N,) in 1..K.
+
+        The uniform prior gives k* = K, the set of all classes, for every ε > 0: with
+        p₍ⱼ₎ = 1/K, w_k = k/K · e^ε/(e^ε + k − 1) and
+        w_{k+1}/w_k = (k + 1 + (k² − 1)e^{−ε}) / (k + k²e^{−ε}) > 1, since the numerator
+        minus the denominator is 1 − e^{−ε} > 0. RRTop-K is then exactly k-ary RR (keep
+        y with probability e^ε/(e^ε + K − 1), else another class uniformly), and
+        :meth:`privatize` draws it from the same variates as
+        :class:`~labeldp.mechanisms.RandomizedResponse` (identity order, same offsets)."""
+        prior = check_prior(prior)
+        order, k = self._sorted(prior)
+        return torch.argsort(order, dim=1) < k[:, None], k
+
+    def release_estimates(self, rr_labels: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """Per example, an unbiased estimate of Pr[RRWithPrior(y, prior) = y] from an RR
+        output ỹ of the same (unseen) true label y: float64 (N,), each of absolute value
+        at most (e^ε + K − 1)/(e^ε − 1) (not a probability itself, it may be negative;
+        its mean over many examples estimates their mean release probability).
+
+        rr_labels: int64 (N,), outputs of k-ary RR at this mechanism's ε over the K
+        classes of ``prior`` (N, K). The prior must not depend on ỹ (e.g. a model that
+        did not train on these examples); it may depend on anything else.
+
+        With p = e^ε/(e^ε + K − 1), q = 1/(e^ε + K − 1) and Y the top-k* set of the
+        prior (size k), the estimate is
+
+            ê = (1{ỹ ∈ Y} − k·q) / (p − q) · e^ε / (e^ε + k − 1).
+
+        Unbiasedness: given y and Y, RR outputs y with probability p and each other class
+        with probability q, so Pr[ỹ ∈ Y] = Σ_{c ∈ Y} Pr[ỹ = c] = (k − 1{y ∈ Y})·q +
+        1{y ∈ Y}·p = k·q + (p − q)·1{y ∈ Y}. Hence E[(1{ỹ ∈ Y} − k·q)/(p − q)] = 1{y ∈ Y}
+        (p − q = (e^ε − 1)/(e^ε + K − 1) > 0 for ε > 0), and E[ê] = 1{y ∈ Y} ·
+        e^ε/(e^ε + k − 1), which is Pr[RRTop-k(y) = y]: inside Y the true label is kept
+        with that probability, outside Y it is never output. Computed as
+        (1{ỹ ∈ Y} − (k − K·1{ỹ ∈ Y}) / (e^ε − 1)) · e^ε/(e^ε + k − 1), the same value
+        (use q/(p − q) = 1/(e^ε − 1) and 1 − p + q = K·q), with 1/(e^ε − 1) taken as
+        e^{−ε}/(1 − e^{−ε}), which does not overflow. A set of all K classes (e.g. the
+        uniform prior) gives ê = e^ε/(e^ε + K − 1) = p exactly, RR's keep probability,
+        whatever ỹ."""
+        rows = rr_labels.shape[0] if isinstance(rr_labels, torch.Tensor) else None
+        prior = check_prior(prior, rows)
+        rr_labels = check_labels(rr_labels, prior.shape[1])
+        members, k = self.top_sets(prior)
+        inside = members.gather(1, rr_labels[:, None])[:, 0].double()
+        ratio = math.exp(-self.epsilon) / -math.expm1(-self.epsilon)  # q / (p − q)
+        indicator = inside - (k.double() - prior.shape[1] * inside) * ratio
+        return indicator * self._keep_probabilities(k)
+
     def optimal_k(self, prior: torch.Tensor) -> torch.Tensor:
         """k* for each row of ``prior`` (N, K): int64 (N,), values in 1..K."""
         return self._sorted(check_prior(prior))[1]

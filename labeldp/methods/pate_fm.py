@@ -26,6 +26,13 @@ The ledger's ε is the guarantee: the filter's budget (or the data-independent �
 answering the whole pool, when smaller). The data-dependent ε of Papernot et al. (2018)
 is smaller but a function of the private votes; it is recorded under ``diagnostics``
 (not publishable as it stands). Every canary planted in the run is in the query pool.
+
+Diagnostics (outside the guarantee: computed from the raw votes and the labels the run
+trains on, ``ctx.train.labels``, which hold the planted label of every canary) go under
+``metrics.json["diagnostics"]``; see :func:`answer_diagnostics`,
+:func:`teacher_accuracy_summary` and :meth:`PateFM.run` for the keys. One of them, the
+"ceiling student" (``ceiling_student``), is the student's recipe trained on the true
+labels of the answered queries: what the student would reach if every answer were right.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -54,6 +62,7 @@ from ..train import FitResult, HardLabels
 from ..train.ensemble import (
     EnsembleFixMatchConfig,
     StackedModels,
+    ensemble_predictions,
     ensemble_votes,
     train_fixmatch_ensemble,
 )
@@ -70,7 +79,7 @@ def _unchanged(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 #: teachers' votes.
 VOTE_INDEPENDENT_OPTIONS = (
     "epsilon", "delta", "threshold", "sigma1", "sigma2", "secure_noise", "student_steps",
-    "release_data_dependent", "release_share",
+    "release_data_dependent", "release_share", "ceiling_student",
 )  # fmt: skip
 
 #: Smoothness of the smooth-sensitivity release, as β·λ at the filter's order λ.
@@ -98,6 +107,12 @@ class PateFM:
     at the filter's order λ with β = 0.2/λ; its cost is fixed in advance and taken from
     the budget, so the run's ε stays ``epsilon``.
     release_share: the share of the filter's RDP budget kept for that release, in (0, 1).
+    ceiling_student: also train the "ceiling student" (a diagnostic, outside the
+    guarantee): the student's recipe (same steps, seeds and schedule) on the *true*
+    labels of the answered queries, its accuracy on the evaluation split recorded as
+    ``diagnostics.ceiling_student_accuracy`` in [0, 1]. It roughly doubles the student's
+    training time; False skips it (the key is then null). Its checkpoint lives under
+    ``diagnostics/``, it draws no privacy noise and leaves the released outputs unchanged.
     """
 
     name: ClassVar[str] = "pate-fm"
@@ -127,6 +142,7 @@ class PateFM:
         secure_noise: bool = False,
         release_data_dependent: bool = False,
         release_share: float = 0.25,
+        ceiling_student: bool = True,
     ) -> None:
         self.epsilon = check_epsilon(epsilon)
         check_int("teachers", teachers, 2)
@@ -159,6 +175,9 @@ class PateFM:
             raise ConfigError(f"release_share must be in (0, 1), got {release_share!r}")
         self.release_data_dependent = bool(release_data_dependent)
         self.release_share = float(release_share)
+        if not isinstance(ceiling_student, (bool, np.bool_)):
+            raise ConfigError(f"ceiling_student must be true or false, got {ceiling_student!r}")
+        self.ceiling_student = bool(ceiling_student)
         if self.release_data_dependent:
             self._release_plan()  # refuses a budget too small for the release, now
 
@@ -182,6 +201,7 @@ class PateFM:
             "secure_noise": self.secure_noise,
             "release_data_dependent": self.release_data_dependent,
             "release_share": self.release_share,
+            "ceiling_student": self.ceiling_student,
         }
 
     def _release_plan(self) -> dict[str, float]:
@@ -221,34 +241,44 @@ class PateFM:
             )
 
     # ------------------------------------------------------------------ pipeline
-    def _votes(self, ctx: RunContext, query_idx: torch.Tensor) -> torch.Tensor:
-        """Vote histograms (M, K) of all teachers on the query images; each group's
-        votes are stored (in the shared folder, else the run folder) once the group has
-        finished."""
-        seed = ctx.config.seed
-        n = len(ctx.train.labels)
-        parts = random_partition(n, self.teachers, derive_seed(seed, Stream.PATE_PARTITION))
-        k = ctx.train.info.num_classes
+    def _teacher_recipe(self, ctx: RunContext) -> tuple[EnsembleFixMatchConfig, Path | None]:
+        """The teachers' FixMatch configuration and the folder of their votes (the shared
+        folder keyed by everything the votes depend on, else the run's ``diagnostics/``;
+        None without either)."""
         config = EnsembleFixMatchConfig(
             steps=self.teacher_steps,
             batch_size=self.teacher_batch,
             mu=self.mu,
             threshold=self.fixmatch_threshold,
             lr=self.teacher_lr,
-            seed=derive_seed(seed, Stream.PATE_TEACHERS),
+            seed=derive_seed(ctx.config.seed, Stream.PATE_TEACHERS),
         )
-        queries = ctx.train.images[query_idx.to(ctx.train.images.device)]
         identity = {k: v for k, v in self.options().items() if k not in VOTE_INDEPENDENT_OPTIONS}
         # the teachers' whole recipe (schedule included), so that votes made under
         # another recipe are never reused
         identity["teacher_training"] = dataclasses.asdict(config)
-        folder = ctx.shared_folder("pate-votes", identity)
+        return config, ctx.shared_folder("pate-votes", identity)
+
+    def _votes(self, ctx: RunContext, query_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vote histograms (M, K) of all teachers on the query images and each teacher's
+        accuracy (n,) float64 in [0, 1] on the evaluation split ``ctx.test`` (its EMA
+        model, the one that votes). Each group's votes and accuracies are stored (in the
+        shared folder, else the run folder) once the group has finished; a group whose
+        votes were stored before accuracies were recorded has NaN accuracies."""
+        seed = ctx.config.seed
+        n = len(ctx.train.labels)
+        parts = random_partition(n, self.teachers, derive_seed(seed, Stream.PATE_PARTITION))
+        k = ctx.train.info.num_classes
+        config, folder = self._teacher_recipe(ctx)
+        queries = ctx.train.images[query_idx.to(ctx.train.images.device)]
         total = torch.zeros(len(query_idx), k, dtype=torch.int64, device=ctx.train.images.device)
+        accuracy = torch.full((self.teachers,), math.nan, dtype=torch.float64)
         for start in range(0, self.teachers, self.teacher_group):
             group = range(start, min(start + self.teacher_group, self.teachers))
             path = folder / f"votes-{start}.pt" if folder is not None else None
             if path is not None and path.exists():
                 total += torch.load(path, map_location=total.device, weights_only=True)
+                accuracy[start : group.stop] = _load_teacher_accuracy(folder, start, len(group))
                 continue
             models = []
             for i in group:
@@ -268,15 +298,40 @@ class PateFM:
                 progress=ctx.progress,
             )
             votes = ensemble_votes(stacked, ema, queries, ctx.normalize, k)
+            predicted = ensemble_predictions(stacked, ema, ctx.test.images, ctx.normalize)
+            right = predicted == ctx.test.labels.to(predicted.device)[None, :]
+            group_accuracy = right.double().mean(1).cpu()
             if path is not None:
+                # the accuracies first: the votes file marks the group as finished
+                acc_path = folder / f"teacher-accuracy-{start}.pt"
+                atomic_write(acc_path, lambda handle, a=group_accuracy: torch.save(a, handle))
                 atomic_write(path, lambda handle, v=votes: torch.save(v.cpu(), handle))
                 (folder / f"teachers-{start}.ckpt").unlink(missing_ok=True)
             total += votes
-        return total
+            accuracy[start : group.stop] = group_accuracy
+        return total, accuracy
 
-    def _student(self, ctx: RunContext, labels: torch.Tensor, taught: torch.Tensor) -> FitResult:
+    def _stored_teacher_accuracy(self, ctx: RunContext) -> torch.Tensor:
+        """The teachers' accuracies (n,) from the group files of the votes folder, without
+        training anything (NaN where a group has none), for a resumed run that started
+        before the run-level copy was written."""
+        _, folder = self._teacher_recipe(ctx)
+        accuracy = torch.full((self.teachers,), math.nan, dtype=torch.float64)
+        if folder is not None:
+            for start in range(0, self.teachers, self.teacher_group):
+                size = min(self.teacher_group, self.teachers - start)
+                accuracy[start : start + size] = _load_teacher_accuracy(folder, start, size)
+        return accuracy
+
+    def _student(
+        self,
+        ctx: RunContext,
+        labels: torch.Tensor,
+        taught: torch.Tensor,
+        name: str = "student",
+    ) -> FitResult:
         """FixMatch on the answered queries ``taught`` (train indices) with ``labels``
-        and every training image unlabeled."""
+        and every training image unlabeled; ``name``: the checkpoint's stage name."""
         device = ctx.train.images.device
         student_step = FixMatchStep(
             ctx.train.images,
@@ -295,7 +350,7 @@ class PateFM:
             config = dataclasses.replace(ctx.config, epochs=epochs, eval_every=epochs)
         return ctx.fit(
             HardLabels(labels.to(device)),
-            name="student",
+            name=name,
             subset=taught.to(device),
             step=student_step,
             config=config,
@@ -336,12 +391,18 @@ class PateFM:
         aggregator = ConfidentGNMax(self.threshold, self.sigma1, self.sigma2, self.secure_noise)
         diagnostics = ctx.diagnostics()
         votes_path = diagnostics / "pate_votes.pt" if diagnostics is not None else None
-        computed: list[torch.Tensor] = []  # the votes, when this session computes them
+        accuracy_path = (
+            diagnostics / "pate_teacher_accuracy.pt" if diagnostics is not None else None
+        )
+        # the votes and teacher accuracies, when this session computes them
+        computed: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def aggregate() -> torch.Tensor:
-            votes = self._votes(ctx, query_idx).cpu()
-            computed.append(votes)
+            votes, teacher_accuracy = self._votes(ctx, query_idx)
+            votes = votes.cpu()
+            computed.append((votes, teacher_accuracy))
             if votes_path is not None:  # raw votes: a diagnostic, never in the release
+                atomic_write(accuracy_path, lambda handle: torch.save(teacher_accuracy, handle))
                 atomic_write(votes_path, lambda handle: torch.save(votes, handle))
             generator = (
                 None
@@ -367,12 +428,17 @@ class PateFM:
         labels = record[1, :considered][torch.from_numpy(answered)]
         taught = record[2, :considered][torch.from_numpy(answered)]
         if computed:
-            votes = computed[0]
+            pool_votes, teacher_accuracy = computed[0]
         elif votes_path is not None and votes_path.exists():  # a resumed run
-            votes = torch.load(votes_path, weights_only=True)
+            pool_votes = torch.load(votes_path, weights_only=True)
+            if accuracy_path is not None and accuracy_path.exists():
+                teacher_accuracy = torch.load(accuracy_path, weights_only=True)
+            else:  # started before accuracies were recorded
+                teacher_accuracy = self._stored_teacher_accuracy(ctx)
         else:  # resumed without the diagnostic: the (seeded, noise-free) votes again
-            votes = self._votes(ctx, query_idx).cpu()
-        votes = votes[:considered].numpy()
+            pool_votes, teacher_accuracy = self._votes(ctx, query_idx)
+        pool_votes = pool_votes.cpu().numpy()
+        votes = pool_votes[:considered]
         eps = self.guarantee(aggregator)
         if considered:
             args = (votes, answered, self.threshold, self.sigma1, self.sigma2, self.delta)
@@ -392,11 +458,14 @@ class PateFM:
             fit = self._student(ctx, labels, taught)
         fit.extra.update({"answered": int(answered.sum()), "considered": considered})
         true = ctx.train.labels.cpu()[taught]
-        not_private = {
-            "label_accuracy_of_answers": (labels == true).float().mean().item()
-            if len(taught)
-            else None,
+        seen = ctx.train.labels.cpu()[record[2]].numpy()  # the pool's labels, canaries' planted
+        not_private: dict[str, Any] = {
+            **answer_diagnostics(
+                pool_votes, seen, answered, labels.numpy(), ctx.train.info.num_classes
+            ),
             "epsilon_data_dependent": eps_dependent,
+            **teacher_accuracy_summary(teacher_accuracy),
+            **self._ceiling(ctx, fit, true, taught),
         }
         order = ConfidentGNMax.filter_order(self.epsilon, self.delta)
         published = None
@@ -440,6 +509,43 @@ class PateFM:
         )
         return MethodResult(fit=fit, ledger=ledger, diagnostics=not_private)
 
+    def _ceiling(
+        self, ctx: RunContext, fit: FitResult, true: torch.Tensor, taught: torch.Tensor
+    ) -> dict[str, Any]:
+        """The ceiling student (a diagnostic): :meth:`_student` on the labels the run sees
+        (``true``: ``ctx.train.labels`` of the answered queries ``taught``) instead of
+        the answers. Keys: ``ceiling_student_accuracy`` (on ``ctx.test``, in [0, 1]; null
+        when ``ceiling_student`` is off) and ``ceiling_student_outcome`` ("finished",
+        "diverged", "collapsed", "untrained": nothing answered, so the ceiling is the
+        untrained model the student also is, or "off").
+
+        Its checkpoint is ``diagnostics/ceiling-student.ckpt`` (never beside the released
+        model; removed once trained, so a resume after that trains it again, to the same
+        result). Under :func:`torch.random.fork_rng`, with the student's seeds: it
+        consumes no privacy-noise stream and leaves the global generators as they were."""
+        if not self.ceiling_student:
+            return {"ceiling_student_accuracy": None, "ceiling_student_outcome": "off"}
+        if len(taught) == 0:
+            return {
+                "ceiling_student_accuracy": fit.test_accuracy,
+                "ceiling_student_outcome": "untrained",
+            }
+        diagnostics = ctx.diagnostics()
+        where = dataclasses.replace(ctx, run_dir=diagnostics)  # no checkpoint beside model.pt
+        device = ctx.train.images.device
+        devices = []
+        if device.type == "cuda":
+            devices = [device.index if device.index is not None else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=devices):
+            result = self._student(where, true, taught, name="ceiling-student")
+        if diagnostics is not None:
+            (diagnostics / "ceiling-student.ckpt").unlink(missing_ok=True)
+        outcome = "diverged" if result.diverged else "collapsed" if result.collapsed else "finished"
+        return {
+            "ceiling_student_accuracy": result.test_accuracy,
+            "ceiling_student_outcome": outcome,
+        }
+
     def _release(
         self, ctx: RunContext, votes: np.ndarray, answered: np.ndarray
     ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -480,3 +586,88 @@ class PateFM:
             "noise_std": exact.noise_std,
         }
         return published, diagnostics
+
+
+def _load_teacher_accuracy(folder: Path, start: int, size: int) -> torch.Tensor:
+    """The stored accuracies of the teacher group starting at ``start`` (``size``
+    teachers), NaN when the group's votes were stored without them."""
+    path = folder / f"teacher-accuracy-{start}.pt"
+    if not path.exists():
+        return torch.full((size,), math.nan, dtype=torch.float64)
+    return torch.load(path, weights_only=True).to(torch.float64)
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def answer_diagnostics(
+    pool_votes: np.ndarray,
+    pool_labels: np.ndarray,
+    answered: np.ndarray,
+    answers: np.ndarray,
+    num_classes: int,
+) -> dict[str, Any]:
+    """Statistics of the aggregation against the labels (outside the guarantee).
+
+    pool_votes: raw vote histograms (M, K) of the whole query pool, in pool order;
+    pool_labels: (M,) the labels the method sees for the pool, i.e. ``ctx.train.labels``
+    (the true labels, except each planted canary's, which is its planted label);
+    answered: (C,) bool, whether each of the C considered queries (the first C of the
+    pool, where the filter stopped) was answered; answers: (A,) the released labels of
+    the answered ones; num_classes: K.
+
+    Keys (accuracies and rates are fractions in [0, 1], null when their denominator is 0):
+    ``queries_pool`` M, ``queries_considered`` C, ``queries_answered`` A;
+    ``answer_rate`` A / C and ``answer_rate_pool`` A / M;
+    ``label_accuracy_of_answers``: the released labels against ``pool_labels``;
+    ``ensemble_accuracy_pool``: the noiseless ensemble (plurality of the raw votes, ties
+    to the lowest class index) against ``pool_labels`` over the whole pool, and
+    ``ensemble_accuracy_answered`` over the answered queries only;
+    ``answer_histogram``: K counts of the released labels per class;
+    ``answered_label_histogram``: K counts of ``pool_labels`` of the answered queries.
+    """
+    pool_votes = np.asarray(pool_votes)
+    pool_labels = np.asarray(pool_labels, dtype=np.int64)
+    answered = np.asarray(answered, dtype=bool)
+    answers = np.asarray(answers, dtype=np.int64)
+    m, considered, count = len(pool_votes), len(answered), int(answered.sum())
+    if pool_votes.shape != (m, num_classes) or pool_labels.shape != (m,):
+        raise ValueError(
+            f"pool_votes must be (M, {num_classes}) and pool_labels (M,), got "
+            f"{pool_votes.shape} and {pool_labels.shape}"
+        )
+    if considered > m or len(answers) != count:
+        raise ValueError(f"{considered} considered of {m}, {len(answers)} answers for {count}")
+    plurality = pool_votes.argmax(1) if m else np.zeros(0, np.int64)
+    right = plurality == pool_labels
+    on_answered = np.zeros(m, dtype=bool)
+    on_answered[:considered] = answered
+    answered_labels = pool_labels[on_answered]
+    return {
+        "queries_pool": m,
+        "queries_considered": considered,
+        "queries_answered": count,
+        "answer_rate": _rate(count, considered),
+        "answer_rate_pool": _rate(count, m),
+        "label_accuracy_of_answers": float((answers == answered_labels).mean()) if count else None,
+        "ensemble_accuracy_pool": float(right.mean()) if m else None,
+        "ensemble_accuracy_answered": float(right[on_answered].mean()) if count else None,
+        "answer_histogram": np.bincount(answers, minlength=num_classes).tolist(),
+        "answered_label_histogram": np.bincount(answered_labels, minlength=num_classes).tolist(),
+    }
+
+
+def teacher_accuracy_summary(accuracy: torch.Tensor | np.ndarray) -> dict[str, Any]:
+    """Each teacher's accuracy on the evaluation split (fractions in [0, 1]; NaN: not
+    recorded, e.g. votes cached before accuracies were) as JSON keys:
+    ``teacher_accuracy`` (list in teacher order, null where unknown) and
+    ``teacher_accuracy_mean`` / ``_min`` / ``_max`` over the known ones (null if none)."""
+    values = np.asarray(accuracy, dtype=np.float64)
+    known = values[np.isfinite(values)]
+    return {
+        "teacher_accuracy": [float(v) if math.isfinite(v) else None for v in values],
+        "teacher_accuracy_mean": float(known.mean()) if len(known) else None,
+        "teacher_accuracy_min": float(known.min()) if len(known) else None,
+        "teacher_accuracy_max": float(known.max()) if len(known) else None,
+    }

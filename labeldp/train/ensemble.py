@@ -277,3 +277,23 @@ def ensemble_votes(
         votes = logits.argmax(-1)  # (n, q)
         counts.append(F.one_hot(votes, num_classes).sum(0))
     return torch.cat(counts)
+
+
+@torch.no_grad()
+def ensemble_predictions(
+    ensemble: StackedModels,
+    params: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    normalize: Normalize,
+    batch_size: int = 500,
+) -> torch.Tensor:
+    """Each model's argmax class (n, Q) int64 with ``params`` on uint8 ``images``
+    (Q, C, H, W), model i in row i (e.g. for each teacher's own held-out accuracy)."""
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size])
+        logits = ensemble(x.unsqueeze(0).expand(ensemble.size, *x.shape), params)
+        predictions.append(logits.argmax(-1))
+    if not predictions:
+        return torch.zeros(ensemble.size, 0, dtype=torch.int64)
+    return torch.cat(predictions, 1)
