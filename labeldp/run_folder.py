@@ -21,7 +21,10 @@ Not covered — evaluation diagnostics computed from the raw private labels, in 
   their *true* labels (label inference), and on canaries and controls;
 - ``diagnostics/canaries.pt``: which examples are canaries, their true and planted labels;
 - ``diagnostics/pate_votes.pt`` and the teachers' vote caches and checkpoints: raw teacher
-  vote histograms and teachers trained on true labels;
+  vote histograms and teachers trained on true labels; ``pate_teacher_accuracy.pt`` and
+  the caches' ``teacher-accuracy-*.pt`` (each teacher's accuracy on the evaluation split);
+  ``ceiling-student.ckpt`` (while it trains: PATE's ceiling student, trained on the true
+  labels of the answered queries);
 - ``metrics.json["diagnostics"]``: statistics against the true labels (e.g. the accuracy
   of PATE's answered labels, its data-dependent ε) and the MD5s of the data files (which
   hash the raw training labels).
