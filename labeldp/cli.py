@@ -161,6 +161,29 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "top-k set (lp-mst, lp-2st; the paper drops them)",
     )
     private.add_argument(
+        "--calibration-share",
+        type=_number(float, 0, high=0.5),
+        default=None,
+        metavar="SHARE",
+        help="share of stage 1 held out of its training to choose each later stage's "
+        "prior on the released RR labels (lp-mst, lp-2st; 0 = no guard; default 0.05)",
+    )
+    private.add_argument(
+        "--stage-mixup",
+        type=_alphas,
+        default=None,
+        metavar="A1,A2,...",
+        help="mixup α of each stage (lp-mst, lp-2st; default: --mixup in every stage)",
+    )
+    private.add_argument(
+        "--ceiling-student",
+        dest="ceiling_student",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pate-fm: also train the student on the true labels of the answered queries, a "
+        "diagnostic outside the guarantee (default on)",
+    )
+    private.add_argument(
         "--alibi-noise",
         dest="noise",
         choices=["laplace", "gaussian"],
@@ -422,6 +445,9 @@ METHOD_FLAGS = {
     "stage_fractions": "--stage-fractions",
     "prior_temperature": "--prior-temperature",
     "drop_outside_topk": "--keep-outside-topk",
+    "calibration_share": "--calibration-share",
+    "stage_mixup": "--stage-mixup",
+    "ceiling_student": "--ceiling-student",
     "noise": "--alibi-noise",
     "prior": "--alibi-prior",
     "secure_noise": "--secure-noise",
@@ -446,6 +472,18 @@ METHOD_FLAGS = {
     "release_data_dependent": "--release-data-dependent",
     "release_share": "--release-share",
 }
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be numbers separated by commas, got {text!r}"
+        ) from None
+    if any(not (math.isfinite(v) and v >= 0) for v in values):
+        raise argparse.ArgumentTypeError(f"must be numbers ≥ 0, got {text!r}")
+    return values
 
 
 def _fractions(text: str) -> list[float]:
@@ -680,9 +718,10 @@ def _attack(args: argparse.Namespace) -> int:
 
 
 #: Profiles of `labeldp reproduce`: sweep files under experiments/, run in this order.
-#: The full profile's audits have their own sweep, trained to memorize (see its file).
+#: Each profile's audits have their own sweep, trained to memorize (see its file), run
+#: after the utility sweep; a utility sweep naming it (``audits = ...``) shows its ε_LB.
 PROFILES = {
-    "quick": ("fashion_mnist_quick.toml",),
+    "quick": ("fashion_mnist_quick.toml", "fashion_mnist_quick_audits.toml"),
     "full": ("fashion_mnist_full.toml", "fashion_mnist_audits.toml"),
     "cifar10-paper": ("cifar10_paper.toml",),
     "cifar100-paper": ("cifar100_paper.toml",),
@@ -819,12 +858,25 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    """Sweeps, reports and plots each sweep file of the profile in order; then writes again
+    the report of every sweep whose audit sweep (``audits = ...``) ran after it, so that
+    its side-by-side table holds the audit runs' ε_LB."""
+    from .sweep import SweepSpec
+
+    done: list[tuple[str | Path, Path]] = []  # (as typed, resolved) of each swept file
     for name in PROFILES[args.profile]:
         path = EXPERIMENTS / name
         relative = os.path.relpath(path)  # as a user would type it, when under the cwd
         args.sweep_file = path if relative.startswith("..") else relative
         for step in (_sweep, _report, _plot):
             step(args)
+        done.append((args.sweep_file, path.resolve()))
+    for i, (typed, resolved) in enumerate(done):
+        audits = SweepSpec.load(resolved, follow_audits=False).audits
+        later = {p for _, p in done[i + 1 :]}
+        if audits is not None and (resolved.parent / audits).resolve() in later:
+            args.sweep_file = typed
+            _report(args)
     return 0
 
 

@@ -11,6 +11,11 @@ bound tested is at or above an audit's maximum is one that audit cannot refute
 pate-fm rows made before the stopping rule was recorded in the ledger are marked stale.
 The Markdown file starts with how to regenerate it and the commits, machines and dates of
 its runs; the published numbers of the paper a sweep mirrors are printed beside ours.
+
+A sweep that names a companion audit sweep (``audits = "<file>.toml"``, runs trained to
+memorize their canaries) gets one more table: per method and ε, its accuracy next to ε
+and both audits' ε_LB from the companion's runs of the same method and ε (the CSV gets
+them as ``audit_*`` columns); the report says which sweep each column comes from.
 """
 
 from __future__ import annotations
@@ -321,6 +326,151 @@ def _audit_section(table: pd.DataFrame, spec: SweepSpec) -> list[str]:
     return [*lines, *(line for note in notes for line in ("", note))]
 
 
+#: Marks an ε_LB of the side-by-side table taken from the utility run itself (its method
+#: is not in the audit sweep).
+OWN_RUNS_MARK = "°"
+#: The columns :func:`companion_audits` adds, per utility row, from the audit sweep.
+COMPANION_COLUMNS = (
+    "eps_lb_memorization",
+    "eps_lb_memorization_max",
+    "eps_lb_one_run",
+    "eps_lb_one_run_max",
+    "bound_tested",
+    "relation",
+    "memorization_cannot_fail",
+    "one_run_cannot_fail",
+    "seeds",
+    "seeds_with_violation",
+)
+
+
+def companion_audits(store: ResultsStore, spec: SweepSpec, table: pd.DataFrame) -> pd.DataFrame:
+    """Per row of ``table`` (``summary(store, spec)``), the audit columns of the same
+    method and ε from ``spec``'s audit sweep (``spec.audit_spec``), prefixed ``audit_``
+    (see :data:`COMPANION_COLUMNS`; ε_LB means over the audit sweep's seeds), and
+    ``audit_source``: the audit sweep's name; or, for a method the audit sweep does not
+    run, the utility row's own columns with source "own runs"; or NaN and "" where the
+    audit sweep has no stored run of that point yet. Requires ``spec.audit_spec``."""
+    companion = spec.audit_spec
+    if companion is None:
+        raise ValueError(f"sweep {spec.name} names no audit sweep (audits = ...)")
+    theirs = summary(store, companion)
+    out = []
+    for row in table.itertuples(index=False):
+        row = row._asdict()
+        own = row["method"] != "none" and row["method"] not in companion.methods
+        source: dict[str, Any] | None = row if own else None
+        if not own and not theirs.empty:
+            same = theirs["method"] == row["method"]
+            if math.isnan(row["epsilon"]):
+                same &= theirs["epsilon"].isna()
+            else:
+                same &= theirs["epsilon"] == row["epsilon"]
+            hit = theirs[same]
+            source = None if hit.empty else hit.iloc[0].to_dict()
+        cells = {f"audit_{c}": math.nan if source is None else source[c] for c in COMPANION_COLUMNS}
+        cells["audit_source"] = "own runs" if own else companion.name if source else ""
+        out.append(cells)
+    return pd.DataFrame(out, index=table.index)
+
+
+def _flag(value: Any) -> bool:
+    """A count or flag of the merged audit columns as a bool (NaN, a missing point: False)."""
+    return value is not None and not pd.isna(value) and bool(value)
+
+
+def _train_size(spec: SweepSpec) -> str:
+    size = spec.run.get("train_size")
+    return "all the" if size is None else f"{size:,}"
+
+
+def _companion_section(
+    table: pd.DataFrame, audits: pd.DataFrame, spec: SweepSpec, split: str
+) -> list[str]:
+    """The side-by-side table: per (method, ε), this sweep's accuracy (on ``split``) next
+    to ε and the ε_LB of both audits from the audit sweep's runs, with the sentence saying
+    where each column comes from."""
+    companion = spec.audit_spec
+    assert companion is not None
+    seeds = "seed" + ("s" if len(spec.seeds) > 1 else "") + f" {spec.seeds}"
+    their_seeds = "seed" + ("s" if len(companion.seeds) > 1 else "") + f" {companion.seeds}"
+    canaries = companion.run.get("canaries", 0)
+    audit_canaries = companion.run.get("audit_canaries", 0)
+    own_methods = [m for m in spec.methods if m not in companion.methods]
+    mean = " (mean over its seeds)" if len(companion.seeds) > 1 else ""
+    sentence = (
+        f"Accuracy comes from the utility runs of sweep {spec.name} ({_train_size(spec)} "
+        f"training examples, {seeds}; the tables above); ε is the claimed ε; the bound "
+        f"tested, ε_LB and max come from the audit runs of sweep {companion.name}{mean} "
+        f"(same method and ε, {their_seeds}, {_train_size(companion)} training examples "
+        f"carrying {canaries} memorization and {audit_canaries} audit canaries, trained to "
+        f"memorize them; its report is {companion.name}.md), not from the utility runs, "
+        'whose own canaries the section "What the runs leak" below audits.'
+    )
+    if own_methods:
+        sentence += (
+            f" {OWN_RUNS_MARK} {', '.join(own_methods)} is not in the audit sweep: its ε_LB "
+            f"here is its utility runs' own ({spec.run.get('canaries', 0)} memorization and "
+            f"{spec.run.get('audit_canaries', 0)} audit canaries)."
+        )
+    lines = [
+        "",
+        f"## Accuracy next to what the audit runs leak ({companion.name})",
+        "",
+        sentence,
+        "",
+        f"| method | ε | {split} accuracy (%) | bound tested | ε_LB memorization | max | "
+        "ε_LB one-run | max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (_, r), (_, a) in zip(table.iterrows(), audits.iterrows(), strict=True):
+        eps = "∞" if math.isnan(r["epsilon"]) else f"{r['epsilon']:g}"
+        mark = OWN_RUNS_MARK if a["audit_source"] == "own runs" else ""
+        label = _method_label(table, r["method"], r["stale_seeds"])
+        label += f" [{r['variant']}]" if r["variant"] else ""
+        tested = a["audit_bound_tested"]
+        if not a["audit_source"] or tested is None or math.isnan(tested):
+            tested_cell = "–" if not a["audit_source"] else "∞"
+        else:
+            doubled = a["audit_relation"] == ADD_REMOVE_ONE_EXAMPLE
+            tested_cell = f"{tested:.3g}" + (" (2ε)" if doubled else "")
+
+        def lb(name: str, a=a, mark=mark) -> str:
+            value = a[f"audit_eps_lb_{name}"]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                return "–"
+            text = _bound(value) + mark
+            return f"**{text}**" if _flag(a["audit_seeds_with_violation"]) else text
+
+        def cap(name: str, a=a) -> str:
+            cannot = _flag(a[f"audit_{name}_cannot_fail"])
+            return _bound(a[f"audit_eps_lb_{name}_max"]) + (CANNOT_FAIL_MARK if cannot else "")
+
+        lines.append(
+            f"| {label} | {eps} | {_cell(r, len(spec.seeds))} | {tested_cell} | "
+            f"{lb('memorization')} | {cap('memorization')} | {lb('one_run')} | "
+            f"{cap('one_run')} |"
+        )
+    missing = int((audits["audit_source"] == "").sum())
+    if missing:
+        lines += [
+            "",
+            f"– no run of sweep {companion.name} in the store yet for {missing} of "
+            f"{len(audits)} rows: run `labeldp sweep` on it (or `labeldp reproduce`), then "
+            "this report again.",
+        ]
+    if audits["audit_seeds_with_violation"].map(_flag).any():
+        lines += ["", "Bold: some audit run's ε_LB exceeds the bound tested (see its report)."]
+    cannot_fail = audits[["audit_memorization_cannot_fail", "audit_one_run_cannot_fail"]]
+    if cannot_fail.map(_flag).to_numpy().any():
+        lines += [
+            "",
+            f"{CANNOT_FAIL_MARK} the bound tested is at or above what the audit's canaries can "
+            "certify: that audit cannot refute it.",
+        ]
+    return lines
+
+
 def write_report(
     store: ResultsStore, spec: SweepSpec, sweep_file: str | Path, out_dir: str | Path = "results"
 ) -> tuple[Path, Path]:
@@ -328,7 +478,13 @@ def write_report(
     out_dir = Path(out_dir)
     table = summary(store, spec)
     csv_path, md_path = out_dir / f"{spec.name}.csv", out_dir / f"{spec.name}.md"
-    atomic_write_text(csv_path, table.to_csv(index=False))
+    audits = (
+        companion_audits(store, spec, table)
+        if spec.audit_spec is not None and not table.empty
+        else None
+    )
+    csv_table = table if audits is None else pd.concat([table, audits], axis=1)
+    atomic_write_text(csv_path, csv_table.to_csv(index=False))
     runs = grid_rows(store, spec)
     split = (
         "validation"
@@ -384,6 +540,8 @@ def write_report(
             )
         if table["unsound_seeds"].any():
             lines += ["", f"{UNSOUND_MARK} {UNSOUND}."]
+        if audits is not None:
+            lines += _companion_section(table, audits, spec, split)
         if spec.grid:
             lines += _best_variants(table, split)
         if table["stale_seeds"].any():

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,12 @@ class SweepSpec:
         (method keys apply to that method's runs); a grid value replaces the shared,
         per-method and method-option values. Each combination is a *variant*, named in the
         run's name and in the report (e.g. ``rr-eps1-lr0.05-learningposterior-seed0``).
+    audits: the companion audit sweep (``audits = "<file>.toml"`` in TOML, a path relative
+        to this sweep file), or None: a sweep of the same dataset whose runs are trained to
+        memorize their canaries, run beside this one, whose ε_LB the report shows next to
+        this sweep's accuracy (see :func:`SweepSpec.load` for what it must cover).
+    audit_spec: the companion sweep, loaded and checked (None without ``audits``); set by
+        :func:`SweepSpec.load`, not a key of the file.
     """
 
     name: str
@@ -92,10 +98,14 @@ class SweepSpec:
     per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference: dict[str, Any] | None = None
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    audits: str | None = None
+    audit_spec: SweepSpec | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> SweepSpec:
-        """Reads and validates a sweep file; every problem names the file and the key."""
+    def load(cls, path: str | Path, follow_audits: bool = True) -> SweepSpec:
+        """Reads and validates a sweep file; every problem names the file and the key.
+        follow_audits: also load and check the companion sweep named by ``audits`` (into
+        ``audit_spec``); False leaves ``audit_spec`` None."""
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
@@ -103,7 +113,7 @@ class SweepSpec:
             raise ConfigError(f"sweep file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"sweep file {path} is not valid TOML: {exc}") from None
-        own = {f.name for f in fields(cls)} - {"run"}
+        own = {f.name for f in fields(cls)} - {"run", "audit_spec"}
         shared = {f.name for f in fields(RunConfig)} - set(VARIED)
         unknown = sorted(set(data) - own - shared)
         if unknown:
@@ -144,6 +154,8 @@ class SweepSpec:
                 f"{path}: the grid is empty (methods = {spec.methods}, seeds = {spec.seeds}, "
                 f"include_nonprivate = {str(spec.include_nonprivate).lower()}): nothing to run"
             )
+        if spec.audits is not None and follow_audits:
+            spec = replace(spec, audit_spec=_load_audits(path, spec))
         return spec
 
     def method_epsilons(self, method: str) -> list[float]:
@@ -220,6 +232,50 @@ class SweepSpec:
         )
 
 
+def _load_audits(path: Path, spec: SweepSpec) -> SweepSpec:
+    """The companion audit sweep named by ``audits`` (a path relative to ``path``), checked
+    against ``spec``: it exists and is a valid sweep file naming no companion of its own,
+    has another name, the same dataset, canaries, no ``[grid]``, the non-private run when
+    ``spec`` has one, and for every method of ``spec`` it runs, at least that method's ε
+    grid. A method of ``spec`` it does not run is allowed only when ``spec``'s own runs
+    carry canaries (the report then takes that method's ε_LB from them, and says so).
+    Every error names the key ``audits`` and both files."""
+    where = f"{path}: audits = {spec.audits!r}"
+    target = path.parent / str(spec.audits)
+    if not target.is_file():
+        raise ConfigError(f"{where}: no such sweep file {target} (a path relative to {path})")
+    companion = SweepSpec.load(target, follow_audits=False)
+    problems = []
+    if companion.audits is not None:
+        problems.append(f"it names an audit sweep of its own ({companion.audits!r})")
+    if companion.name == spec.name:
+        problems.append(f"it has this sweep's name {spec.name!r} (the store key)")
+    if companion.dataset != spec.dataset:
+        problems.append(f"its dataset is {companion.dataset}, not {spec.dataset}")
+    if not companion.audited:
+        problems.append("its runs carry no canaries (set canaries and audit_canaries)")
+    if companion.grid:
+        problems.append("it has a [grid] (its ε_LB must be one run per method, ε and seed)")
+    if spec.include_nonprivate and not companion.include_nonprivate:
+        problems.append("it lacks the non-private run (include_nonprivate = false)")
+    for method in spec.methods:
+        if method in companion.methods:
+            missing = sorted(
+                set(map(float, spec.method_epsilons(method)))
+                - set(map(float, companion.method_epsilons(method)))
+            )
+            if missing:
+                problems.append(f"it lacks {method} at ε = {', '.join(f'{e:g}' for e in missing)}")
+        elif not spec.audited:
+            problems.append(
+                f"it lacks method {method}, and this sweep's own runs carry no canaries to "
+                "audit it with"
+            )
+    if problems:
+        raise ConfigError(f"{where} ({target}): {'; '.join(problems)}")
+    return companion
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -258,7 +314,7 @@ def _check_types(path: Path, data: dict[str, Any]) -> None:
         fail("name", "a non-empty string")
     if "/" in data["name"] or data["name"] in (".", ".."):
         fail("name", "a name without '/' (it names the sweep's run folder)")
-    for key in ("description",):
+    for key in ("description", "audits"):
         if key in data and not isinstance(data[key], str):
             fail(key, "a string")
     if "include_nonprivate" in data and not isinstance(data["include_nonprivate"], bool):

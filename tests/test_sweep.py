@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from fakes import isolate_data_sources, write_learnable_fashion
 
@@ -96,7 +97,8 @@ def test_sweep_runs_the_grid_once_and_reports_it(data_dir, tmp_path):
     text = (results / "tiny.md").read_text()
     assert "| rr |" in text and "±" in text and "ε_LB memorization" in text and "commits" in text
     csv = (results / "tiny.csv").read_text().splitlines()
-    assert csv[0].startswith("method,epsilon,accuracy_mean,accuracy_std,seeds") and len(csv) == 6
+    assert csv[0].startswith("method,variant,epsilon,accuracy_mean,accuracy_std,seeds")
+    assert len(csv) == 6
     for kind in ("utility", "audit"):
         for suffix in ("png", "pdf"):
             assert (figures / f"tiny_{kind}.{suffix}").stat().st_size > 1000
@@ -254,7 +256,7 @@ def test_the_report_shows_caps_the_bound_tested_violations_and_stale_rows(tmp_pa
     # What the mean over seeds is, said in the report.
     assert "the mean is not itself a 95 % lower bound" in text and "90 % confidence" in text
     header = csv.read_text().splitlines()[0]
-    assert header.startswith("method,epsilon,accuracy_mean,accuracy_std,seeds")
+    assert header.startswith("method,variant,epsilon,accuracy_mean,accuracy_std,seeds")
     assert "eps_lb_memorization_max" in header and header.endswith(",note")
     paths = write_figures(store, spec, tmp_path / "figs")
     assert {p.name for p in paths} >= {"facts_audit.png", "facts_utility.png"}
@@ -318,3 +320,194 @@ def test_a_sweep_with_two_workers_stores_every_run_once(data_dir, tmp_path):
     assert run_sweep(spec, store, tmp_path / "runs", env, workers=2) == 5
     rows = store.rows("tiny")
     assert sorted(r["name"] for r in rows) == sorted(name for name, _ in spec.runs())
+
+
+# A utility sweep and its companion audit sweep (``audits = ...``), for the key's
+# validation and the side-by-side table.
+UTILITY = """
+name = "util"
+dataset = "fashion-mnist"
+methods = ["rr", "dp-sgd", "pate-fm"]
+epsilons = [1, 4]
+seeds = [0]
+train_size = 5000
+canaries = 20
+audit_canaries = 20
+audits = "util_audits.toml"
+
+[train]
+epochs = 1
+
+[method_options.dp-sgd]
+delta = 1e-5
+
+[method_options.pate-fm]
+delta = 1e-5
+teachers = 5
+queries = 10
+threshold = 3
+sigma1 = 2
+sigma2 = 1
+"""
+
+COMPANION = """
+name = "util_audits"
+dataset = "fashion-mnist"
+methods = ["rr", "dp-sgd"]
+epsilons = [1, 2, 4]
+seeds = [0]
+train_size = 700
+canaries = 40
+audit_canaries = 40
+
+[train]
+epochs = 1
+
+[method_options.dp-sgd]
+delta = 1e-5
+"""
+
+
+def _pair(tmp_path: Path, utility: str = UTILITY, companion: str = COMPANION) -> Path:
+    (tmp_path / "util_audits.toml").write_text(companion)
+    path = tmp_path / "util.toml"
+    path.write_text(utility)
+    return path
+
+
+def test_the_audits_key_names_a_companion_sweep_that_covers_the_grid(tmp_path):
+    spec = SweepSpec.load(_pair(tmp_path))
+    assert spec.audits == "util_audits.toml" and spec.audit_spec is not None
+    assert spec.audit_spec.name == "util_audits" and spec.audit_spec.run["train_size"] == 700
+    assert SweepSpec.load(tmp_path / "util.toml", follow_audits=False).audit_spec is None
+    # The companion is no part of the utility grid.
+    assert {n for n, _ in spec.runs()} == {
+        n for n, _ in SweepSpec.load(_pair(tmp_path, UTILITY.replace("audits =", "#"))).runs()
+    }
+    no_canaries = COMPANION.replace("canaries = 40\naudit_canaries = 40\n", "")
+    bad = {
+        "no such sweep file": (UTILITY.replace("util_audits.toml", "nope.toml"), COMPANION),
+        "audits must be a string": (UTILITY.replace('"util_audits.toml"', "3"), COMPANION),
+        "its dataset is mnist, not fashion-mnist": (
+            UTILITY,
+            COMPANION.replace('dataset = "fashion-mnist"', 'dataset = "mnist"'),
+        ),
+        "it lacks rr at ε = 4": (UTILITY, COMPANION.replace("[1, 2, 4]", "[1, 2]")),
+        "it lacks the non-private run": (UTILITY, "include_nonprivate = false\n" + COMPANION),
+        "carry no canaries": (UTILITY, no_canaries),
+        "it has this sweep's name 'util'": (UTILITY, COMPANION.replace('"util_audits"', '"util"')),
+        "names an audit sweep of its own": (UTILITY, 'audits = "util.toml"\n' + COMPANION),
+        "it has a [grid]": (UTILITY, COMPANION + "[grid]\n'train.lr' = [0.1, 0.2]\n"),
+        # pate-fm is not in the companion: allowed only while the utility runs have
+        # canaries of their own to audit it with.
+        "it lacks method pate-fm": (
+            UTILITY.replace("canaries = 20\naudit_canaries = 20\n", ""),
+            COMPANION,
+        ),
+    }
+    for fragment, (utility, companion) in bad.items():
+        path = _pair(tmp_path, utility, companion)
+        with pytest.raises(ConfigError) as info:
+            SweepSpec.load(path)
+        message = str(info.value)
+        assert fragment in message and str(path) in message, (fragment, message)
+        assert "audits" in message
+
+
+def _record(store: ResultsStore, spec: SweepSpec, accuracy, lbs, caps=(None, None)) -> None:
+    """Stores every grid point of ``spec`` without training: test accuracy
+    ``accuracy(method, ε)``, ε_LB ``lbs(method, ε)`` = (memorization, one-run)."""
+    for name, config in spec.runs():
+        eps = config.method_options.get("epsilon")
+        mem, one = lbs(config.method, eps)
+        metrics = {
+            "method": config.method,
+            "epsilon": eps,
+            "delta": None if eps is None else config.method_options.get("delta", 0.0),
+            "test_accuracy": accuracy(config.method, eps),
+            "train_seconds": 1.0,
+            "ledger": {"entries": [] if eps is None else [{"details": {"stopping_rule": "x"}}]},
+        }
+        attack = {
+            "alpha": 0.05,
+            "memorization": {"epsilon_lb": mem, "canaries": config.canaries, "alpha": 0.05},
+            "one_run": {"epsilon_lb": one, "canaries": config.audit_canaries, "alpha": 0.05},
+            "label_inference": {"gap": 0.01},
+        }
+        store.record(spec.name, name, config.to_dict(), "/x", metrics, attack, "2026-01-01")
+
+
+def test_the_report_shows_accuracy_beside_the_audit_sweeps_bounds(tmp_path):
+    from attacks import memorization, one_run
+    from labeldp.report import OWN_RUNS_MARK, write_report
+
+    spec, store = SweepSpec.load(_pair(tmp_path)), ResultsStore(tmp_path / "runs.sqlite")
+    # Utility runs: accuracy 0.6 (0.9 non-private), weak bounds 0.01 / 0.02.
+    _record(store, spec, lambda m, e: 0.9 if e is None else 0.6, lambda m, e: (0.01, 0.02))
+    # Audit runs, without rr at ε = 4: strong bounds 1.5 / 1.6 non-private, else ε / 10.
+    companion = spec.audit_spec
+    _record(
+        store,
+        companion,
+        lambda m, e: 0.3,
+        lambda m, e: (1.5, 1.6) if e is None else (e / 10, e / 20),
+    )
+    with sqlite3.connect(tmp_path / "runs.sqlite") as db:
+        db.execute("DELETE FROM runs WHERE sweep = 'util_audits' AND name = 'rr-eps4-seed0'")
+    md, csv = write_report(store, spec, "util.toml", tmp_path / "results")
+    text = md.read_text()
+    mem_cap, one_cap = memorization.epsilon_lb_max(40), one_run.epsilon_lb_max(40)
+    assert "## Accuracy next to what the audit runs leak (util_audits)" in text
+    # Accuracy from the utility runs, ε_LB and caps from the audit runs.
+    assert f"| none | ∞ | 90.00 | ∞ | 1.50 | {mem_cap:.2f} | 1.60 | {one_cap:.2f} |" in text
+    assert f"| rr | 1 | 60.00 | 1 | 0.10 | {mem_cap:.2f} | 0.05 | {one_cap:.2f} |" in text
+    # dp-sgd is held to 2ε; at ε = 4 that is above both caps (†).
+    assert f"| dp-sgd | 1 | 60.00 | 2 (2ε) | 0.10 | {mem_cap:.2f}† |" in text
+    assert f"| dp-sgd | 4 | 60.00 | 8 (2ε) | 0.40 | {mem_cap:.2f}† | 0.20 |" in text
+    # No stored audit run of rr at ε = 4: dashes, and the report says so.
+    assert "| rr | 4 | 60.00 | – | – |" in text
+    assert "no run of sweep util_audits in the store yet for 1 of 7 rows" in text
+    # pate-fm is not in the audit sweep: its own runs' bounds, marked.
+    assert f"| pate-fm | 1 | 60.00 | 1 | 0.01{OWN_RUNS_MARK} |" in text
+    # The sentence saying where each column comes from: sweeps and training set sizes.
+    assert "utility runs of sweep util (5,000 training examples" in text
+    assert "audit runs of sweep util_audits (same method and ε, seed [0], 700 training" in text
+    assert "40 memorization and 40 audit canaries" in text
+    assert f"{OWN_RUNS_MARK} pate-fm is not in the audit sweep" in text
+    # The utility runs' own audit section is still there, with their own bounds.
+    assert "## What the runs leak" in text and "| rr | 1 | 1 | 0.01 |" in text
+    # The CSV has the merged columns.
+    rows = pd.read_csv(csv)
+    assert {"audit_eps_lb_memorization", "audit_eps_lb_one_run", "audit_source"} <= set(rows)
+    none = rows[rows["method"] == "none"].iloc[0]
+    assert none["audit_eps_lb_memorization"] == 1.5 and none["audit_source"] == "util_audits"
+    assert rows[rows["method"] == "pate-fm"]["audit_source"].eq("own runs").all()
+    # Without the key, no side-by-side table.
+    plain = SweepSpec.load(_pair(tmp_path, UTILITY.replace("audits =", "# audits =")))
+    md, csv = write_report(store, plain, "util.toml", tmp_path / "plain")
+    assert "Accuracy next to" not in md.read_text() and "audit_source" not in csv.read_text()
+
+
+def test_reproduce_reports_a_utility_sweep_again_after_its_audit_sweep(
+    data_dir, tmp_path, monkeypatch
+):
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    small = TINY.format(epochs=1).replace("seeds = [0, 1]", "seeds = [0]")
+    small = small.replace('["rr", "alibi"]', '["rr"]').replace("[1, 4]", "[1]")
+    (experiments / "tiny.toml").write_text(small.replace("crop_padding = 0", 'audits = "aud.toml"'))
+    (experiments / "aud.toml").write_text(small.replace('"tiny"', '"aud"'))
+    monkeypatch.setattr(cli, "EXPERIMENTS", experiments)
+    monkeypatch.setattr(cli, "PROFILES", {"quick": ("tiny.toml", "aud.toml")})
+    results, figures = tmp_path / "results", tmp_path / "figs"
+    argv = [
+        "reproduce", "--store", str(tmp_path / "runs.sqlite"), "--runs-dir",
+        str(tmp_path / "runs"), "--results-dir", str(results), "--figures-dir", str(figures),
+        "--data-dir", str(data_dir), "--quiet",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    text = (results / "tiny.md").read_text()
+    assert "Accuracy next to what the audit runs leak (aud)" in text
+    assert "no run of sweep aud in the store yet" not in text  # written again after aud ran
+    assert "| rr | 1 |" in text.split("Accuracy next to")[1]
+    assert (results / "aud.md").exists() and (figures / "aud_audit.png").exists()
