@@ -26,6 +26,7 @@ from .errors import ConfigError, DataError
 from .io import DiskFullError, read_json
 from .methods import METHODS, method_parameters, required_parameters
 from .models import MODELS
+from .recipes import RUN_FIELDS, recipe
 from .runner import SEEDED_CONDITION, Environment, RunConfig, format_epsilon, train_run
 from .store import evaluation_accuracy
 from .train import TrainConfig
@@ -90,16 +91,16 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     what.add_argument(
         "--model",
-        default=None,
+        default=argparse.SUPPRESS,
         metavar="NAME",
-        help=f"model: {', '.join(MODELS)} or wrn<depth>-<width>; "
-        "default cnn for 28x28 data, resnet18 for CIFAR",
+        help=f"model: {', '.join(MODELS)} or wrn<depth>-<width>"
+        + RECIPE_NOTE.format("cnn for 28x28 data, resnet18 for CIFAR"),
     )
     what.add_argument(
         "--norm",
-        default="batch",
+        default=argparse.SUPPRESS,
         choices=["batch", "group"],
-        help="normalization layers (DP-SGD needs group)",
+        help="normalization layers (DP-SGD needs group)" + RECIPE_NOTE.format("batch"),
     )
     what.add_argument(
         "--train-size",
@@ -313,66 +314,94 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     how = p.add_argument_group("optimization")
     how.add_argument(
-        "--epochs", type=_number(int, 1), default=8, help="passes over the training set"
+        "--epochs",
+        type=_number(int, 1),
+        default=argparse.SUPPRESS,
+        help=f"passes over the training set{RECIPE_NOTE.format(DEFAULT_EPOCHS)}",
     )
     how.add_argument(
-        "--batch-size", type=_number(int, 1), default=defaults.batch_size, help="examples per step"
+        "--batch-size",
+        type=_number(int, 1),
+        default=argparse.SUPPRESS,
+        help=f"examples per step{RECIPE_NOTE.format(defaults.batch_size)}",
     )
     how.add_argument(
-        "--lr", type=_number(float, 0, strict=True), default=defaults.lr, help="peak learning rate"
+        "--lr",
+        type=_number(float, 0, strict=True),
+        default=argparse.SUPPRESS,
+        help=f"peak learning rate{RECIPE_NOTE.format(defaults.lr)}",
     )
     how.add_argument(
         "--momentum",
         type=_number(float, 0, high=1),
-        default=defaults.momentum,
-        help="SGD momentum (Nesterov unless --no-nesterov)",
+        default=argparse.SUPPRESS,
+        help="SGD momentum (Nesterov unless --no-nesterov)"
+        + RECIPE_NOTE.format(defaults.momentum),
     )
-    how.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum")
+    how.add_argument(
+        "--no-nesterov",
+        dest="nesterov",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="plain momentum" + RECIPE_NOTE.format("Nesterov"),
+    )
     how.add_argument(
         "--weight-decay",
         type=_number(float, 0),
-        default=defaults.weight_decay,
-        help="L2 weight decay",
+        default=argparse.SUPPRESS,
+        help="L2 weight decay" + RECIPE_NOTE.format(defaults.weight_decay),
     )
     how.add_argument(
-        "--schedule", choices=SCHEDULES, default=defaults.schedule, help="learning-rate schedule"
+        "--schedule",
+        choices=SCHEDULES,
+        default=argparse.SUPPRESS,
+        help="learning-rate schedule" + RECIPE_NOTE.format(defaults.schedule),
     )
     how.add_argument(
         "--warmup-fraction",
         type=_number(float, 0, high=1),
-        default=defaults.warmup_fraction,
-        help="share of steps spent warming up",
+        default=argparse.SUPPRESS,
+        help="share of steps spent warming up" + RECIPE_NOTE.format(defaults.warmup_fraction),
     )
     how.add_argument(
         "--mixup",
         dest="mixup_alpha",
         type=_number(float, 0),
-        default=defaults.mixup_alpha,
+        default=argparse.SUPPRESS,
         metavar="ALPHA",
-        help="mixup of inputs and targets with λ ~ Beta(α, α) per batch (0 = off)",
+        help="mixup of inputs and targets with λ ~ Beta(α, α) per batch (0 = off)"
+        + RECIPE_NOTE.format(0),
     )
     how.add_argument(
         "--ema",
         type=_number(float, 0, strict=True, high=1),
-        default=None,
+        default=argparse.SUPPRESS,
         metavar="DECAY",
-        help="evaluate an exponential moving average of the weights",
+        help="evaluate an exponential moving average of the weights"
+        + RECIPE_NOTE.format("no EMA"),
     )
     how.add_argument(
         "--crop-padding",
         type=_number(int, 0),
-        default=None,
+        default=argparse.SUPPRESS,
         metavar="PIXELS",
-        help="random-crop translation (default 1 for 28x28, 4 for 32x32; 0 = off)",
+        help="random-crop translation, 0 = off"
+        + RECIPE_NOTE.format("1 for 28x28, 4 for 32x32"),
     )
     how.add_argument(
         "--hflip",
         dest="hflip",
         action="store_true",
-        default=None,
-        help="random horizontal flips (default: where the dataset allows)",
+        default=argparse.SUPPRESS,
+        help="random horizontal flips" + RECIPE_NOTE.format("where the dataset allows"),
     )
-    how.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips")
+    how.add_argument(
+        "--no-hflip",
+        dest="hflip",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="no horizontal flips",
+    )
     how.add_argument(
         "--seed",
         type=_number(int, 0),
@@ -474,6 +503,24 @@ METHOD_FLAGS = {
 }
 
 
+#: What an unset flag falls back to when the method's recipe does not set it (labeldp.recipes).
+RECIPE_NOTE = " (default: the method's recipe, see `labeldp recipes`; else {})"
+DEFAULT_EPOCHS = 8
+#: TrainConfig field → argparse dest of the flags a recipe may supply.
+RECIPE_TRAIN_FLAGS = {
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "momentum": "momentum",
+    "nesterov": "nesterov",
+    "weight_decay": "weight_decay",
+    "schedule": "schedule",
+    "warmup_fraction": "warmup_fraction",
+    "ema_decay": "ema",
+    "mixup_alpha": "mixup_alpha",
+}
+
+
 def _alphas(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(",")]
@@ -535,32 +582,24 @@ def _check_out(out: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    base = recipe(args.method, args.dataset)
+    given = vars(args)
+    chosen = {"epochs": DEFAULT_EPOCHS, **base.train}
+    for name in RECIPE_TRAIN_FLAGS:
+        if RECIPE_TRAIN_FLAGS[name] in given:
+            chosen[name] = given[RECIPE_TRAIN_FLAGS[name]]
     train = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        nesterov=args.nesterov,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        warmup_fraction=args.warmup_fraction,
-        ema_decay=args.ema,
-        mixup_alpha=args.mixup_alpha,
-        seed=args.seed,
-        eval_every=args.eval_every,
-        precision=args.precision,
+        **chosen, seed=args.seed, eval_every=args.eval_every, precision=args.precision
     )
+    run_fields = {**base.run, **{k: given[k] for k in RUN_FIELDS if k in given}}
     config = RunConfig(
         dataset=args.dataset,
         train=train,
         method=args.method,
-        method_options=_method_options(args),
-        model=args.model,
-        norm=args.norm,
+        method_options={**base.options, **_method_options(args)},
+        **run_fields,
         train_size=args.train_size,
         validation_size=args.validation_size,
-        crop_padding=args.crop_padding,
-        hflip=args.hflip,
         canaries=args.canaries,
         audit_canaries=args.audit_canaries,
     )
@@ -596,6 +635,36 @@ def _train(args: argparse.Namespace) -> int:
             "heavily noised labels lower --lr (or use the method's recipe)",
             file=sys.stderr,
         )
+    return 0
+
+
+def _add_recipes_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "recipes",
+        help="print each method's default training per dataset",
+        description="Print the training recipes (labeldp/recipes.py) that `labeldp train` "
+        "and sweep files start from, with what was tried to choose them.",
+    )
+    p.add_argument("--dataset", choices=list(DATASETS), default=None, help="only this dataset")
+    p.set_defaults(handler=_recipes)
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from .recipes import RECIPES
+
+    for dataset, methods in RECIPES.items():
+        if args.dataset not in (None, dataset):
+            continue
+        print(f"# {dataset}")
+        for method in METHODS:
+            if method not in methods:
+                print(f"{method}: no recipe (TrainConfig defaults, {DEFAULT_EPOCHS} epochs)")
+                continue
+            r = methods[method]
+            parts = [f"{k}={v}" for k, v in {**r.run, **r.train, **r.options}.items()]
+            print(f"{method}: {', '.join(parts)}")
+            if r.tuned:
+                print(f"    chosen: {r.tuned}")
     return 0
 
 
@@ -889,6 +958,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"labeldp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train_parser(sub)
+    _add_recipes_parser(sub)
     _add_data_parser(sub)
     _add_attack_parser(sub)
     _add_account_parser(sub)

@@ -44,6 +44,7 @@ except ModuleNotFoundError:  # Python 3.10
 from .errors import ConfigError
 from .locking import FolderLocked, folder_lock
 from .methods import METHODS, method_parameters
+from .recipes import Recipe, recipe
 from .provenance import describe_numerics, numerics
 from .runner import Environment, RunConfig, format_epsilon, train_run
 from .store import ResultsStore, evaluation_accuracy, run_key
@@ -84,6 +85,11 @@ class SweepSpec:
         this sweep's accuracy (see :func:`SweepSpec.load` for what it must cover).
     audit_spec: the companion sweep, loaded and checked (None without ``audits``); set by
         :func:`SweepSpec.load`, not a key of the file.
+    recipes: start every run from its method's recipe for the dataset
+        (:mod:`labeldp.recipes`); the sweep's values replace the recipe's, in the order
+        recipe < top level and ``[train]`` < ``[per_method.<m>]`` < ``[grid]`` (method
+        options: recipe < ``[method_options.<m>]`` < ``[grid]``). False: TrainConfig
+        defaults and the file alone (a tuning sweep that must not inherit a recipe).
     """
 
     name: str
@@ -98,6 +104,7 @@ class SweepSpec:
     per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference: dict[str, Any] | None = None
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    recipes: bool = True
     audits: str | None = None
     audit_spec: SweepSpec | None = field(default=None, compare=False, repr=False)
 
@@ -212,13 +219,14 @@ class SweepSpec:
     def _config(
         self, method: str, eps: float | None, seed: int, chosen: dict[str, Any]
     ) -> RunConfig:
-        options = dict(self.method_options.get(method, {}))
+        base = recipe(method, self.dataset) if self.recipes else Recipe()
+        options = {**base.options, **self.method_options.get(method, {})}
         if eps is not None:
             options["epsilon"] = eps
         override = dict(self.per_method.get(method, {}))
         override.pop("epsilons", None)
-        train = {**self.train, **override.pop("train", {})}
-        run = {**self.run, **override}
+        train = {**base.train, **self.train, **override.pop("train", {})}
+        run = {**base.run, **self.run, **override}
         for key, value in chosen.items():
             head, _, tail = key.partition(".")
             if not tail:
@@ -381,9 +389,22 @@ def _check_types(path: Path, data: dict[str, Any]) -> None:
                 f"{path}: {where} does not take {', '.join(unknown)}; method {method} takes "
                 f"{', '.join(allowed) or 'no options'}"
             )
+    if "recipes" in data and not isinstance(data["recipes"], bool):
+        fail("recipes", "true or false")
     # last, so that it never hides the errors above
-    if "epochs" not in data.get("train", {}):
-        raise ConfigError(f"{path}: [train] must set epochs (an integer ≥ 1)")
+    use_recipes = data.get("recipes", True)
+    for method in [*methods, *(["none"] if data.get("include_nonprivate", True) else [])]:
+        has = (
+            "epochs" in data.get("train", {})
+            or "epochs" in data.get("per_method", {}).get(method, {}).get("train", {})
+            or (use_recipes and "epochs" in recipe(method, data["dataset"]).train)
+        )
+        if not has:
+            raise ConfigError(
+                f"{path}: [train] must set epochs (an integer ≥ 1): method {method} has no "
+                f"recipe for {data['dataset']} that sets it"
+                + ("" if use_recipes else " (recipes = false)")
+            )
 
 
 def _check_grid(path: Path, data: dict[str, Any]) -> None:

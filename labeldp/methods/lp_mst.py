@@ -60,6 +60,7 @@ from ..privacy import PrivacyLedger
 from ..seeding import Stream, derive_seed
 from ..train import FitResult, HardLabels, TrainConfig, predict_logits
 from .base import MethodResult, RunCheck, RunContext
+from .rr import LEARNING, rr_targets
 
 #: The paper's CIFAR-10 settings by ε: (share of the data in stage 1, prior temperature).
 PAPER_SETTINGS: dict[float, tuple[float, float]] = {
@@ -174,6 +175,9 @@ class LPMST:
         share at the nearest ε, the rest split equally. prior_temperature: > 0; default
         the paper's. drop_outside_topk: drop earlier-stage labels outside the current
         top-k* set. secure_noise: OS entropy instead of the run seed.
+        learning: how stage 1 learns from its RR labels, as RR's ``learning`` ("plain",
+        "forward" correction with RR's channel, or the "posterior"; free post-processing);
+        later stages, whose RRWithPrior labels are far less noisy, train on them plainly.
     calibration_share: share of stage 1's part held out of stage-1 training for the prior
         guard, in [0, 0.5); 0 turns the guard off (every stage t ≥ 2 then uses the model
         prior at ``prior_temperature``). With a share > 0 the slice has
@@ -195,8 +199,12 @@ class LPMST:
         secure_noise: bool = False,
         calibration_share: float = 0.05,
         stage_mixup: Sequence[float] | None = None,
+        learning: str = "plain",
     ) -> None:
         self.epsilon = check_epsilon(epsilon)
+        if learning not in LEARNING:
+            raise ConfigError(f"learning must be one of {', '.join(LEARNING)}, got {learning!r}")
+        self.learning = learning
         check_int("stages", stages, 2)
         share, temperature = paper_setting(self.epsilon)
         if stage_fractions is None:
@@ -252,6 +260,7 @@ class LPMST:
             "prior_temperature": self.prior_temperature,
             "drop_outside_topk": self.drop_outside_topk,
             "secure_noise": self.secure_noise,
+            "learning": self.learning,
             "calibration_share": self.calibration_share,
             "stage_mixup": self.stage_mixup,
         }
@@ -346,7 +355,7 @@ class LPMST:
         calibration_indices, calibration_noisy = parts[0][calibration], noisy[calibration]
         seen, seen_noisy = parts[0], noisy
         fit: FitResult = ctx.fit(
-            HardLabels(noisy[trains]),
+            rr_targets(self.learning, noisy[trains], rr),
             name="stage1",
             subset=parts[0][trains],
             config=self._stage_config(ctx, 1),
@@ -430,6 +439,7 @@ class LP2ST(LPMST):
         secure_noise: bool = False,
         calibration_share: float = 0.05,
         stage_mixup: Sequence[float] | None = None,
+        learning: str = "plain",
     ) -> None:
         super().__init__(
             epsilon,
@@ -440,4 +450,5 @@ class LP2ST(LPMST):
             secure_noise,
             calibration_share=calibration_share,
             stage_mixup=stage_mixup,
+            learning=learning,
         )
