@@ -32,6 +32,7 @@ from attacks.harness import ADD_REMOVE_ONE_EXAMPLE, bound_tested
 
 from .io import atomic_write_text
 from .methods import METHODS
+from .pate_report import pate_diagnostics_section
 from .provenance import provenance
 from .runner import DEFAULT_MODEL
 from .store import ResultsStore
@@ -564,5 +565,6 @@ def write_report(
                 )
         if spec.audited:
             lines += _audit_section(table, spec)
+        lines += pate_diagnostics_section(runs)
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return md_path, csv_path

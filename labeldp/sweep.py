@@ -209,7 +209,13 @@ class SweepSpec:
                 keys = self.grid_keys(method)
                 for values in itertools.product(*(self.grid[k] for k in keys)):
                     chosen = dict(zip(keys, values, strict=True))
-                    config = self._config(method, eps, seed, chosen)
+                    try:
+                        config = self._config(method, eps, seed, chosen)
+                    except (TypeError, ConfigError) as exc:
+                        if not chosen:
+                            raise
+                        where = ", ".join(f"[grid] {k} = {v!r}" for k, v in chosen.items())
+                        raise ConfigError(f"{where} (run {method}): {exc}") from None
                     variant = "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in chosen.items())
                     label = method if eps is None else f"{method}-eps{eps:g}"
                     label += f"-{variant}" if variant else ""
