@@ -44,8 +44,8 @@ except ModuleNotFoundError:  # Python 3.10
 from .errors import ConfigError
 from .locking import FolderLocked, folder_lock
 from .methods import METHODS, method_parameters
-from .recipes import Recipe, recipe
 from .provenance import describe_numerics, numerics
+from .recipes import Recipe, recipe
 from .runner import Environment, RunConfig, format_epsilon, train_run
 from .store import ResultsStore, evaluation_accuracy, run_key
 from .train import TrainConfig, resolve_device
