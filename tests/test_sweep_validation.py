@@ -48,7 +48,10 @@ def _write(tmp_path: Path, text: str) -> Path:
             BASE.replace('"dp-sgd"]', '"dp_sgd"]').replace("epochs = 1\n", ""),
             "no such method dp_sgd",
         ),
-        (BASE.replace("epochs = 1\n", ""), "[train] must set epochs"),
+        (
+            BASE.replace("epochs = 1\n", "").replace("seeds = [0]", "seeds = [0]\nrecipes = false"),
+            "[train] must set epochs",
+        ),
         (BASE + "[method_options.alibi]\nnoise = 'gaussian'\n", "[method_options.alibi] names no"),
         (BASE + "[method_options.rr]\nsecure_noyse = true\n", "does not take secure_noyse"),
         (BASE + "[method_options.rr]\nepsilon = 2\n", "cannot set epsilon"),
