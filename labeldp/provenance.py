@@ -63,6 +63,17 @@ def machine_description() -> str:
     return text
 
 
+#: CPU runs flush denormal floats to zero (:func:`cpu_numerics`): a model driven to tiny
+#: activations (a student fitting one label) otherwise ran 15 times slower on x86.
+FLUSH_DENORMAL = True
+
+
+def cpu_numerics() -> None:
+    """Sets the process's CPU floating-point mode for training: denormals flushed to zero
+    (``torch.set_flush_denormal``), recorded in :func:`numerics`. Called by every run."""
+    torch.set_flush_denormal(FLUSH_DENORMAL)
+
+
 def numerics(device: torch.device | str | None = None) -> dict[str, Any]:
     """What changes a result's floating-point arithmetic beyond its configuration: the
     torch version, its intra-op thread count (it changes the order of reductions: lp-2st
@@ -75,6 +86,8 @@ def numerics(device: torch.device | str | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": device.type,
     }
+    if device.type == "cpu":
+        out["flush_denormal"] = FLUSH_DENORMAL
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         out["device"] = f"cuda ({torch.cuda.get_device_name(index)})"

@@ -40,7 +40,7 @@ from .locking import folder_lock
 from .methods import build_method
 from .methods.base import RunCheck, RunContext, check_method
 from .models import NORM_KINDS, build_model, model_builder
-from .provenance import numerics, provenance
+from .provenance import cpu_numerics, numerics, provenance
 from .run_folder import diagnostics_dir
 from .seeding import Stream, config_key, derive_seed
 from .train import TrainConfig, device_description, resolve_device
@@ -232,6 +232,7 @@ def _train_run(
 ) -> dict[str, Any]:
     """train_run's work, once the run folder (if any) is locked and checked."""
     started = time.perf_counter()
+    cpu_numerics()
     device = resolve_device(env.device)
     train, test = prepare_data(config, env)
     info = train.info
