@@ -320,6 +320,7 @@ def _train_run(
         canary_indices=torch.cat([canaries.indices, canaries.audit_indices])
         if canaries is not None
         else None,
+        true_labels=true_labels if canaries is not None else None,
     )
     result = method.run(ctx)
     secure = bool(method.options().get("secure_noise", False))

@@ -56,6 +56,10 @@ class RunContext:
     canary_indices: train-split positions of every planted canary (memorization and
         audit), for methods that must make sure the canaries reach training (PATE's
         query pool); None without canaries.
+    true_labels: the training split's labels before any canary was planted, for
+        diagnostics only (statistics outside the guarantee, such as the accuracy of
+        PATE's answers): a method must never train on them or release anything computed
+        from them; None: ``train.labels`` (no canaries).
     """
 
     train: DeviceDataset
@@ -73,7 +77,13 @@ class RunContext:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     noise_key: tuple[int, ...] = ()
     canary_indices: torch.Tensor | None = None
+    true_labels: torch.Tensor | None = None
 
+    @property
+    def diagnostic_labels(self) -> torch.Tensor:
+        """The labels diagnostics compare against: :attr:`true_labels` when canaries were
+        planted, else the training labels (never to be trained on)."""
+        return self.true_labels if self.true_labels is not None else self.train.labels
     def noise_seed(self, stream: Stream, *index: int) -> int:
         """The seed of privacy-noise ``stream`` (and e.g. a stage ``index``): the run's
         seed keyed by its configuration (:attr:`noise_key`)."""

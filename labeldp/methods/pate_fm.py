@@ -27,8 +27,8 @@ answering the whole pool, when smaller). The data-dependent ε of Papernot et al
 is smaller but a function of the private votes; it is recorded under ``diagnostics``
 (not publishable as it stands). Every canary planted in the run is in the query pool.
 
-Diagnostics (outside the guarantee: computed from the raw votes and the labels the run
-trains on, ``ctx.train.labels``, which hold the planted label of every canary) go under
+Diagnostics (outside the guarantee: computed from the raw votes and the true labels,
+``ctx.diagnostic_labels``, a canary's original label rather than its planted one) go under
 ``metrics.json["diagnostics"]``; see :func:`answer_diagnostics`,
 :func:`teacher_accuracy_summary` and :meth:`PateFM.run` for the keys. One of them, the
 "ceiling student" (``ceiling_student``), is the student's recipe trained on the true
@@ -457,8 +457,9 @@ class PateFM:
         else:
             fit = self._student(ctx, labels, taught)
         fit.extra.update({"answered": int(answered.sum()), "considered": considered})
-        true = ctx.train.labels.cpu()[taught]
-        seen = ctx.train.labels.cpu()[record[2]].numpy()  # the pool's labels, canaries' planted
+        # diagnostics compare with the true labels (a canary's original, not its planted one)
+        true = ctx.diagnostic_labels.cpu()[taught]
+        seen = ctx.diagnostic_labels.cpu()[record[2]].numpy()
         not_private: dict[str, Any] = {
             **answer_diagnostics(
                 pool_votes, seen, answered, labels.numpy(), ctx.train.info.num_classes
@@ -513,7 +514,7 @@ class PateFM:
         self, ctx: RunContext, fit: FitResult, true: torch.Tensor, taught: torch.Tensor
     ) -> dict[str, Any]:
         """The ceiling student (a diagnostic): :meth:`_student` on the labels the run sees
-        (``true``: ``ctx.train.labels`` of the answered queries ``taught``) instead of
+        (``true``: ``ctx.diagnostic_labels`` of the answered queries ``taught``) instead of
         the answers. Keys: ``ceiling_student_accuracy`` (on ``ctx.test``, in [0, 1]; null
         when ``ceiling_student`` is off) and ``ceiling_student_outcome`` ("finished",
         "diverged", "collapsed", "untrained": nothing answered, so the ceiling is the
@@ -611,8 +612,8 @@ def answer_diagnostics(
     """Statistics of the aggregation against the labels (outside the guarantee).
 
     pool_votes: raw vote histograms (M, K) of the whole query pool, in pool order;
-    pool_labels: (M,) the labels the method sees for the pool, i.e. ``ctx.train.labels``
-    (the true labels, except each planted canary's, which is its planted label);
+    pool_labels: (M,) the true labels of the pool, ``ctx.diagnostic_labels`` (a canary's
+    original label, not the planted one the teachers saw);
     answered: (C,) bool, whether each of the C considered queries (the first C of the
     pool, where the filter stopped) was answered; answers: (A,) the released labels of
     the answered ones; num_classes: K.
