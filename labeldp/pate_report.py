@@ -113,8 +113,8 @@ def pate_diagnostics_section(rows: pd.DataFrame) -> list[str]:
         "",
         "## PATE-FM diagnostics (outside the guarantee)",
         "",
-        "Computed from the raw teacher votes and the labels the runs train on (the true "
-        "labels, a planted label for each canary); not covered by the runs' ε, not a "
+        "Computed from the raw teacher votes and the true labels (a canary's original "
+        "label, not the planted one the teachers saw); not covered by the runs' ε, not a "
         "release. Mean over seeds. Answered / considered / pool: queries answered, "
         "considered before the privacy filter stopped, and in the pool; answer rate: "
         "answered / considered. Noiseless ensemble: plurality of the raw votes (no noise) "
