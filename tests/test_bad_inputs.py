@@ -60,7 +60,8 @@ CASES = [
      r"argument --epsilon: must be a number > 0, got '-1'", None),
     ("bad-dataset", ["train", "--dataset", "imagenet"], 2, r"invalid choice: 'imagenet'", None),
     # 6: checks inside a method, before config.json is written
-    ("dpsgd-batchnorm", [*TRAIN, "--method", "dp-sgd", "--epsilon", "1", "--norm", "batch"], 2,
+    ("dpsgd-batchnorm",
+     [*TRAIN, "--method", "dp-sgd", "--epsilon", "1", "--model", "cnn", "--norm", "batch"], 2,
      r"use --norm group", None),
     ("batch-larger-than-data", [*TRAIN, "--batch-size", "500"], 2,
      r"--batch-size \(batch_size\) must be in 1\.\.400, the number of training examples, "
@@ -169,8 +170,8 @@ def test_a_bad_input_is_one_line_and_a_status(
 @pytest.mark.parametrize(
     "wrong, right",
     [
-        (["--method", "dp-sgd", "--epsilon", "50", "--norm", "batch"],
-         ["--method", "dp-sgd", "--epsilon", "50", "--norm", "group"]),
+        (["--method", "dp-sgd", "--epsilon", "50", "--model", "cnn", "--norm", "batch"],
+         ["--method", "dp-sgd", "--epsilon", "50", "--model", "cnn", "--norm", "group"]),
         (["--batch-size", "500"], ["--batch-size", "100"]),
     ],
     ids=["dpsgd-norm", "batch-size"],
