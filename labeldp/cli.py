@@ -521,30 +521,26 @@ RECIPE_TRAIN_FLAGS = {
 }
 
 
-def _alphas(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be numbers separated by commas, got {text!r}"
-        ) from None
-    if any(not (math.isfinite(v) and v >= 0) for v in values):
-        raise argparse.ArgumentTypeError(f"must be numbers ≥ 0, got {text!r}")
-    return values
+def _number_list(strict: bool, wanted: str) -> Callable[[str], list[float]]:
+    """An argparse type: finite numbers separated by commas, each > 0 (``strict``) or
+    ≥ 0; ``wanted`` is what the error says they must be."""
+
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be numbers separated by commas, got {text!r}"
+            ) from None
+        if any(not (math.isfinite(v) and (v > 0 if strict else v >= 0)) for v in values):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return values
+
+    return parse
 
 
-def _fractions(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be numbers separated by commas, got {text!r}"
-        ) from None
-    if any(not (math.isfinite(v) and v > 0) for v in values):
-        raise argparse.ArgumentTypeError(
-            f"must be numbers > 0 separated by commas (summing to 1), got {text!r}"
-        )
-    return values
+_alphas = _number_list(strict=False, wanted="numbers ≥ 0")
+_fractions = _number_list(strict=True, wanted="numbers > 0 separated by commas (summing to 1)")
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:

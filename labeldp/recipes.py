@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError
+from .train.config import TrainConfig
 
 #: The RunConfig fields a recipe may set (the rest describe the experiment, not training).
 RUN_FIELDS = ("model", "norm", "crop_padding", "hflip")
@@ -43,8 +44,6 @@ class Recipe:
     tuned: str = ""
 
     def __post_init__(self) -> None:
-        from .train import TrainConfig  # noqa: PLC0415 (keeps this module light to import)
-
         train_fields = {f.name for f in fields(TrainConfig)} - {"seed"}
         bad = sorted(set(self.train) - train_fields)
         if bad:

@@ -180,6 +180,14 @@ def _accuracy(mean: float, std: float, seeds: int, of: int = 1) -> str:
     return text if seeds >= of else f"{text} ({seeds} of {of} seeds)"
 
 
+def _tested_cell(bound: float, relation: str) -> str:
+    """The "bound tested" cell: ∞ for a non-private run (NaN), else the bound, marked
+    (2ε) for DP-SGD's add/remove-one-example ε."""
+    if math.isnan(bound):
+        return "∞"
+    return f"{bound:.3g}" + (" (2ε)" if relation == ADD_REMOVE_ONE_EXAMPLE else "")
+
+
 def _cell(row: Any, of: int) -> str:
     """One accuracy cell: mean ± std over seeds, marked when a seed diverged or collapsed."""
     text = _accuracy(row["accuracy_mean"], row["accuracy_std"], row["seeds"], of)
@@ -295,11 +303,10 @@ def _audit_section(table: pd.DataFrame, spec: SweepSpec) -> list[str]:
     ]
     for r in table.itertuples():
         eps = "∞" if math.isnan(r.epsilon) else f"{r.epsilon:g}"
+        tested = _tested_cell(r.bound_tested, r.relation)
         if math.isnan(r.bound_tested):
-            tested, above = "∞", "–"
+            above = "–"
         else:
-            doubled = r.relation == ADD_REMOVE_ONE_EXAMPLE
-            tested = f"{r.bound_tested:.3g}" + (" (2ε)" if doubled else "")
             above = f"{int(r.seeds_with_violation)} of {r.seeds}"
             if r.seeds_with_violation:
                 above = f"**{above}**"
@@ -430,11 +437,11 @@ def _companion_section(
         label = _method_label(table, r["method"], r["stale_seeds"])
         label += f" [{r['variant']}]" if r["variant"] else ""
         tested = a["audit_bound_tested"]
-        if not a["audit_source"] or tested is None or math.isnan(tested):
-            tested_cell = "–" if not a["audit_source"] else "∞"
-        else:
-            doubled = a["audit_relation"] == ADD_REMOVE_ONE_EXAMPLE
-            tested_cell = f"{tested:.3g}" + (" (2ε)" if doubled else "")
+        tested_cell = (
+            _tested_cell(math.nan if tested is None else tested, a["audit_relation"])
+            if a["audit_source"]
+            else "–"
+        )
 
         def lb(name: str, a=a, mark=mark) -> str:
             value = a[f"audit_eps_lb_{name}"]

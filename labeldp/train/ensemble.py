@@ -269,14 +269,9 @@ def ensemble_votes(
     batch_size: int = 500,
 ) -> torch.Tensor:
     """Vote histograms (Q, K) int64 of the stacked models with ``params`` on uint8 query
-    ``images`` (Q, C, H, W): each model votes its argmax."""
-    counts = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size])
-        logits = ensemble(x.unsqueeze(0).expand(ensemble.size, *x.shape), params)
-        votes = logits.argmax(-1)  # (n, q)
-        counts.append(F.one_hot(votes, num_classes).sum(0))
-    return torch.cat(counts)
+    ``images`` (Q, C, H, W): each model votes its argmax (:func:`ensemble_predictions`)."""
+    predictions = ensemble_predictions(ensemble, params, images, normalize, batch_size)
+    return F.one_hot(predictions, num_classes).sum(0)
 
 
 @torch.no_grad()
