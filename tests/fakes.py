@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from labeldp.data import sources
+from labeldp.runner import Environment, RunConfig, train_run
+from labeldp.train import TrainConfig
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -77,3 +79,30 @@ def two_class_halves(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.T
     images[labels == 1, :, :, :4] = bright[labels == 1]
     images[labels == 0, :, :, 4:] = bright[labels == 0]
     return images, labels
+
+
+def tiny_run(data_dir, out, method, epochs=2, resume=False, **options):
+    """A run of ``method`` (options as keywords) on the fake Fashion-MNIST in ``data_dir``:
+    batch 50, no crops, no download or progress; returns its metrics."""
+    config = RunConfig(
+        dataset="fashion-mnist",
+        train=TrainConfig(epochs=epochs, batch_size=50),
+        method=method,
+        method_options=options,
+        crop_padding=0,
+    )
+    env = Environment(data_dir=str(data_dir), download=False, progress=False)
+    return train_run(config, out, env, resume=resume)
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str = "privatize") -> list:
+    """Wraps ``cls.name`` so that each call appends to the returned list."""
+    calls = []
+    original = getattr(cls, name)
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls

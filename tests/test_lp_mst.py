@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakes import count_calls as _count_calls
 from fakes import isolate_data_sources, write_learnable_fashion
+from fakes import tiny_run as _run
 from scipy import stats
 
 from labeldp.data import random_partition
@@ -23,7 +25,6 @@ from labeldp.methods.lp_mst import (
     guard_temperatures,
     paper_setting,
 )
-from labeldp.runner import Environment, RunConfig, train_run
 from labeldp.seeding import Stream, derive_seed
 from labeldp.train import TrainConfig
 
@@ -32,30 +33,6 @@ from labeldp.train import TrainConfig
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     isolate_data_sources(monkeypatch, tmp_path)
     return write_learnable_fashion(tmp_path / "data")
-
-
-def _run(data_dir, out, method, epochs=2, resume=False, **options):
-    config = RunConfig(
-        dataset="fashion-mnist",
-        train=TrainConfig(epochs=epochs, batch_size=50),
-        method=method,
-        method_options=options,
-        crop_padding=0,
-    )
-    env = Environment(data_dir=str(data_dir), download=False, progress=False)
-    return train_run(config, out, env, resume=resume)
-
-
-def _count_calls(monkeypatch, cls, name="privatize"):
-    calls = []
-    original = getattr(cls, name)
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, name, counted)
-    return calls
 
 
 def _spy_fits(monkeypatch):

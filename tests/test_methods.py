@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakes import count_calls as _count_calls
 from fakes import isolate_data_sources, write_learnable_fashion
+from fakes import tiny_run as _run
 
 from labeldp import cli
 from labeldp.errors import ConfigError
@@ -16,38 +18,12 @@ from labeldp.mechanisms import Alibi, RandomizedResponse
 from labeldp.methods import build_method
 from labeldp.methods.alibi import AlibiTargets
 from labeldp.methods.lp_mst import paper_setting
-from labeldp.runner import Environment, RunConfig, train_run
-from labeldp.train import TrainConfig
 
 
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     isolate_data_sources(monkeypatch, tmp_path)
     return write_learnable_fashion(tmp_path / "data")
-
-
-def _run(data_dir, out, method, epochs=2, resume=False, **options):
-    config = RunConfig(
-        dataset="fashion-mnist",
-        train=TrainConfig(epochs=epochs, batch_size=50),
-        method=method,
-        method_options=options,
-        crop_padding=0,
-    )
-    env = Environment(data_dir=str(data_dir), download=False, progress=False)
-    return train_run(config, out, env, resume=resume)
-
-
-def _count_calls(monkeypatch, cls, name="privatize"):
-    calls = []
-    original = getattr(cls, name)
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, name, counted)
-    return calls
 
 
 def test_rr_randomizes_each_label_once_and_records_it(data_dir, tmp_path, monkeypatch):

@@ -166,15 +166,8 @@ def test_the_shipped_sweep_files_are_valid():
     assert {"fashion_mnist_quick", "fashion_mnist_full", "cifar10_paper", "cifar100_paper"} <= names
 
 
-AUDITED = """
-name = "facts"
-dataset = "fashion-mnist"
-methods = ["rr", "dp-sgd", "pate-fm"]
-epsilons = [1, 4]
-seeds = [0, 1]
-canaries = 20
-audit_canaries = 20
-
+#: The [train] and method options shared by the audited sweeps below (tiny PATE).
+DPSGD_PATE_OPTIONS = """
 [train]
 epochs = 1
 
@@ -189,6 +182,19 @@ threshold = 3
 sigma1 = 2
 sigma2 = 1
 """
+
+AUDITED = (
+    """
+name = "facts"
+dataset = "fashion-mnist"
+methods = ["rr", "dp-sgd", "pate-fm"]
+epsilons = [1, 4]
+seeds = [0, 1]
+canaries = 20
+audit_canaries = 20
+"""
+    + DPSGD_PATE_OPTIONS
+)
 
 
 def _fake_audited_store(tmp_path: Path) -> tuple[SweepSpec, ResultsStore]:
@@ -324,7 +330,8 @@ def test_a_sweep_with_two_workers_stores_every_run_once(data_dir, tmp_path):
 
 # A utility sweep and its companion audit sweep (``audits = ...``), for the key's
 # validation and the side-by-side table.
-UTILITY = """
+UTILITY = (
+    """
 name = "util"
 dataset = "fashion-mnist"
 methods = ["rr", "dp-sgd", "pate-fm"]
@@ -334,21 +341,9 @@ train_size = 5000
 canaries = 20
 audit_canaries = 20
 audits = "util_audits.toml"
-
-[train]
-epochs = 1
-
-[method_options.dp-sgd]
-delta = 1e-5
-
-[method_options.pate-fm]
-delta = 1e-5
-teachers = 5
-queries = 10
-threshold = 3
-sigma1 = 2
-sigma2 = 1
 """
+    + DPSGD_PATE_OPTIONS
+)
 
 COMPANION = """
 name = "util_audits"
