@@ -95,17 +95,20 @@ def test_shuffled_batches_cover_each_example_once_in_near_equal_batches():
     assert torch.equal(torch.cat(batches).sort().values, torch.arange(1001))
 
 
-def test_weight_average_matches_direct_recursion():
+def test_weight_average_matches_direct_recursion_with_warm_up():
     model = nn.Linear(3, 2)
     ema = WeightAverage(model, decay=0.9)
     expected = [p.detach().clone() for p in model.parameters()]
-    for _ in range(5):
+    # the warm-up's decays, written out: (1 + t) / (10 + t) = 0.1, 2/11, 0.25, ... until
+    # it reaches 0.9 at t = 80; steps 79..81 straddle that point
+    for step in [0, 1, 2, 79, 80, 81]:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
-        ema.update(model)
+        ema.update(model, step)
+        d = 0.9 if step >= 80 else (1 + step) / (10 + step)
         expected = [
-            0.9 * e + 0.1 * p.detach() for e, p in zip(expected, model.parameters(), strict=True)
+            d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters(), strict=True)
         ]
     for e, p in zip(expected, ema.model.parameters(), strict=True):
         torch.testing.assert_close(p, e)
@@ -205,3 +208,17 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
         trainer.save_checkpoint(ckpt)
     assert ckpt.read_bytes() == good
     assert list(tmp_path.iterdir()) == [ckpt]
+
+
+def test_weight_average_of_a_short_run_is_not_its_initialization():
+    # 300 steps of decay 0.999 without warm-up keep 0.999**300 = 0.74 of the initial
+    # weights; with the warm-up the average of constant new weights is (almost) them.
+    model = nn.Linear(3, 2)
+    ema = WeightAverage(model, decay=0.999)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    for step in range(300):
+        ema.update(model, step)
+    for p in ema.model.parameters():
+        assert torch.all((p - 1.0).abs() < 1e-3)

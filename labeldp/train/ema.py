@@ -8,11 +8,25 @@ import torch
 from torch import nn
 
 
-class WeightAverage:
-    """Keeps ``averaged = decay · averaged + (1 − decay) · current`` for every parameter
-    after each optimizer step; buffers (BatchNorm statistics) are copied as they are.
+def decay_at(decay: float, updates: int) -> float:
+    """The decay of update number ``updates`` (0 for the first) with warm-up:
+    ``min(decay, (1 + updates) / (10 + updates))``, the ``num_updates`` rule of
+    TensorFlow's ExponentialMovingAverage. Without it the average of a short run is mostly
+    its random initialization: after s steps plain decay 0.999 still weighs the initial
+    weights by 0.999^s (0.74 after 300 steps, 0.37 after 1000); with it the first update
+    copies the weights (decay 0.1) and the window grows with the run until it reaches
+    ``decay``. ``decay`` in (0, 1); ``updates`` ≥ 0.
+    """
+    return min(decay, (1.0 + updates) / (10.0 + updates))
 
-    ``decay`` in (0, 1): the weight of the past per step (0.999 ≈ a 1000-step window).
+
+class WeightAverage:
+    """Keeps ``averaged = d · averaged + (1 − d) · current`` for every parameter after each
+    optimizer step, with d = :func:`decay_at` (``decay``, step): the window warms up over
+    the first steps; buffers (BatchNorm statistics) are copied as they are.
+
+    ``decay`` in (0, 1): the weight of the past per step once warmed up (0.999 ≈ a
+    1000-step window).
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
@@ -24,10 +38,12 @@ class WeightAverage:
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
+        """Averages in ``model``'s weights after optimizer step number ``step`` (0 for
+        the first step of the run; a resumed run passes the global step)."""
         averaged = list(self.model.parameters())
         current = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
+        torch._foreach_lerp_(averaged, current, 1.0 - decay_at(self.decay, step))
         for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
             mine.copy_(theirs)
 

@@ -32,6 +32,7 @@ from ..errors import ConfigError, check_int
 from ..io import atomic_write
 from ..models.norm import has_batch_statistics
 from ..seeding import Stream, derive_seed
+from .ema import decay_at
 from .fixmatch import Augmentation, pseudo_label_losses
 from .schedule import learning_rate
 
@@ -123,7 +124,8 @@ class EnsembleFixMatchConfig:
     lr, momentum, nesterov, weight_decay: SGD; schedule: "fixmatch" (the spec's and the
     FixMatch paper's cosine, lr·cos(7π·k / (16·steps)) at step k, ending at
     cos(7π/16)·lr), "cosine" (to 0) or "constant" (see
-    :func:`labeldp.train.schedule.learning_rate`). ema_decay: in (0, 1). seed ≥ 0.
+    :func:`labeldp.train.schedule.learning_rate`). ema_decay: in (0, 1), warmed up as
+    :func:`labeldp.train.ema.decay_at`. seed ≥ 0.
     checkpoint_every: steps between checkpoints (≥ 1).
     """
 
@@ -242,7 +244,7 @@ def train_fixmatch_ensemble(
         optimizer.step()
         with torch.no_grad():
             for key, value in ensemble.params.items():
-                ema[key].lerp_(value, 1.0 - config.ema_decay)
+                ema[key].lerp_(value, 1.0 - decay_at(config.ema_decay, step))
         bar.update(1)
         last = step + 1 == config.steps
         if path is not None and ((step + 1) % config.checkpoint_every == 0 or last):

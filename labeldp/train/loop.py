@@ -363,7 +363,7 @@ class Trainer:
             out = self.step(self.model, inputs, indices, self.targets, self.autocast)
             self.optimizer.step()
             if self.ema is not None:
-                self.ema.update(self.model)
+                self.ema.update(self.model, step)
             batch = indices.shape[0]
             if self.track_training_statistics:
                 loss_sum += out.loss * batch
