@@ -555,7 +555,7 @@ def write_report(
         if table["stale_seeds"].any():
             lines += ["", f"{STALE_MARK} {STALE}."]
         for method in spec.methods:
-            meaning = getattr(METHODS.get(method), "epsilon_meaning", None)
+            meaning = METHODS[method].epsilon_meaning if method in METHODS else None
             if meaning:
                 lines += ["", f"{method}: {meaning}"]
         if spec.reference:

@@ -18,8 +18,8 @@ from labeldp.methods import build_method
 from labeldp.methods.base import RunCheck
 from labeldp.train import TrainConfig
 from labeldp.train.loop import Trainer
-from labeldp.train.steps import BackpropStep, mix, mixup_pairs
-from labeldp.train.targets import HardLabels
+from labeldp.train.steps import BackpropStep, GradientStep, mix, mixup_pairs
+from labeldp.train.targets import HardLabels, TargetFn
 
 B, D, K = 8, 5, 3
 
@@ -38,10 +38,8 @@ class Recording(nn.Module):
         return self.linear(x)
 
 
-class SoftFromLogits:
+class SoftFromLogits(TargetFn):
     """Soft targets softmax(logits / 2), recording the logits each call receives."""
-
-    uses_logits = True
 
     def __init__(self) -> None:
         self.received: list[torch.Tensor] = []
@@ -183,7 +181,7 @@ def test_lambda_follows_beta_alpha_alpha():
     assert abs(big.mean().item() - 0.5) < 0.02 and big.std().item() < 0.1
 
 
-class NoMixupStep:
+class NoMixupStep(GradientStep):
     def __call__(self, model, inputs, indices, targets, autocast):  # pragma: no cover
         raise AssertionError("never called")
 

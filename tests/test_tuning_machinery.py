@@ -32,7 +32,7 @@ from labeldp.train.loop import COLLAPSE_SHARE, Trainer, collapsed, predict_logit
 from labeldp.train.targets import (
     ForwardCorrectedLabels,
     HardLabels,
-    loss_function,
+    TargetFn,
     target_loss,
 )
 
@@ -125,12 +125,14 @@ def test_forward_loss_with_the_identity_channel_is_cross_entropy():
     )
 
 
-def test_loss_function_picks_the_targets_own_loss():
+def test_only_forward_correction_brings_its_own_loss():
     noisy = torch.tensor([0, 1, 2])
     forward = ForwardCorrectedLabels(noisy, torch.full((3, 3), 1 / 3))
-    assert loss_function(forward) == forward.loss
-    assert loss_function(HardLabels(noisy)) is target_loss
-    assert loss_function(RRPosterior(noisy, 1.0, 3)) is target_loss
+    z, t = torch.randn(3, 3), torch.tensor([0, 2, 1])
+    assert not torch.allclose(forward.loss(z, t), target_loss(z, t))
+    for plain in (HardLabels(noisy), RRPosterior(noisy, 1.0, 3)):
+        assert type(plain).loss is TargetFn.loss
+        torch.testing.assert_close(plain.loss(z, t), target_loss(z, t))
     with pytest.raises(ValueError, match="row-stochastic"):
         ForwardCorrectedLabels(noisy, torch.full((3, 3), 0.5))
     with pytest.raises(ValueError, match="row-stochastic"):

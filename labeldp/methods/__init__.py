@@ -14,7 +14,7 @@ from .none import NonPrivate
 from .pate_fm import PateFM
 from .rr import RandomizedResponseMethod
 
-METHODS: dict[str, type] = {
+METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
         NonPrivate,

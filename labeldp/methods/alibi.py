@@ -12,12 +12,13 @@ from ..mechanisms import Alibi
 from ..mechanisms.validation import check_epsilon
 from ..privacy import PrivacyLedger
 from ..seeding import Stream
-from .base import MethodResult, RunContext
+from ..train import TargetFn
+from .base import Method, MethodResult, RunContext
 
 PRIORS = ("model", "uniform")
 
 
-class AlibiTargets:
+class AlibiTargets(TargetFn):
     """Soft targets P(k | ỹ) for a batch: the prior is softmax of the model's current
     logits on the same batch (``prior="model"``, the paper's iterative variant) or
     uniform. ``noisy``: (N, K) noised one-hot labels, drawn once and reused every epoch."""
@@ -36,7 +37,7 @@ class AlibiTargets:
         return self.mechanism.posterior_from_log_prior(noisy, log_prior)
 
 
-class AlibiMethod:
+class AlibiMethod(Method):
     """ALIBI (Malek et al. 2021).
 
     epsilon: ε > 0 per label. noise: "laplace" (pure ε-DP, the paper's) or "gaussian"

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -210,16 +210,30 @@ class RunCheck:
     canaries: int = 0
 
 
-class Method(Protocol):
-    """A training method. ``name`` is its CLI name; ``options()`` its hyper-parameters as
-    recorded in config.json. An optional ``check(RunCheck)`` refuses (ConfigError) a run
-    it cannot carry out, before anything is written (see :func:`check_method`)."""
+class Method:
+    """Base class of training methods. Subclasses set ``name`` (the CLI name) and
+    implement ``options()`` (the hyper-parameters as recorded in config.json) and
+    ``run(ctx)``; they may override the declared capabilities below
+    (``tests/test_capabilities.py`` refuses any other class-level attribute, so a
+    misspelt capability fails the suite).
+
+    epsilon_meaning: what the method's ε protects, when it is not the plain label-DP ε
+    of "replace one label" (the report prints it under the tables); None by default.
+    check(run): refuses (ConfigError) a run the method cannot carry out, before anything
+    is written (see :func:`check_method`); the default refuses nothing.
+    """
 
     name: ClassVar[str]
+    epsilon_meaning: ClassVar[str | None] = None
 
-    def options(self) -> dict[str, Any]: ...
+    def options(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement options()")
 
-    def run(self, ctx: RunContext) -> MethodResult: ...
+    def run(self, ctx: RunContext) -> MethodResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+
+    def check(self, run: RunCheck) -> None:
+        """Refuses a run this method cannot carry out; the default accepts every run."""
 
 
 def check_method(method: Method, run: RunCheck) -> None:
@@ -232,9 +246,7 @@ def check_method(method: Method, run: RunCheck) -> None:
             f"--batch-size (batch_size) must be in 1..{n}, the number of training examples, "
             f"got {batch}"
         )
-    check = getattr(method, "check", None)
-    if check is not None:
-        check(run)
+    method.check(run)
 
 
 def untrained(ctx: RunContext) -> FitResult:

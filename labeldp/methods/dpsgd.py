@@ -21,10 +21,10 @@ from ..seeding import Stream
 from ..train import HardLabels
 from ..train.dpsgd import DPSGDStep, check_per_example_model
 from ..train.sampling import PoissonBatches
-from .base import MethodResult, RunCheck, RunContext
+from .base import Method, MethodResult, RunCheck, RunContext
 
 
-class DPSGDMethod:
+class DPSGDMethod(Method):
     """DP-SGD (Abadi et al. 2016) with Poisson sampling, flat clipping and Gaussian noise.
 
     The training configuration's ``batch_size`` is the *expected* (logical) batch size B:

@@ -59,7 +59,7 @@ from ..mechanisms.validation import check_epsilon
 from ..privacy import PrivacyLedger
 from ..seeding import Stream, derive_seed
 from ..train import FitResult, HardLabels, TrainConfig, predict_logits
-from .base import MethodResult, RunCheck, RunContext
+from .base import Method, MethodResult, RunCheck, RunContext
 from .rr import LEARNING, rr_targets
 
 #: The paper's CIFAR-10 settings by ε: (share of the data in stage 1, prior temperature).
@@ -167,7 +167,7 @@ def choose_prior(
     return best["temperature"], record
 
 
-class LPMST:
+class LPMST(Method):
     """LP-MST with T stages.
 
     epsilon: ε > 0 per label. stages: T ≥ 2. stage_fractions: the share of the training

@@ -6,10 +6,10 @@ from typing import Any, ClassVar
 
 from ..privacy import PrivacyLedger
 from ..train import HardLabels
-from .base import MethodResult, RunContext
+from .base import Method, MethodResult, RunContext
 
 
-class NonPrivate:
+class NonPrivate(Method):
     """Trains on the true labels. The ledger stays empty: ε = ∞, no guarantee."""
 
     name: ClassVar[str] = "none"

@@ -67,7 +67,7 @@ from ..train.ensemble import (
     train_fixmatch_ensemble,
 )
 from ..train.fixmatch import FixMatchStep
-from .base import MethodResult, RunCheck, RunContext, untrained
+from .base import Method, MethodResult, RunCheck, RunContext, untrained
 
 
 def _unchanged(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -86,7 +86,7 @@ VOTE_INDEPENDENT_OPTIONS = (
 RELEASE_BETA_TIMES_ORDER = 0.2
 
 
-class PateFM:
+class PateFM(Method):
     """PATE-FM. Hyper-parameters (units: votes for threshold and noises):
 
     epsilon: the budget ε > 0 at ``delta`` (label DP, replace one label): a Rényi filter

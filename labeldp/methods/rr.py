@@ -12,9 +12,9 @@ from ..mechanisms import RandomizedResponse
 from ..mechanisms.validation import check_epsilon
 from ..privacy import PrivacyLedger
 from ..seeding import Stream
-from ..train import HardLabels
+from ..train import HardLabels, TargetFn
 from ..train.targets import ForwardCorrectedLabels
-from .base import MethodResult, RunContext
+from .base import Method, MethodResult, RunContext
 
 #: How a model learns from RR's labels; every choice is post-processing of the release.
 LEARNING = ("plain", "forward", "posterior")
@@ -29,7 +29,7 @@ def rr_transition(mechanism: RandomizedResponse, device: torch.device) -> torch.
     return eye * keep + (1 - eye) * other
 
 
-class RRPosterior:
+class RRPosterior(TargetFn):
     """Soft targets P(y = k | ỹ, x) ∝ P(ỹ | y = k) · softmax(z)_k for RR's labels ỹ: the
     Bayes posterior of the true label with the current model as the prior (the RR analogue
     of ALIBI's inference). With RR's channel this is ``softmax(z + ε·onehot(ỹ))``.
@@ -46,7 +46,7 @@ class RRPosterior:
         return torch.softmax(logits.float() + self.epsilon * onehot, dim=1)
 
 
-class RandomizedResponseMethod:
+class RandomizedResponseMethod(Method):
     """Randomizes each training label once with RR at ``epsilon`` (pure ε-label-DP), then
     trains on the noisy labels every epoch.
 

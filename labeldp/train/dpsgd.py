@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ from .per_example import (
     layerwise_supported,
     per_example_gradients,
 )
-from .steps import StepOutput
+from .steps import GradientStep, StepOutput
 from .targets import TargetFn
 
 
@@ -52,7 +53,7 @@ def check_per_example_model(model: nn.Module) -> None:
         )
 
 
-class DPSGDStep:
+class DPSGDStep(GradientStep):
     """The DP-SGD gradient step (a :class:`~labeldp.train.steps.GradientStep`).
 
     max_grad_norm: C > 0, the L2 bound on each example's gradient (flat, all parameters).
@@ -72,7 +73,7 @@ class DPSGDStep:
     training loss and accuracy (they would leak beyond ε if the run folder were shared).
     """
 
-    private_outputs = True
+    private_outputs: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -131,7 +132,7 @@ class DPSGDStep:
         layerwise = lc.sq_norms().sqrt()
         lc.clipped_sums(torch.ones_like(layerwise))  # releases the stored tensors
         current = None
-        if getattr(targets, "uses_logits", True):
+        if targets.uses_logits:
             with torch.no_grad():
                 current = model(few).float()
         grads, _, _ = per_example_gradients(model, few, targets(few_idx, current))
@@ -149,7 +150,7 @@ class DPSGDStep:
 
     def _vmap_chunk(self, model, x, idx, targets, autocast):
         current = None
-        if getattr(targets, "uses_logits", True):
+        if targets.uses_logits:
             with torch.no_grad(), autocast():
                 current = model(x).float()
         t = targets(idx, current)
@@ -173,6 +174,11 @@ class DPSGDStep:
         autocast: Callable[[], AbstractContextManager],
     ) -> StepOutput:
         check_per_example_model(model)
+        if type(targets).loss is not TargetFn.loss:
+            raise ConfigError(
+                f"DP-SGD clips per-example gradients of the cross-entropy; targets with "
+                f"their own loss ({type(targets).__name__}) are not supported"
+            )
         params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         sums = {k: torch.zeros_like(p, dtype=_accumulator(p.dtype)) for k, p in params}
         losses, logits, batch_targets = [], [], []

@@ -30,8 +30,8 @@ from torch import nn
 from ..augment import Normalize
 from ..errors import ConfigError, check_int
 from ..seeding import Stream, derive_seed
-from .steps import StepOutput
-from .targets import TargetFn, target_loss
+from .steps import GradientStep, StepOutput
+from .targets import TargetFn
 
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -61,7 +61,7 @@ def unlabeled_loss(
     return losses.mean(), mask
 
 
-class FixMatchStep:
+class FixMatchStep(GradientStep):
     """The FixMatch gradient step (a :class:`~labeldp.train.steps.GradientStep`).
 
     unlabeled: uint8 (M, C, H, W) images on the training device. normalize: as the loop's.
@@ -137,7 +137,7 @@ class FixMatchStep:
         labeled, weak_logits, strong_logits = logits.split([b, u, u])
         batch_targets = targets(indices, labeled.detach())
         loss_u, mask = unlabeled_loss(weak_logits, strong_logits, self.threshold)
-        loss = target_loss(labeled, batch_targets) + self.lambda_u * loss_u
+        loss = targets.loss(labeled, batch_targets) + self.lambda_u * loss_u
         loss.backward()
         self.last_mask_rate = mask.float().mean().item()
         return StepOutput(loss.detach(), labeled.detach(), batch_targets)

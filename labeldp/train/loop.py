@@ -31,7 +31,7 @@ from .ema import WeightAverage
 from .sampling import BatchSampler, ShuffledBatches
 from .schedule import learning_rate
 from .steps import BackpropStep, GradientStep
-from .targets import HardLabels, TargetFn, target_classes
+from .targets import HardLabels, TargetFn, as_targets, target_classes
 
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -163,7 +163,7 @@ class Trainer:
         # Channels-last convolutions are markedly faster on CPU and on CUDA tensor cores.
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.train_images = train_images
-        self.targets = targets
+        self.targets = as_targets(targets)
         self.config = config
         self.normalize = normalize
         self.augment = augment
@@ -171,7 +171,12 @@ class Trainer:
         self.test_labels = test_labels
         if step is None:
             step = BackpropStep(config.mixup_alpha)
-        elif config.mixup_alpha > 0 and not getattr(step, "supports_mixup", False):
+        elif not isinstance(step, GradientStep):
+            raise ConfigError(
+                f"step must be a GradientStep (labeldp.train.GradientStep subclass), got "
+                f"{type(step).__name__}"
+            )
+        elif config.mixup_alpha > 0 and not step.supports_mixup:
             raise ConfigError(
                 f"mixup_alpha must be 0 for this method's gradient step "
                 f"({type(step).__name__}), got {config.mixup_alpha}"
@@ -180,7 +185,7 @@ class Trainer:
         # A step whose loss and logits are statistics of the raw training data that its
         # privacy guarantee does not cover (DP-SGD: true labels and features) sets
         # ``private_outputs``; the loop then neither shows nor records them.
-        self.track_training_statistics = not getattr(self.step, "private_outputs", False)
+        self.track_training_statistics = not self.step.private_outputs
         self.sampler = sampler or ShuffledBatches(config.batch_size)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.checkpoint_every = checkpoint_every
@@ -334,9 +339,7 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(
             derive_seed(cfg.seed, Stream.EPOCH_BATCHES, epoch, key=key)
         )
-        start_epoch = getattr(self.step, "start_epoch", None)
-        if start_epoch is not None:  # a step with its own per-epoch random stream
-            start_epoch(epoch)
+        self.step.start_epoch(epoch)  # a step with its own per-epoch random stream
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .targets import TargetFn, loss_function, soft_targets
+from .targets import TargetFn, soft_targets
 
 
 @dataclass
@@ -31,7 +31,26 @@ class StepOutput:
     targets: torch.Tensor
 
 
-class GradientStep(Protocol):
+class GradientStep:
+    """Base class of gradient steps; subclasses implement ``__call__`` and may override
+    the declared capabilities below (``tests/test_capabilities.py`` refuses any other
+    class-level attribute, so a misspelt capability fails the suite).
+
+    private_outputs: the step's loss, logits and targets are covered by its privacy
+    guarantee only through the released model (DP-SGD), so the loop neither shows nor
+    records training statistics. Default False.
+    supports_mixup: the step mixes batches when the run sets ``mixup_alpha``; the loop
+    refuses mixup for a step that does not. Default False.
+    start_epoch(epoch): called by the loop before each epoch (0-based), for a step with
+    its own per-epoch random stream; default: nothing.
+    """
+
+    private_outputs: ClassVar[bool] = False
+    supports_mixup: ClassVar[bool] = False
+
+    def start_epoch(self, epoch: int) -> None:
+        """Before epoch ``epoch`` (0-based); the default does nothing."""
+
     def __call__(
         self,
         model: nn.Module,
@@ -39,7 +58,8 @@ class GradientStep(Protocol):
         indices: torch.Tensor,
         targets: TargetFn,
         autocast: Callable[[], AbstractContextManager],
-    ) -> StepOutput: ...
+    ) -> StepOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
 
 def mixup_pairs(batch: int, alpha: float, device: torch.device) -> tuple[float, torch.Tensor]:
@@ -57,7 +77,7 @@ def mix(values: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
     return lam * values + (1 - lam) * values[perm]
 
 
-class BackpropStep:
+class BackpropStep(GradientStep):
     """Mean loss over the batch, back-propagated: the non-private step.
 
     mixup_alpha: mix each batch (see :func:`mixup`) with λ ~ Beta(α, α); 0: no mixup.
@@ -66,7 +86,7 @@ class BackpropStep:
     mode, so BatchNorm's running statistics also see the clean batch), then mixed; targets
     with their own loss (forward correction) receive the mixed soft targets."""
 
-    supports_mixup = True
+    supports_mixup: ClassVar[bool] = True
 
     def __init__(self, mixup_alpha: float = 0.0) -> None:
         if not mixup_alpha >= 0:
@@ -86,13 +106,13 @@ class BackpropStep:
         with autocast():
             logits = model(inputs)
         batch_targets = targets(indices, logits.detach())
-        loss = loss_function(targets)(logits, batch_targets)
+        loss = targets.loss(logits, batch_targets)
         loss.backward()
         return StepOutput(loss.detach(), logits.detach(), batch_targets)
 
     def _mixed(self, model, inputs, indices, targets, autocast) -> StepOutput:
         current = None
-        if getattr(targets, "uses_logits", True):
+        if targets.uses_logits:
             with torch.no_grad(), autocast():
                 current = model(inputs).float()
         batch_targets = targets(indices, current)
@@ -100,6 +120,6 @@ class BackpropStep:
         with autocast():
             logits = model(mix(inputs, lam, perm))
         mixed = mix(soft_targets(batch_targets, logits.shape[1]), lam, perm)
-        loss = loss_function(targets)(logits, mixed)
+        loss = targets.loss(logits, mixed)
         loss.backward()
         return StepOutput(loss.detach(), logits.detach(), mixed)

@@ -10,21 +10,62 @@ from the model's own predictions, as ALIBI's Bayesian posterior does. It returns
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-
-class TargetFn(Protocol):
-    """``uses_logits`` (optional attribute, default True): False when the targets do not
-    depend on the logits, so a step may skip the forward pass that computes them and pass
-    None (DP-SGD does)."""
-
-    def __call__(self, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor: ...
+from ..errors import ConfigError
 
 
-class HardLabels:
+class TargetFn:
+    """Base class of target functions; subclasses implement ``__call__`` and may override
+    the declared capabilities below (``tests/test_capabilities.py`` refuses any other
+    class-level attribute, so a misspelt capability fails the suite).
+
+    uses_logits: False when the targets do not depend on the logits, so a step may skip
+    the forward pass that computes them and pass None (DP-SGD does). Default True.
+    loss(logits, batch_targets, reduction): what a step minimizes; default
+    :func:`target_loss` (forward correction overrides it).
+    """
+
+    uses_logits: ClassVar[bool] = True
+
+    def __call__(self, indices: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+    def loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        return target_loss(logits, targets, reduction)
+
+
+class CallableTargets(TargetFn):
+    """A plain function ``fn(indices, logits) -> targets`` as a :class:`TargetFn` (it is
+    given the logits; its loss is :func:`target_loss`)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, indices: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        return self.fn(indices, logits)
+
+
+def as_targets(targets: object) -> TargetFn:
+    """``targets`` as a :class:`TargetFn`: a TargetFn as it is, a plain callable wrapped
+    in :class:`CallableTargets`; anything else is a ConfigError."""
+    if isinstance(targets, TargetFn):
+        return targets
+    if callable(targets):
+        return CallableTargets(targets)
+    raise ConfigError(
+        f"targets must be a TargetFn or a function (indices, logits) -> targets, got "
+        f"{type(targets).__name__}"
+    )
+
+
+class HardLabels(TargetFn):
     """Fixed hard labels, one per training example (true labels, or labels that a
     mechanism randomized once). ``labels``: int64 (N,) on the training device."""
 
@@ -61,12 +102,6 @@ def soft_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     if targets.dtype == torch.int64:
         return F.one_hot(targets, num_classes).float()
     return targets.float()
-
-
-def loss_function(targets: TargetFn):
-    """The loss a step minimizes for ``targets``: their own ``loss(logits, batch_targets,
-    reduction)`` when they define one (forward correction), else :func:`target_loss`."""
-    return getattr(targets, "loss", target_loss)
 
 
 class ForwardCorrectedLabels(HardLabels):
