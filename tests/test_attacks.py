@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from fakes import isolate_data_sources, write_learnable_fashion
 from scipy import stats
 
 from attacks import memorization, one_run
@@ -217,10 +215,7 @@ def test_the_bound_tested_follows_the_relation_of_the_methods_epsilon():
     assert judge(dict(part), None) == {**part, "exceeds_bound": False, "can_fail": False}
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data", n_train=400, n_test=100)
+pytestmark = pytest.mark.fake_fashion(n_train=400, n_test=100)
 
 
 def test_canaries_are_planted_before_the_method_sees_labels(data_dir, tmp_path, monkeypatch):

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import isolate_data_sources, write_learnable_fashion
 
 from labeldp import cli
 from labeldp import io as labeldp_io
@@ -119,12 +118,6 @@ CASES = [
      [*TRAIN, "--method", "dp-sgd", "--norm", "group", "--epsilon", "1e6"], 2,
      r"smallest noise multiplier .*ask for ε ≤ [0-9.]+", None),
 ]  # fmt: skip
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data")
 
 
 def _fill(argv: list[str], data: Path, tmp: Path) -> list[str]:

@@ -6,16 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from fakes import isolate_data_sources, write_learnable_fashion
+from fakes import isolate_data_sources
 
 from labeldp import cli
 from labeldp.data import random_subset
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data")
 
 
 def _train(data_dir: Path, out: Path, *extra: str) -> int:

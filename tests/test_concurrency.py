@@ -30,10 +30,7 @@ HOLD = (
 )
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data", n_train=200, n_test=50)
+pytestmark = pytest.mark.fake_fashion(n_train=200, n_test=50)
 
 
 def _hold(folder: Path) -> subprocess.Popen:

@@ -7,13 +7,11 @@ from __future__ import annotations
 import copy
 import json
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import isolate_data_sources, write_learnable_fashion
 from scipy import stats
 from torch import nn
 
@@ -136,10 +134,7 @@ def test_poisson_sampling_refuses_a_batch_larger_than_the_data():
         list(PoissonBatches(50).batches(10, torch.Generator()))
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data", n_train=300, n_test=100)
+pytestmark = pytest.mark.fake_fashion(n_train=300, n_test=100)
 
 
 def _run(data_dir, out, norm="group", epochs=2, batch_size=30, **options):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import isolate_data_sources, write_learnable_fashion
 
 from attacks.label_inference import label_inference
 from labeldp import cli
@@ -46,12 +45,6 @@ def memory_cap():
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     yield
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data")
 
 
 def _train(data_dir: Path, out: Path, *extra: str) -> int:

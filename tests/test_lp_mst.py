@@ -4,12 +4,10 @@ per-stage mixup, and what a run draws and records."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from fakes import count_calls as _count_calls
-from fakes import isolate_data_sources, write_learnable_fashion
 from fakes import tiny_run as _run
 from scipy import stats
 
@@ -27,12 +25,6 @@ from labeldp.methods.lp_mst import (
 )
 from labeldp.seeding import Stream, derive_seed
 from labeldp.train import TrainConfig
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data")
 
 
 def _spy_fits(monkeypatch):

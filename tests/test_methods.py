@@ -4,12 +4,10 @@ ledger says."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from fakes import count_calls as _count_calls
-from fakes import isolate_data_sources, write_learnable_fashion
 from fakes import tiny_run as _run
 
 from labeldp import cli
@@ -18,12 +16,6 @@ from labeldp.mechanisms import Alibi, RandomizedResponse
 from labeldp.methods import build_method
 from labeldp.methods.alibi import AlibiTargets
 from labeldp.methods.lp_mst import paper_setting
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data")
 
 
 def test_rr_randomizes_each_label_once_and_records_it(data_dir, tmp_path, monkeypatch):

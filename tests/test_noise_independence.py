@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import isolate_data_sources, write_learnable_fashion
 from scipy import stats
 
 from labeldp.runner import SEEDED_CONDITION, Environment, RunConfig, train_run
@@ -20,10 +19,7 @@ from labeldp.train import TrainConfig
 N = 3000
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data", n_train=N, n_test=50)
+pytestmark = pytest.mark.fake_fashion(n_train=N, n_test=50)
 
 
 def _config(method: str, **options) -> RunConfig:

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fakes import isolate_data_sources, write_learnable_fashion
 
 from labeldp import cli
 from labeldp.data.formats import read_idx
@@ -30,10 +29,7 @@ KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data", n_train=300, n_test=60)
+pytestmark = pytest.mark.fake_fashion(n_train=300, n_test=60)
 
 
 def _argv(data_dir, out, *extra, epsilon="500"):

@@ -8,18 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import isolate_data_sources, write_learnable_fashion
 
 from labeldp import cli
 from labeldp.mechanisms.confident_gnmax import ConfidentGNMax
 from labeldp.methods import pate_fm
 from labeldp.privacy import pate_epsilon
 
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data", n_train=400, n_test=100)
+pytestmark = pytest.mark.fake_fashion(n_train=400, n_test=100)
 
 
 def _argv(data_dir, out, *extra):

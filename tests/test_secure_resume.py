@@ -5,20 +5,14 @@ checkpoint: nothing it showed is redone (with fresh noise) by a resume."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from fakes import isolate_data_sources, write_learnable_fashion
 
 from labeldp.runner import Environment, RunConfig, train_run
 from labeldp.train import TrainConfig, loop
 
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data", n_train=300, n_test=50)
+pytestmark = pytest.mark.fake_fashion(n_train=300, n_test=50)
 
 
 def _config(*, secure, lr=0.5):

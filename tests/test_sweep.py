@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from fakes import isolate_data_sources, write_learnable_fashion
 
 from labeldp import cli
 from labeldp.errors import ConfigError
@@ -37,10 +36,7 @@ batch_size = 50
 """
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data", n_train=300, n_test=100)
+pytestmark = pytest.mark.fake_fashion(n_train=300, n_test=100)
 
 
 def _sweep_file(tmp_path: Path, epochs: int = 1, text: str = TINY) -> Path:

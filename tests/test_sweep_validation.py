@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import isolate_data_sources, write_learnable_fashion
 
 from labeldp import cli
 from labeldp.errors import ConfigError
@@ -131,10 +130,7 @@ batch_size = 50
 """
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data", n_train=200, n_test=50)
+pytestmark = pytest.mark.fake_fashion(n_train=200, n_test=50)
 
 
 @pytest.fixture

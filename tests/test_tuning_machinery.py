@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import isolate_data_sources, two_class_halves, write_learnable_fashion
+from fakes import two_class_halves
 from torch import nn
 
 from labeldp import cli, recipes, runner
@@ -45,10 +45,7 @@ def no_recipes(monkeypatch):
     monkeypatch.setattr(recipes, "RECIPES", {"fashion-mnist": {}})
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    isolate_data_sources(monkeypatch, tmp_path)
-    return write_learnable_fashion(tmp_path / "data", n_train=300, n_test=100)
+pytestmark = pytest.mark.fake_fashion(n_train=300, n_test=100)
 
 
 def _env(data_dir) -> Environment:
