@@ -17,8 +17,9 @@ _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit(root: Path = _SOURCE_ROOT) -> tuple[str | None, bool | None]:
-    """(commit hash, whether the tracked tree has uncommitted changes), or (None, None)
-    when the package does not run from a git checkout (e.g. a wheel install)."""
+    """(commit hash, whether the tracked tree outside results/ has uncommitted changes),
+    or (None, None) when the package does not run from a git checkout (e.g. a wheel
+    install)."""
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
@@ -28,7 +29,10 @@ def git_commit(root: Path = _SOURCE_ROOT) -> tuple[str | None, bool | None]:
             timeout=10,
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            # the results store and tables are outputs, not code: a sweep that writes
+            # results/runs.sqlite must not mark its own later runs dirty
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
+             "--", ".", ":(exclude)results"],  # fmt: skip
             capture_output=True,
             text=True,
             check=True,
