@@ -24,8 +24,9 @@ from . import __version__
 from .data import DATASETS, fetch
 from .errors import ConfigError, DataError
 from .io import DiskFullError, read_json
-from .methods import METHODS, method_parameters, required_parameters
+from .methods import METHODS, method_options
 from .models import MODELS
+from .options import flags
 from .recipes import RUN_FIELDS, recipe
 from .runner import SEEDED_CONDITION, Environment, RunConfig, format_epsilon, train_run
 from .store import evaluation_accuracy
@@ -117,185 +118,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="hold out N training examples as a validation split (the same for every run) "
         "and evaluate on it instead of the test split, for choosing hyper-parameters",
     )
-    private = p.add_argument_group(
-        "label privacy (each applies to the methods named; see the method's docstring)"
-    )
-    private.add_argument(
-        "--epsilon",
-        type=_number(float, 0, strict=True),
-        default=None,
-        help="ε per label (rr, lp-mst, lp-2st, alibi), or the budget of dp-sgd (add/remove "
-        "one example); required by them",
-    )
-    private.add_argument(
-        "--delta",
-        type=_number(float, 0, strict=True, high=1),
-        default=None,
-        help="δ (alibi with --alibi-noise gaussian; dp-sgd and pate-fm, default 1e-5)",
-    )
-    private.add_argument(
-        "--stages",
-        type=_number(int, 2),
-        default=None,
-        help="number of stages T (lp-mst; default 2)",
-    )
-    private.add_argument(
-        "--stage-fractions",
-        type=_fractions,
-        default=None,
-        metavar="F1,F2,...",
-        help="share of the data in each stage (lp-mst, lp-2st; default: the "
-        "paper's stage-1 share at the nearest ε, rest split equally)",
-    )
-    private.add_argument(
-        "--prior-temperature",
-        type=_number(float, 0, strict=True),
-        default=None,
-        help="temperature of the model prior (lp-mst, lp-2st; default: the paper's)",
-    )
-    private.add_argument(
-        "--keep-outside-topk",
-        dest="drop_outside_topk",
-        action="store_false",
-        default=None,
-        help="keep earlier-stage labels outside the current "
-        "top-k set (lp-mst, lp-2st; the paper drops them)",
-    )
-    private.add_argument(
-        "--calibration-share",
-        type=_number(float, 0, high=0.5),
-        default=None,
-        metavar="SHARE",
-        help="share of stage 1 held out of its training to choose each later stage's "
-        "prior on the released RR labels (lp-mst, lp-2st; 0 = no guard; default 0.05)",
-    )
-    private.add_argument(
-        "--stage-mixup",
-        type=_alphas,
-        default=None,
-        metavar="A1,A2,...",
-        help="mixup α of each stage (lp-mst, lp-2st; default: --mixup in every stage)",
-    )
-    private.add_argument(
-        "--ceiling-student",
-        dest="ceiling_student",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="pate-fm: also train the student on the true labels of the answered queries, a "
-        "diagnostic outside the guarantee (default on)",
-    )
-    private.add_argument(
-        "--alibi-noise",
-        dest="noise",
-        choices=["laplace", "gaussian"],
-        default=None,
-        help="ALIBI's noise (default laplace)",
-    )
-    private.add_argument(
-        "--alibi-prior",
-        dest="prior",
-        choices=["model", "uniform"],
-        default=None,
-        help="ALIBI's prior: the current model's softmax (default) or uniform",
-    )
-    private.add_argument(
-        "--learning",
-        choices=["plain", "forward", "posterior"],
-        default=None,
-        help="rr: learn from the RR labels by plain cross-entropy, forward loss correction "
-        "with RR's channel, or the Bayes posterior given the model (all free post-processing)",
-    )
-    private.add_argument(
-        "--secure-noise",
-        dest="secure_noise",
-        action="store_true",
-        default=None,
-        help="draw label noise (dp-sgd: gradient noise and batch sampling) from OS "
-        "entropy instead of the run seed",
-    )
-    dpsgd = p.add_argument_group(
-        "DP-SGD (--method dp-sgd; --batch-size is the expected batch size of Poisson "
-        "sampling, --epsilon the budget at --delta, default 1e-5)"
-    )
-    dpsgd.add_argument(
-        "--max-grad-norm",
-        type=_number(float, 0, strict=True),
-        default=None,
-        metavar="C",
-        help="per-example L2 clipping norm (default 1)",
-    )
-    dpsgd.add_argument(
-        "--noise-multiplier",
-        type=_number(float, 0, strict=True),
-        default=None,
-        metavar="SIGMA",
-        help="noise std / C; default: calibrated so that ε reaches --epsilon",
-    )
-    dpsgd.add_argument(
-        "--accountant",
-        choices=["pld", "rdp"],
-        default=None,
-        help="privacy accountant (default pld)",
-    )
-    dpsgd.add_argument(
-        "--physical-batch-size",
-        type=_number(int, 1),
-        default=None,
-        metavar="B",
-        help="per-example gradients held in memory at once (default 256)",
-    )
-    pate = p.add_argument_group(
-        "PATE-FM (--method pate-fm; --epsilon is the budget at --delta, enforced by a Rényi "
-        "filter on the data-independent cost; the student's labeled batch is --batch-size, "
-        "set --ema 0.999)"
-    )
-    for flag, kind, low, meta, text in (
-        ("--teachers", int, 2, "N", "number of teachers (disjoint label parts)"),
-        ("--queries", int, 1, "M", "query pool: training images the teachers label"),
-        ("--threshold", float, None, "T", "Confident-GNMax threshold, in votes"),
-        ("--sigma1", float, 0, "S1", "threshold noise standard deviation, in votes"),
-        ("--sigma2", float, 0, "S2", "argmax noise standard deviation, in votes"),
-        ("--teacher-steps", int, 1, "K", "FixMatch steps per teacher (default 500)"),
-        ("--teacher-batch", int, 1, "B", "labeled batch per teacher and step (default 16)"),
-        ("--teacher-lr", float, 0, "LR", "teachers' learning rate (default 0.03)"),
-        ("--teacher-group", int, 1, "G", "teachers trained at once (default 50)"),
-        ("--mu", int, 1, "MU", "FixMatch unlabeled per labeled (default 7)"),
-        ("--fixmatch-threshold", float, 0, "TAU", "FixMatch confidence τ (default 0.95)"),
-        (
-            "--student-steps",
-            int,
-            1,
-            "S",
-            "student steps, whatever the number of answers "
-            "(default: --epochs passes over the answers)",
-        ),
-        (
-            "--release-share",
-            float,
-            0,
-            "F",
-            "share of the filter's RDP budget kept for --release-data-dependent, in (0, 1) "
-            "(default 0.25)",
-        ),
-    ):
-        if low is None:
-            parse = float
-        elif kind is int:
-            parse = _number(int, low)
-        else:
-            parse = _number(float, low, strict=True)
-        pate.add_argument(flag, type=parse, default=None, metavar=meta, help=text)
-    pate.add_argument(
-        "--teacher-model", default=None, metavar="NAME", help="teachers' model (default --model)"
-    )
-    pate.add_argument(
-        "--release-data-dependent",
-        dest="release_data_dependent",
-        action="store_true",
-        default=None,
-        help="also publish the data-dependent ε through the smooth-sensitivity (GNSS) "
-        "release of Papernot et al. 2018, paid from the budget",
-    )
+    _add_method_flags(p)
     audit = p.add_argument_group("auditing (read by labeldp attack)")
     audit.add_argument(
         "--canaries",
@@ -466,41 +289,27 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_train)
 
 
-#: CLI option of each method hyper-parameter (argparse dest -> flag).
-METHOD_FLAGS = {
-    "epsilon": "--epsilon",
-    "delta": "--delta",
-    "stages": "--stages",
-    "stage_fractions": "--stage-fractions",
-    "prior_temperature": "--prior-temperature",
-    "drop_outside_topk": "--keep-outside-topk",
-    "calibration_share": "--calibration-share",
-    "stage_mixup": "--stage-mixup",
-    "ceiling_student": "--ceiling-student",
-    "noise": "--alibi-noise",
-    "prior": "--alibi-prior",
-    "secure_noise": "--secure-noise",
-    "learning": "--learning",
-    "max_grad_norm": "--max-grad-norm",
-    "noise_multiplier": "--noise-multiplier",
-    "accountant": "--accountant",
-    "physical_batch_size": "--physical-batch-size",
-    "teachers": "--teachers",
-    "queries": "--queries",
-    "threshold": "--threshold",
-    "sigma1": "--sigma1",
-    "sigma2": "--sigma2",
-    "teacher_steps": "--teacher-steps",
-    "teacher_batch": "--teacher-batch",
-    "teacher_lr": "--teacher-lr",
-    "teacher_model": "--teacher-model",
-    "teacher_group": "--teacher-group",
-    "mu": "--mu",
-    "fixmatch_threshold": "--fixmatch-threshold",
-    "student_steps": "--student-steps",
-    "release_data_dependent": "--release-data-dependent",
-    "release_share": "--release-share",
-}
+#: Every method option as one CLI flag (dest = the option's name), generated from the
+#: methods' declarations (labeldp.options).
+METHOD_FLAGS = {f.dest: f for f in flags((n, cls.Options) for n, cls in METHODS.items())}
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    """The method options' flags, one group per set of methods that declares them; each
+    help names the methods, the allowed values and the real defaults."""
+    groups: dict[tuple[str, ...], Any] = {}
+    for flag in METHOD_FLAGS.values():
+        methods = tuple(m for m, _ in flag.declarations)
+        if methods not in groups:
+            groups[methods] = p.add_argument_group(
+                f"options of {', '.join(methods)} (default: the method's recipe, else as shown)"
+            )
+        parsing = flag.kind.argparse_options()
+        if flag.metavar:
+            parsing["metavar"] = flag.metavar
+        groups[methods].add_argument(
+            flag.flag, dest=flag.dest, default=argparse.SUPPRESS, help=flag.help(), **parsing
+        )
 
 
 #: What an unset flag falls back to when the method's recipe does not set it (labeldp.recipes).
@@ -521,44 +330,24 @@ RECIPE_TRAIN_FLAGS = {
 }
 
 
-def _number_list(strict: bool, wanted: str) -> Callable[[str], list[float]]:
-    """An argparse type: finite numbers separated by commas, each > 0 (``strict``) or
-    ≥ 0; ``wanted`` is what the error says they must be."""
-
-    def parse(text: str) -> list[float]:
-        try:
-            values = [float(part) for part in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be numbers separated by commas, got {text!r}"
-            ) from None
-        if any(not (math.isfinite(v) and (v > 0 if strict else v >= 0)) for v in values):
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
-        return values
-
-    return parse
-
-
-_alphas = _number_list(strict=False, wanted="numbers ≥ 0")
-_fractions = _number_list(strict=True, wanted="numbers > 0 separated by commas (summing to 1)")
-
-
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method hyper-parameters given on the command line; an option that the chosen
     method does not take is an error rather than silently ignored."""
-    given = {dest: getattr(args, dest) for dest in METHOD_FLAGS if getattr(args, dest) is not None}
-    accepted = method_parameters(args.method)
+    given = {dest: getattr(args, dest) for dest in METHOD_FLAGS if dest in args}
+    declared = method_options(args.method)
+    accepted = {spec.name for spec in declared}
     for dest in given:
         if dest not in accepted:
-            takes = ", ".join(METHOD_FLAGS[p] for p in accepted) or "no privacy options"
+            takes = ", ".join(spec.flag for spec in declared) or "no method options"
             raise ConfigError(
-                f"{METHOD_FLAGS[dest]} does not apply to --method {args.method} (it takes {takes})"
+                f"{METHOD_FLAGS[dest].flag} does not apply to --method {args.method} "
+                f"(it takes {takes})"
             )
-    if "epsilon" in accepted and "epsilon" not in given:
-        raise ConfigError(f"--method {args.method} needs --epsilon (a number > 0)")
-    missing = [METHOD_FLAGS.get(p, p) for p in required_parameters(args.method) if p not in given]
+    missing = [spec for spec in declared if spec.required and spec.name not in given]
     if missing:
-        raise ConfigError(f"--method {args.method} needs {', '.join(missing)}")
+        raise ConfigError(
+            f"--method {args.method} needs {', '.join(spec.flag for spec in missing)}"
+        )
     return given
 
 

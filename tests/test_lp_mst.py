@@ -215,13 +215,16 @@ def test_guard_temperatures_start_with_the_configured_one_without_repeats():
 
 
 @pytest.mark.parametrize(
-    "value", [[1.0], [1.0, 2.0, 3.0], [1.0, -0.5], [float("nan"), 1.0], [True, 1.0], "8,4", 4.0]
-)
-def test_stage_mixup_is_validated(value):
+    "value, says",
+    [([1.0], "2 finite numbers ≥ 0"), ([1.0, 2.0, 3.0], "2 finite numbers ≥ 0")]
+    + [(v, "a list of numbers ≥ 0") for v in ([1.0, -0.5], [float("nan"), 1.0], [True, 1.0],
+                                              "8,4", 4.0)],
+)  # fmt: skip
+def test_stage_mixup_is_validated(value, says):
     with pytest.raises(ConfigError) as info:
         LPMST(1.0, stages=2, stage_mixup=value)
     message = str(info.value)
-    assert "stage_mixup must be 2 finite numbers ≥ 0" in message and "None" in message
+    assert f"stage_mixup must be {says}" in message and "None" in message
 
 
 @pytest.mark.parametrize("value", [-0.01, 0.5, 0.9, float("nan"), True, "0.1", None])

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from ..errors import ConfigError
+from ..options import OptionSpec, specs
 from .alibi import AlibiMethod
 from .base import Method, MethodResult, RunContext
 from .dpsgd import DPSGDMethod
@@ -28,37 +28,33 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def method_parameters(name: str) -> list[str]:
-    """The hyper-parameters the method called ``name`` accepts (its constructor's)."""
+def method_class(name: str) -> type[Method]:
+    """The method class called ``name``; ConfigError naming the methods otherwise."""
     if name not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {name!r}")
-    parameters = inspect.signature(METHODS[name].__init__).parameters.values()
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in parameters if p.name != "self" and p.kind in named]
+    return METHODS[name]
+
+
+def method_options(name: str) -> list[OptionSpec]:
+    """The declared options of method ``name`` (:mod:`labeldp.options`), in order."""
+    return specs(method_class(name).Options)
+
+
+def method_parameters(name: str) -> list[str]:
+    """The hyper-parameters the method called ``name`` accepts (its declared options)."""
+    return [spec.name for spec in method_options(name)]
 
 
 def required_parameters(name: str) -> list[str]:
-    """The hyper-parameters of method ``name`` that have no default (read from its
-    constructor's signature)."""
-    parameters = inspect.signature(METHODS[name].__init__).parameters
-    return [p for p in method_parameters(name) if parameters[p].default is inspect.Parameter.empty]
+    """The hyper-parameters of method ``name`` that have no default."""
+    return [spec.name for spec in method_options(name) if spec.required]
 
 
 def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
-    """The method called ``name`` built with its hyper-parameters ``options``."""
-    if name not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {name!r}")
-    options = options or {}
-    unknown = sorted(set(options) - set(method_parameters(name)))
-    if unknown:
-        raise ConfigError(
-            f"method {name} does not take {', '.join(unknown)}; it takes "
-            f"{', '.join(method_parameters(name)) or 'no options'}"
-        )
-    missing = [p for p in required_parameters(name) if p not in options]
-    if missing:
-        raise ConfigError(f"method {name} needs options: {', '.join(missing)}")
-    return METHODS[name](**options)
+    """The method called ``name`` built with its hyper-parameters ``options`` (checked
+    against its declared options: unknown, missing and out-of-range ones are a
+    ConfigError naming them)."""
+    return method_class(name)(**(options or {}))
 
 
 __all__ = [
@@ -74,6 +70,8 @@ __all__ = [
     "RandomizedResponseMethod",
     "RunContext",
     "build_method",
+    "method_class",
+    "method_options",
     "method_parameters",
     "required_parameters",
 ]

@@ -3,13 +3,14 @@ on the Bayesian posterior recomputed every step with the current model as the pr
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..errors import ConfigError
 from ..mechanisms import Alibi
-from ..mechanisms.validation import check_epsilon
+from ..mechanisms.alibi import NOISES
+from ..options import DELTA, EPSILON, SWITCH, Choice, MethodOptions, option
 from ..privacy import PrivacyLedger
 from ..seeding import Stream
 from ..train import TargetFn
@@ -37,6 +38,35 @@ class AlibiTargets(TargetFn):
         return self.mechanism.posterior_from_log_prior(noisy, log_prior)
 
 
+@dataclass(frozen=True)
+class AlibiOptions(MethodOptions):
+    """Options of ``alibi``; see :class:`AlibiMethod`."""
+
+    epsilon: float = option(kind=EPSILON, help="ε per label (replace one label)")
+    noise: str = option(
+        "laplace",
+        kind=Choice(NOISES),
+        flag="--alibi-noise",
+        help="noise on the one-hot labels: laplace (pure ε-DP, the paper's) or gaussian "
+        "((ε, δ)-DP, needs delta)",
+    )
+    delta: float | None = option(
+        None, kind=DELTA, help="δ of the Gaussian noise", none="Laplace noise, pure ε-DP"
+    )
+    prior: str = option(
+        "model",
+        kind=Choice(PRIORS),
+        flag="--alibi-prior",
+        help="prior of the posterior: the current model's softmax or uniform",
+    )
+    secure_noise: bool = option(
+        False, kind=SWITCH, help="draw the label noise from OS entropy instead of the run seed"
+    )
+
+    def validate(self) -> None:
+        Alibi(self.epsilon, 2, noise=self.noise, delta=self.delta)  # noise and delta agree
+
+
 class AlibiMethod(Method):
     """ALIBI (Malek et al. 2021).
 
@@ -45,30 +75,7 @@ class AlibiMethod(Method):
     """
 
     name: ClassVar[str] = "alibi"
-
-    def __init__(
-        self,
-        epsilon: float,
-        noise: str = "laplace",
-        delta: float | None = None,
-        prior: str = "model",
-        secure_noise: bool = False,
-    ) -> None:
-        self.epsilon = check_epsilon(epsilon)
-        if prior not in PRIORS:
-            raise ConfigError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
-        self.noise, self.delta, self.prior = noise, delta, prior
-        self.secure_noise = bool(secure_noise)
-        Alibi(self.epsilon, 2, noise=noise, delta=delta)  # validates noise and delta now
-
-    def options(self) -> dict[str, Any]:
-        return {
-            "epsilon": self.epsilon,
-            "noise": self.noise,
-            "delta": self.delta,
-            "prior": self.prior,
-            "secure_noise": self.secure_noise,
-        }
+    Options: ClassVar[type[MethodOptions]] = AlibiOptions
 
     def run(self, ctx: RunContext) -> MethodResult:
         labels = ctx.train.labels

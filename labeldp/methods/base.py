@@ -24,6 +24,7 @@ from ..augment import Normalize
 from ..data import DeviceDataset
 from ..errors import ConfigError
 from ..io import atomic_write, atomic_write_json
+from ..options import MethodOptions, build_options
 from ..privacy import PrivacyLedger
 from ..run_folder import diagnostics_dir
 from ..seeding import Stream, derive_seed
@@ -210,12 +211,23 @@ class RunCheck:
     canaries: int = 0
 
 
+@dataclass(frozen=True)
+class NoOptions(MethodOptions):
+    """The options of a method that takes none."""
+
+
 class Method:
     """Base class of training methods. Subclasses set ``name`` (the CLI name) and
-    implement ``options()`` (the hyper-parameters as recorded in config.json) and
-    ``run(ctx)``; they may override the declared capabilities below
-    (``tests/test_capabilities.py`` refuses any other class-level attribute, so a
-    misspelt capability fails the suite).
+    ``Options`` (their hyper-parameters: a frozen :class:`~labeldp.options.MethodOptions`
+    dataclass whose fields declare default, allowed values, help and CLI flag once; see
+    :mod:`labeldp.options`), and implement ``run(ctx)``; they may override the declared
+    capabilities below (``tests/test_capabilities.py`` refuses any other class-level
+    attribute, so a misspelt capability fails the suite).
+
+    A method is built from its options by keyword (the first, ε, may also be given by
+    position): ``RandomizedResponseMethod(1.0, learning="forward")``. The checked options
+    are ``self.opts``, and each is also an attribute (``self.epsilon``); a subclass that
+    derives more state overrides ``__init__`` and calls ``super().__init__`` first.
 
     epsilon_meaning: what the method's ε protects, when it is not the plain label-DP ε
     of "replace one label" (the report prints it under the tables); None by default.
@@ -224,10 +236,18 @@ class Method:
     """
 
     name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = NoOptions
     epsilon_meaning: ClassVar[str | None] = None
 
+    def __init__(self, *args: Any, **options: Any) -> None:
+        self.opts = build_options(self.Options, args, options, self.name)
+        for key, value in self.opts.to_dict().items():
+            setattr(self, key, value)
+
     def options(self) -> dict[str, Any]:
-        raise NotImplementedError(f"{type(self).__name__} must implement options()")
+        """The hyper-parameters as config.json records them; ``build_method(name,
+        options())`` rebuilds an equal method."""
+        return self.opts.to_dict()
 
     def run(self, ctx: RunContext) -> MethodResult:
         raise NotImplementedError(f"{type(self).__name__} must implement run()")

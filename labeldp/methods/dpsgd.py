@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError, check_int
-from ..mechanisms.validation import check_epsilon
+from ..errors import ConfigError
+from ..options import DELTA, EPSILON, POSITIVE, SWITCH, Choice, MethodOptions, Number, option
 from ..privacy import LedgerEntry, PrivacyLedger
 from ..privacy.dpsgd_accounting import (
     ACCOUNTANTS,
@@ -22,6 +22,36 @@ from ..train import HardLabels
 from ..train.dpsgd import DPSGDStep, check_per_example_model
 from ..train.sampling import PoissonBatches
 from .base import Method, MethodResult, RunCheck, RunContext
+
+
+@dataclass(frozen=True)
+class DPSGDOptions(MethodOptions):
+    """Options of ``dp-sgd``; see :class:`DPSGDMethod`."""
+
+    epsilon: float = option(
+        kind=EPSILON, help="the budget ε at delta (add or remove one example)"
+    )
+    delta: float = option(1e-5, kind=DELTA, help="δ of the budget")
+    max_grad_norm: float = option(
+        1.0, kind=POSITIVE, metavar="C", help="per-example L2 clipping norm C"
+    )
+    noise_multiplier: float | None = option(
+        None,
+        kind=POSITIVE,
+        metavar="SIGMA",
+        help="noise standard deviation / C (refused if its ε exceeds the budget)",
+        none="calibrated so that ε reaches the budget",
+    )
+    accountant: str = option("pld", kind=Choice(ACCOUNTANTS), help="privacy accountant")
+    physical_batch_size: int = option(
+        256, kind=Number(int, 1), metavar="B", help="per-example gradients held in memory at once"
+    )
+    secure_noise: bool = option(
+        False,
+        kind=SWITCH,
+        help="draw the gradient noise and the Poisson batches from OS entropy instead of "
+        "the run seed",
+    )
 
 
 class DPSGDMethod(Method):
@@ -42,56 +72,16 @@ class DPSGDMethod(Method):
     """
 
     name: ClassVar[str] = "dp-sgd"
+    Options: ClassVar[type[MethodOptions]] = DPSGDOptions
     #: How to read this method's ε beside label-DP methods (reports print it).
     epsilon_meaning: ClassVar[str] = (
         "ε is DP-SGD's for adding or removing one example (features and label together); "
         "for changing one label it implies (2ε, (1 + e^ε)·δ) by group privacy"
     )
 
-    def __init__(
-        self,
-        epsilon: float,
-        delta: float = 1e-5,
-        max_grad_norm: float = 1.0,
-        noise_multiplier: float | None = None,
-        accountant: str = "pld",
-        physical_batch_size: int = 256,
-        secure_noise: bool = False,
-    ) -> None:
-        self.epsilon = check_epsilon(epsilon)
-        if not 0 < delta < 1:
-            raise ConfigError(f"delta must be in (0, 1), got {delta}")
-        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ConfigError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
-        if noise_multiplier is not None and not (
-            math.isfinite(noise_multiplier) and noise_multiplier > 0
-        ):
-            raise ConfigError(
-                f"noise_multiplier must be a finite number > 0, got {noise_multiplier}"
-            )
-        if accountant not in ACCOUNTANTS:
-            raise ConfigError(
-                f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}"
-            )
-        check_int("physical_batch_size", physical_batch_size, 1)
-        self.delta = float(delta)
-        self.max_grad_norm = float(max_grad_norm)
-        self.noise_multiplier = noise_multiplier
-        self.accountant = accountant
-        self.physical_batch_size = physical_batch_size
-        self.secure_noise = bool(secure_noise)
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
         self._plans: dict[tuple[int, int, int], dict[str, Any]] = {}
-
-    def options(self) -> dict[str, Any]:
-        return {
-            "epsilon": self.epsilon,
-            "delta": self.delta,
-            "max_grad_norm": self.max_grad_norm,
-            "noise_multiplier": self.noise_multiplier,
-            "accountant": self.accountant,
-            "physical_batch_size": self.physical_batch_size,
-            "secure_noise": self.secure_noise,
-        }
 
     def plan(self, num_examples: int, batch_size: int, epochs: int) -> dict[str, Any]:
         """The sample rate q, the steps T, the noise multiplier σ and the run's ε for

@@ -47,20 +47,21 @@ import bisect
 import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from ..data import random_partition
 from ..data.dataset import _part_sizes
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError
 from ..mechanisms import RandomizedResponse, RRWithPrior
-from ..mechanisms.validation import check_epsilon
+from ..options import EPSILON, POSITIVE, SWITCH, Choice, MethodOptions, Number, Numbers, option
 from ..privacy import PrivacyLedger
 from ..seeding import Stream, derive_seed
 from ..train import FitResult, HardLabels, TrainConfig, predict_logits
 from .base import Method, MethodResult, RunCheck, RunContext
-from .rr import LEARNING, rr_targets
+from .rr import LEARNING, LEARNING_OPTION_HELP, rr_targets
 
 #: The paper's CIFAR-10 settings by ε: (share of the data in stage 1, prior temperature).
 PAPER_SETTINGS: dict[float, tuple[float, float]] = {
@@ -85,10 +86,6 @@ def paper_setting(epsilon: float) -> tuple[float, float]:
     candidates = [j for j in (i - 1, i) if 0 <= j < len(grid)]
     best = min(candidates, key=lambda j: abs(logs[j] - math.log(epsilon)))
     return PAPER_SETTINGS[grid[best]]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def guard_temperatures(configured: float) -> list[float]:
@@ -167,6 +164,84 @@ def choose_prior(
     return best["temperature"], record
 
 
+@dataclass(frozen=True)
+class StageOptions(MethodOptions):
+    """The options LP-MST and LP-2ST share; see :class:`LPMST`. ``stage_fractions`` and
+    ``prior_temperature`` left None become the paper's values at the nearest ε."""
+
+    epsilon: float = option(kind=EPSILON, help="ε per label (replace one label)")
+    stage_fractions: list[float] | None = option(
+        None,
+        kind=Numbers(0, low_open=True, note="summing to 1"),
+        metavar="F1,F2,...",
+        help="share of the training set in each stage (one per stage, summing to 1)",
+        none="the paper's stage-1 share at the nearest ε, the rest split equally",
+    )
+    prior_temperature: float | None = option(
+        None,
+        kind=POSITIVE,
+        help="temperature of the previous stage's model prior",
+        none="the paper's at the nearest ε",
+    )
+    drop_outside_topk: bool = option(
+        True,
+        kind=SWITCH,
+        help="drop earlier-stage labels outside the current top-k* set (the paper's)",
+    )
+    secure_noise: bool = option(
+        False, kind=SWITCH, help="draw the label noise from OS entropy instead of the run seed"
+    )
+    calibration_share: float = option(
+        0.05,
+        kind=Number(float, 0, CALIBRATION_SHARE_LIMIT, high_open=True),
+        metavar="SHARE",
+        help="share of stage 1 held out of its training to choose each later stage's prior "
+        "on the released RR labels (0: no guard)",
+    )
+    stage_mixup: list[float] | None = option(
+        None,
+        kind=Numbers(0),
+        metavar="A1,A2,...",
+        help="mixup α of each stage (0: no mixup in that stage)",
+        none="the run's mixup α in every stage",
+    )
+    learning: str = option(
+        "plain",
+        kind=Choice(LEARNING),
+        help="how stage 1 learns from its RR labels: " + LEARNING_OPTION_HELP.split(": ", 1)[1],
+    )
+
+    @property
+    def num_stages(self) -> int:
+        return getattr(self, "stages", 2)
+
+    def validate(self) -> None:
+        stages = self.num_stages
+        share, temperature = paper_setting(self.epsilon)
+        if self.stage_fractions is None:
+            rest = (1.0 - share) / (stages - 1)
+            self._set("stage_fractions", [share] + [rest] * (stages - 1))
+        elif len(self.stage_fractions) != stages or abs(sum(self.stage_fractions) - 1) > 1e-6:
+            raise ConfigError(
+                f"stage_fractions must be {stages} numbers > 0 summing to 1, "
+                f"got {list(self.stage_fractions)}"
+            )
+        if self.prior_temperature is None:
+            self._set("prior_temperature", float(temperature))
+        if self.stage_mixup is not None and len(self.stage_mixup) != stages:
+            raise ConfigError(
+                f"stage_mixup must be {stages} finite numbers ≥ 0, the mixup α of each "
+                f"stage (0: no mixup), or None for the run's mixup_alpha; got {self.stage_mixup!r}"
+            )
+
+
+@dataclass(frozen=True)
+class LPMSTOptions(StageOptions):
+    """Options of ``lp-mst``: :class:`StageOptions` and the number of stages."""
+
+    stages: int = option(2, kind=Number(int, 2), help="number of stages T")
+
+
 class LPMST(Method):
     """LP-MST with T stages.
 
@@ -188,82 +263,11 @@ class LPMST(Method):
     """
 
     name: ClassVar[str] = "lp-mst"
+    Options: ClassVar[type[MethodOptions]] = LPMSTOptions
 
-    def __init__(
-        self,
-        epsilon: float,
-        stages: int = 2,
-        stage_fractions: Sequence[float] | None = None,
-        prior_temperature: float | None = None,
-        drop_outside_topk: bool = True,
-        secure_noise: bool = False,
-        calibration_share: float = 0.05,
-        stage_mixup: Sequence[float] | None = None,
-        learning: str = "plain",
-    ) -> None:
-        self.epsilon = check_epsilon(epsilon)
-        if learning not in LEARNING:
-            raise ConfigError(f"learning must be one of {', '.join(LEARNING)}, got {learning!r}")
-        self.learning = learning
-        check_int("stages", stages, 2)
-        share, temperature = paper_setting(self.epsilon)
-        if stage_fractions is None:
-            rest = (1.0 - share) / (stages - 1)
-            stage_fractions = [share] + [rest] * (stages - 1)
-        fractions = [float(f) for f in stage_fractions]
-        if (
-            len(fractions) != stages
-            or any(not f > 0 for f in fractions)
-            or abs(sum(fractions) - 1) > 1e-6
-        ):
-            raise ConfigError(
-                f"stage_fractions must be {stages} numbers > 0 summing to 1, "
-                f"got {list(stage_fractions)}"
-            )
-        self.stages = stages
-        self.stage_fractions = fractions
-        self.prior_temperature = float(
-            temperature if prior_temperature is None else prior_temperature
-        )
-        if not (math.isfinite(self.prior_temperature) and self.prior_temperature > 0):
-            raise ConfigError(
-                f"prior_temperature must be a finite number > 0, got {prior_temperature}"
-            )
-        self.drop_outside_topk = bool(drop_outside_topk)
-        self.secure_noise = bool(secure_noise)
-        if not (_is_number(calibration_share) and 0 <= calibration_share < CALIBRATION_SHARE_LIMIT):
-            raise ConfigError(
-                f"calibration_share must be a number in [0, {CALIBRATION_SHARE_LIMIT:g}) (the "
-                "share of stage 1's part held out of stage-1 training to choose later "
-                f"priors; 0: no guard), got {calibration_share!r}"
-            )
-        self.calibration_share = float(calibration_share)
-        self.stage_mixup: list[float] | None = None
-        if stage_mixup is not None:
-            values = list(stage_mixup) if isinstance(stage_mixup, (list, tuple)) else [stage_mixup]
-            if (
-                not isinstance(stage_mixup, (list, tuple))
-                or len(values) != stages
-                or not all(_is_number(v) and v >= 0 for v in values)
-            ):
-                raise ConfigError(
-                    f"stage_mixup must be {stages} finite numbers ≥ 0, the mixup α of each "
-                    f"stage (0: no mixup), or None for the run's mixup_alpha; got {stage_mixup!r}"
-                )
-            self.stage_mixup = [float(v) for v in values]
-
-    def options(self) -> dict[str, Any]:
-        return {
-            "epsilon": self.epsilon,
-            "stages": self.stages,
-            "stage_fractions": self.stage_fractions,
-            "prior_temperature": self.prior_temperature,
-            "drop_outside_topk": self.drop_outside_topk,
-            "secure_noise": self.secure_noise,
-            "learning": self.learning,
-            "calibration_share": self.calibration_share,
-            "stage_mixup": self.stage_mixup,
-        }
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self.stages: int = self.opts.num_stages
 
     def calibration_size(self, stage1: int) -> int:
         """Examples of the calibration slice for a stage-1 part of ``stage1`` examples:
@@ -424,31 +428,14 @@ class LPMST(Method):
         return MethodResult(fit=fit, ledger=ledger)
 
 
+@dataclass(frozen=True)
+class LP2STOptions(StageOptions):
+    """Options of ``lp-2st``: :class:`StageOptions` with two stages."""
+
+
 class LP2ST(LPMST):
     """LP-2ST: LP-MST with two stages, the common configuration (options as
     :class:`LPMST`'s, without ``stages``)."""
 
     name: ClassVar[str] = "lp-2st"
-
-    def __init__(
-        self,
-        epsilon: float,
-        stage_fractions: Sequence[float] | None = None,
-        prior_temperature: float | None = None,
-        drop_outside_topk: bool = True,
-        secure_noise: bool = False,
-        calibration_share: float = 0.05,
-        stage_mixup: Sequence[float] | None = None,
-        learning: str = "plain",
-    ) -> None:
-        super().__init__(
-            epsilon,
-            2,
-            stage_fractions,
-            prior_temperature,
-            drop_outside_topk,
-            secure_noise,
-            calibration_share=calibration_share,
-            stage_mixup=stage_mixup,
-            learning=learning,
-        )
+    Options: ClassVar[type[MethodOptions]] = LP2STOptions

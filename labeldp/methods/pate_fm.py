@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,11 +48,11 @@ import numpy as np
 import torch
 
 from ..data.dataset import random_partition, random_subset
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError
 from ..io import atomic_write
 from ..mechanisms.confident_gnmax import ConfidentGNMax
 from ..mechanisms.randomness import standard_normal
-from ..mechanisms.validation import check_epsilon
+from ..options import DELTA, EPSILON, POSITIVE, SWITCH, MethodOptions, Number, Text, option
 from ..privacy import LedgerEntry, PrivacyLedger
 from ..privacy.pate_accounting import pate_epsilon
 from ..privacy.pate_smooth_sensitivity import gnss_rdp, gnss_sigma, release
@@ -86,6 +87,84 @@ VOTE_INDEPENDENT_OPTIONS = (
 RELEASE_BETA_TIMES_ORDER = 0.2
 
 
+@dataclass(frozen=True)
+class PateFMOptions(MethodOptions):
+    """Options of ``pate-fm``; see :class:`PateFM` (units: votes for the threshold and
+    the noises)."""
+
+    epsilon: float = option(
+        kind=EPSILON,
+        help="the budget ε at delta (replace one label), enforced by a Rényi filter on the "
+        "data-independent cost",
+    )
+    teachers: int = option(
+        kind=Number(int, 2), metavar="N", help="number of teachers (disjoint label parts)"
+    )
+    queries: int = option(
+        kind=Number(int, 1), metavar="M", help="query pool: training images the teachers label"
+    )
+    threshold: float = option(
+        kind=Number(float), metavar="T", help="Confident-GNMax threshold, in votes"
+    )
+    sigma1: float = option(
+        kind=POSITIVE, metavar="S1", help="threshold noise standard deviation, in votes"
+    )
+    sigma2: float = option(
+        kind=POSITIVE, metavar="S2", help="argmax noise standard deviation, in votes"
+    )
+    delta: float = option(1e-5, kind=DELTA, help="δ of the budget")
+    teacher_steps: int = option(
+        500, kind=Number(int, 1), metavar="K", help="FixMatch steps per teacher"
+    )
+    teacher_batch: int = option(
+        16, kind=Number(int, 1), metavar="B", help="labeled batch per teacher and step"
+    )
+    teacher_lr: float = option(0.03, kind=POSITIVE, metavar="LR", help="teachers' learning rate")
+    teacher_model: str | None = option(
+        None, kind=Text(), metavar="NAME", help="teachers' model", none="the run's model"
+    )
+    teacher_group: int = option(
+        50, kind=Number(int, 1), metavar="G", help="teachers trained at once"
+    )
+    mu: int = option(7, kind=Number(int, 1), metavar="MU", help="FixMatch unlabeled per labeled")
+    fixmatch_threshold: float = option(
+        0.95,
+        kind=Number(float, 0, 1, low_open=True),
+        metavar="TAU",
+        help="FixMatch confidence threshold τ",
+    )
+    student_steps: int | None = option(
+        None,
+        kind=Number(int, 1),
+        metavar="S",
+        help="student optimizer steps, whatever the number of answers",
+        none="the run's epochs over the answers",
+    )
+    secure_noise: bool = option(
+        False,
+        kind=SWITCH,
+        help="draw the aggregation noise from OS entropy instead of the run seed",
+    )
+    release_data_dependent: bool = option(
+        False,
+        kind=SWITCH,
+        help="also publish the data-dependent ε through the smooth-sensitivity (GNSS) release "
+        "of Papernot et al. 2018, paid from the budget",
+    )
+    release_share: float = option(
+        0.25,
+        kind=Number(float, 0, 1, low_open=True, high_open=True),
+        metavar="F",
+        help="share of the filter's RDP budget kept for release_data_dependent",
+    )
+    ceiling_student: bool = option(
+        True,
+        kind=SWITCH,
+        help="also train the student on the true labels of the answered queries, a "
+        "diagnostic outside the guarantee",
+    )
+
+
 class PateFM(Method):
     """PATE-FM. Hyper-parameters (units: votes for threshold and noises):
 
@@ -116,93 +195,17 @@ class PateFM(Method):
     """
 
     name: ClassVar[str] = "pate-fm"
+    Options: ClassVar[type[MethodOptions]] = PateFMOptions
     epsilon_meaning: ClassVar[str] = (
         "ε is the guarantee of a Rényi filter on the data-independent cost of "
         "Confident-GNMax (replace one label); the smaller data-dependent ε is a "
         "diagnostic"
     )
 
-    def __init__(
-        self,
-        epsilon: float,
-        teachers: int,
-        queries: int,
-        threshold: float,
-        sigma1: float,
-        sigma2: float,
-        delta: float = 1e-5,
-        teacher_steps: int = 500,
-        teacher_batch: int = 16,
-        teacher_lr: float = 0.03,
-        teacher_model: str | None = None,
-        teacher_group: int = 50,
-        mu: int = 7,
-        fixmatch_threshold: float = 0.95,
-        student_steps: int | None = None,
-        secure_noise: bool = False,
-        release_data_dependent: bool = False,
-        release_share: float = 0.25,
-        ceiling_student: bool = True,
-    ) -> None:
-        self.epsilon = check_epsilon(epsilon)
-        check_int("teachers", teachers, 2)
-        check_int("queries", queries, 1)
-        check_int("teacher_steps", teacher_steps, 1)
-        check_int("teacher_batch", teacher_batch, 1)
-        check_int("teacher_group", teacher_group, 1)
-        check_int("mu", mu, 1)
-        if student_steps is not None:
-            check_int("student_steps", student_steps, 1)
-        for name, value in (("sigma1", sigma1), ("sigma2", sigma2), ("teacher_lr", teacher_lr)):
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
-        if not math.isfinite(threshold):
-            raise ConfigError(f"threshold must be a finite number of votes, got {threshold}")
-        if not 0 < delta < 1:
-            raise ConfigError(f"delta must be in (0, 1), got {delta}")
-        if not 0 < fixmatch_threshold <= 1:
-            raise ConfigError(f"fixmatch_threshold must be in (0, 1], got {fixmatch_threshold}")
-        self.teachers, self.queries = teachers, queries
-        self.threshold, self.sigma1, self.sigma2 = float(threshold), float(sigma1), float(sigma2)
-        self.delta = float(delta)
-        self.teacher_steps, self.teacher_batch = teacher_steps, teacher_batch
-        self.teacher_lr, self.teacher_model = float(teacher_lr), teacher_model
-        self.teacher_group, self.mu = teacher_group, mu
-        self.fixmatch_threshold = float(fixmatch_threshold)
-        self.student_steps = student_steps
-        self.secure_noise = bool(secure_noise)
-        if not (isinstance(release_share, (int, float)) and 0 < release_share < 1):
-            raise ConfigError(f"release_share must be in (0, 1), got {release_share!r}")
-        self.release_data_dependent = bool(release_data_dependent)
-        self.release_share = float(release_share)
-        if not isinstance(ceiling_student, (bool, np.bool_)):
-            raise ConfigError(f"ceiling_student must be true or false, got {ceiling_student!r}")
-        self.ceiling_student = bool(ceiling_student)
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
         if self.release_data_dependent:
             self._release_plan()  # refuses a budget too small for the release, now
-
-    def options(self) -> dict[str, Any]:
-        return {
-            "epsilon": self.epsilon,
-            "teachers": self.teachers,
-            "queries": self.queries,
-            "threshold": self.threshold,
-            "sigma1": self.sigma1,
-            "sigma2": self.sigma2,
-            "delta": self.delta,
-            "teacher_steps": self.teacher_steps,
-            "teacher_batch": self.teacher_batch,
-            "teacher_lr": self.teacher_lr,
-            "teacher_model": self.teacher_model,
-            "teacher_group": self.teacher_group,
-            "mu": self.mu,
-            "fixmatch_threshold": self.fixmatch_threshold,
-            "student_steps": self.student_steps,
-            "secure_noise": self.secure_noise,
-            "release_data_dependent": self.release_data_dependent,
-            "release_share": self.release_share,
-            "ceiling_student": self.ceiling_student,
-        }
 
     def _release_plan(self) -> dict[str, float]:
         """Order λ, β, the reserved RDP and σ_s of the smooth-sensitivity release: public,

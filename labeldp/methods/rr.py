@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from ..mechanisms import RandomizedResponse
-from ..mechanisms.validation import check_epsilon
+from ..options import EPSILON, SWITCH, Choice, MethodOptions, option
 from ..privacy import PrivacyLedger
 from ..seeding import Stream
 from ..train import HardLabels, TargetFn
@@ -46,6 +46,24 @@ class RRPosterior(TargetFn):
         return torch.softmax(logits.float() + self.epsilon * onehot, dim=1)
 
 
+#: ``learning``'s declaration, shared with LP-MST's stage 1.
+LEARNING_OPTION_HELP = (
+    "how the model learns from RR's labels (all free post-processing): plain cross-entropy, "
+    "forward loss correction with RR's channel, or the Bayes posterior given the model"
+)
+
+
+@dataclass(frozen=True)
+class RROptions(MethodOptions):
+    """Options of ``rr``; see :class:`RandomizedResponseMethod`."""
+
+    epsilon: float = option(kind=EPSILON, help="ε per label (replace one label)")
+    secure_noise: bool = option(
+        False, kind=SWITCH, help="draw the label noise from OS entropy instead of the run seed"
+    )
+    learning: str = option("plain", kind=Choice(LEARNING), help=LEARNING_OPTION_HELP)
+
+
 class RandomizedResponseMethod(Method):
     """Randomizes each training label once with RR at ``epsilon`` (pure ε-label-DP), then
     trains on the noisy labels every epoch.
@@ -60,17 +78,7 @@ class RandomizedResponseMethod(Method):
     """
 
     name: ClassVar[str] = "rr"
-
-    def __init__(self, epsilon: float, secure_noise: bool = False, learning: str = "plain") -> None:
-        self.epsilon = check_epsilon(epsilon)
-        self.secure_noise = bool(secure_noise)
-        if learning not in LEARNING:
-            raise ConfigError(f"learning must be one of {', '.join(LEARNING)}, got {learning!r}")
-        self.learning = learning
-
-    def options(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "secure_noise": self.secure_noise,
-                "learning": self.learning}  # fmt: skip
+    Options: ClassVar[type[MethodOptions]] = RROptions
 
     def run(self, ctx: RunContext) -> MethodResult:
         labels = ctx.train.labels
