@@ -125,8 +125,11 @@ def conv_cases(draw, supported_only: bool):
     string_padding = not supported_only and stride == (1, 1) and draw(st.booleans())
     if string_padding:
         padding = draw(st.sampled_from(["same", "valid"]))
-        pads = (0, 0) if padding == "valid" else tuple(_window(k, d) // 2 for k, d in
-                                                       zip(kernel, dilation, strict=True))
+        pads = (
+            (0, 0)
+            if padding == "valid"
+            else tuple(_window(k, d) // 2 for k, d in zip(kernel, dilation, strict=True))
+        )
     else:
         pads = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
         padding = pads
@@ -135,9 +138,17 @@ def conv_cases(draw, supported_only: bool):
         low = max(1, _window(k, d) - 2 * p, p + 1 if mode == "reflect" else 1)
         size.append(draw(st.integers(low, max(low, 9))))
     return {
-        "conv": dict(in_channels=cin, out_channels=cout, kernel_size=kernel, stride=stride,
-                     padding=padding, dilation=dilation, groups=groups, padding_mode=mode,
-                     bias=draw(st.booleans())),  # fmt: skip
+        "conv": dict(
+            in_channels=cin,
+            out_channels=cout,
+            kernel_size=kernel,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            padding_mode=mode,
+            bias=draw(st.booleans()),
+        ),
         "frozen": draw(st.sampled_from(["none", "weight", "bias"])),
         "batch": draw(st.integers(1, 4)),
         "size": tuple(size),
@@ -174,8 +185,10 @@ def test_layerwise_conv_norms_and_clipped_sums_equal_torch_func(case):
 
 
 def _conv_supported(conv: dict) -> bool:
-    return conv["groups"] == 1 and conv["padding_mode"] == "zeros" and (
-        not isinstance(conv["padding"], str)
+    return (
+        conv["groups"] == 1
+        and conv["padding_mode"] == "zeros"
+        and not isinstance(conv["padding"], str)
     )
 
 
