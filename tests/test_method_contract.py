@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from labeldp.errors import ConfigError
 from labeldp.methods import METHODS, build_method, method_parameters
 from labeldp.methods.base import RunContext
 from labeldp.runner import Environment, RunConfig, train_run
@@ -220,3 +221,27 @@ def test_method_contract(name, data_dir, tmp_path, monkeypatch):
     assert resumed["test_accuracy"] == metrics["test_accuracy"]
     assert resumed["epsilon"] == metrics["epsilon"]
     assert resumed["ledger"] == metrics["ledger"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PateFM.check does not refuse BatchNorm teachers: the ConfigError comes from "
+    "StackedModels inside run(), after config.json is written, so the corrected command "
+    "(--norm group) is refused in the same folder ('holds a run with other options')",
+)
+def test_pate_fm_refuses_batch_norm_before_writing_the_run_folder(data_dir, tmp_path):
+    """A refused run must leave its folder unwritten (see runner._train_run), so that the
+    corrected command may use it."""
+    out = tmp_path / "run"
+    config = RunConfig(
+        dataset="fashion-mnist",
+        train=TrainConfig(epochs=EPOCHS, batch_size=20),
+        method="pate-fm",
+        method_options=tiny("pate-fm")["options"],
+        crop_padding=0,
+        norm="batch",
+    )
+    env = Environment(data_dir=str(data_dir), download=False, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        train_run(config, out, env)
+    assert not (out / "config.json").exists()
