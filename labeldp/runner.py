@@ -281,6 +281,7 @@ def _train_run(
             config=config.train,
             build_model=new_model,
             canaries=config.canaries + config.audit_canaries,
+            build_named_model=named_model,
         ),
     )
     noise_key = config_key(fingerprint)

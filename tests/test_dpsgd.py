@@ -175,7 +175,7 @@ def test_a_noise_multiplier_over_the_budget_is_refused(data_dir, tmp_path):
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        ({"epsilon": 1, "delta": 0}, "delta must be in (0, 1)"),
+        ({"epsilon": 1, "delta": 0}, "delta must be a number in (0, 1)"),
         ({"epsilon": 1, "max_grad_norm": -1}, "max_grad_norm must be"),
         ({"epsilon": 1, "accountant": "gdp"}, "accountant must be one of pld, rdp"),
         ({"epsilon": 1, "physical_batch_size": 0}, "physical_batch_size"),

@@ -92,10 +92,7 @@ def is_private(name: str) -> bool:
 
 #: Known breaks of the round trip (strict: the test fails once the method is fixed, so
 #: that the entry is removed).
-ROUND_TRIP_BROKEN = {
-    "lp-2st": "LP2ST inherits LPMST.options(), which records stages=2, but LP2ST's "
-    "constructor takes no stages: build_method('lp-2st', m.options()) is refused",
-}
+ROUND_TRIP_BROKEN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
@@ -223,12 +220,6 @@ def test_method_contract(name, data_dir, tmp_path, monkeypatch):
     assert resumed["ledger"] == metrics["ledger"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PateFM.check does not refuse BatchNorm teachers: the ConfigError comes from "
-    "StackedModels inside run(), after config.json is written, so the corrected command "
-    "(--norm group) is refused in the same folder ('holds a run with other options')",
-)
 def test_pate_fm_refuses_batch_norm_before_writing_the_run_folder(data_dir, tmp_path):
     """A refused run must leave its folder unwritten (see runner._train_run), so that the
     corrected command may use it."""

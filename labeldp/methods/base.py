@@ -202,13 +202,16 @@ class RunCheck:
     num_examples: training examples N (after ``--train-size``). num_classes: K.
     config: the core loop's hyper-parameters. build_model: a fresh model of the run (it
     seeds torch's global generator: call it under ``torch.random.fork_rng`` so that the
-    run's draws stay as they were). canaries: planted canaries, both kinds together."""
+    run's draws stay as they were). canaries: planted canaries, both kinds together.
+    build_named_model: builds the model called ``name`` (None: the run's) for this dataset
+    and norm, with torch's current seed (e.g. PATE's teachers); None when not given."""
 
     num_examples: int
     num_classes: int
     config: TrainConfig
     build_model: Callable[[], nn.Module]
     canaries: int = 0
+    build_named_model: Callable[[str | None], nn.Module] | None = None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from ..errors import ConfigError
 from ..io import atomic_write
 from ..mechanisms.confident_gnmax import ConfidentGNMax
 from ..mechanisms.randomness import standard_normal
+from ..models.norm import has_batch_statistics
 from ..options import DELTA, EPSILON, POSITIVE, SWITCH, MethodOptions, Number, Text, option
 from ..privacy import LedgerEntry, PrivacyLedger
 from ..privacy.pate_accounting import pate_epsilon
@@ -222,13 +223,24 @@ class PateFM(Method):
     def check(self, run: RunCheck) -> None:
         """Refuses, before the run folder is written, more teachers or queries than
         training examples, fewer queries than canaries (all must be in the pool), and
-        mixup (the FixMatch student does not mix)."""
+        mixup (the FixMatch student does not mix), and teachers with BatchNorm (they train
+        together, vectorized, with no per-teacher running statistics)."""
         if run.config.mixup_alpha > 0:
             raise ConfigError(
                 f"mixup_alpha (--mixup) must be 0 for pate-fm (its FixMatch student does not "
                 f"mix), got {run.config.mixup_alpha}"
             )
         self._check_sizes(run.num_examples, run.canaries)
+        if run.build_named_model is not None:
+            with torch.random.fork_rng(devices=[]):
+                teacher = run.build_named_model(self.teacher_model)
+            if has_batch_statistics(teacher):
+                raise ConfigError(
+                    "pate-fm's teachers train together and must not have BatchNorm (no "
+                    "per-teacher running statistics): use --norm group, or a --teacher-model "
+                    f"without batch statistics (got {self.teacher_model or 'the run model'} "
+                    "with --norm batch)"
+                )
 
     def _check_sizes(self, n: int, canaries: int) -> None:
         """The size checks of :meth:`check`, for ``n`` examples and ``canaries`` planted

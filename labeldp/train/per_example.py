@@ -169,6 +169,14 @@ class LayerwiseClipping:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        if not layerwise_supported(model):
+            # its formulas would give wrong norms (e.g. grouped or reflect-padded
+            # convolutions), and clipping by a wrong norm breaks the sensitivity bound
+            raise ValueError(
+                "LayerwiseClipping needs a model that layerwise_supported accepts (Linear, "
+                "Conv2d with groups 1 and zero padding, GroupNorm, plain Embedding, no "
+                "shared parameters); use per_example_gradients for this model"
+            )
         self.model = model
         self.layers = [
             (name, m)
