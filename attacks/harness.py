@@ -61,8 +61,10 @@ def relation(method: str, metrics: dict[str, Any] | None = None) -> str | None:
     if ledger.get("relation"):
         return ledger["relation"]
     entries = ledger.get("entries") or []
-    named = {e.get("relation") or (e.get("details") or {}).get("neighboring_relation")
-             for e in entries} - {None}  # fmt: skip
+    named = {
+        e.get("relation") or (e.get("details") or {}).get("neighboring_relation")
+        for e in entries
+    } - {None}
     if len(named) == 1:
         return named.pop()
     return RELATIONS.get(method, REPLACE_ONE_LABEL)
