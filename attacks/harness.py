@@ -23,6 +23,7 @@ import torch
 
 from labeldp.errors import ConfigError
 from labeldp.io import atomic_write_json
+from labeldp.privacy.neighbouring import Neighbouring
 from labeldp.run_folder import diagnostic_file
 from labeldp.seeding import Stream, derive_seed
 
@@ -33,11 +34,11 @@ from .one_run import audit
 
 NO_CANARIES = "no canaries in this run (train with --canaries M / --audit-canaries M)"
 
-REPLACE_ONE_LABEL = "replace one label"
-ADD_REMOVE_ONE_EXAMPLE = "add or remove one example"
+REPLACE_ONE_LABEL = Neighbouring.REPLACE_ONE_LABEL.value  # "replace one label"
+ADD_REMOVE_ONE_EXAMPLE = Neighbouring.ADD_REMOVE_ONE_EXAMPLE.value  # "add or remove one example"
 
-#: The neighbouring relation each method's ε is stated for (the one place that says so;
-#: a run whose ledger names its ``neighboring_relation`` is taken at its word instead).
+#: The neighbouring relation each method's ε is stated for, for ledgers stored before
+#: they named it (a run whose ledger names its relation is taken at its word instead).
 RELATIONS: dict[str, str] = {
     "rr": REPLACE_ONE_LABEL,
     "lp-mst": REPLACE_ONE_LABEL,
@@ -49,13 +50,21 @@ RELATIONS: dict[str, str] = {
 
 
 def relation(method: str, metrics: dict[str, Any] | None = None) -> str | None:
-    """The neighbouring relation the run's ε is for: the one its ledger entries name,
-    else the method's in :data:`RELATIONS`, else "replace one label" (label DP's own).
-    None for the non-private method."""
+    """The neighbouring relation the run's ε is for: the one its ledger names (the
+    ledger's ``relation``, else its entries' ``relation``, else, in ledgers stored before
+    entries had one, their ``details.neighboring_relation``), else the method's in
+    :data:`RELATIONS`, else "replace one label" (label DP's own). None for the
+    non-private method."""
     if method == "none":
         return None
-    entries = ((metrics or {}).get("ledger") or {}).get("entries") or []
-    named = {e.get("details", {}).get("neighboring_relation") for e in entries} - {None}
+    ledger = (metrics or {}).get("ledger") or {}
+    if ledger.get("relation"):
+        return ledger["relation"]
+    entries = ledger.get("entries") or []
+    named = {
+        e.get("relation") or (e.get("details") or {}).get("neighboring_relation")
+        for e in entries
+    } - {None}
     if len(named) == 1:
         return named.pop()
     return RELATIONS.get(method, REPLACE_ONE_LABEL)

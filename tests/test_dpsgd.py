@@ -19,7 +19,8 @@ from labeldp import cli
 from labeldp.errors import ConfigError
 from labeldp.methods import build_method
 from labeldp.models import SmallCNN
-from labeldp.privacy import dpsgd_epsilon
+from labeldp.privacy import Accountant, dpsgd_epsilon, event_from_dict
+from labeldp.privacy.dpsgd_accounting import dpsgd_event
 from labeldp.runner import Environment, RunConfig, train_run
 from labeldp.train import HardLabels, TrainConfig
 from labeldp.train.dpsgd import DPSGDStep
@@ -159,6 +160,12 @@ def test_dp_sgd_run_stays_within_its_budget_and_records_the_events(data_dir, tmp
     assert metrics["epsilon"] == pytest.approx(dpsgd_epsilon(sigma, 0.1, 20, 1e-5, "rdp"))
     assert 0.99 * 8 <= metrics["epsilon"] <= 8 and metrics["delta"] == 1e-5
     assert entry["details"]["replace_one_bound"]["epsilon"] == pytest.approx(2 * metrics["epsilon"])
+    # the stored event is the one accounted, under add/remove one example
+    assert metrics["ledger"]["relation"] == entry["relation"] == "add or remove one example"
+    stored = event_from_dict(entry["event"])
+    assert stored == dpsgd_event(sigma, 0.1, 20)
+    accounted = Accountant(entry["relation"], "rdp").compose(stored).epsilon(1e-5)
+    assert accounted == metrics["epsilon"]
     assert metrics["test_accuracy"] > 0.3  # the bars are learnable even with noise
 
 

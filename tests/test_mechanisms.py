@@ -334,3 +334,9 @@ def test_each_mechanism_states_its_cost_for_the_ledger():
         RRWithPrior(0.5).ledger_entry(3, composition="parallel", group="lp").composition
         == "parallel"
     )
+    # label mechanisms: replace one label; each entry carries its event (tests/test_ledger.py
+    # checks every event's ε against the mechanism's)
+    for mech in (RandomizedResponse(2.0, 10), RRWithPrior(0.5), Alibi(1.0, 10)):
+        entry = mech.ledger_entry(examples=1)
+        assert entry.relation.value == "replace one label"
+        assert entry.event == mech.dp_event() and entry.event_note

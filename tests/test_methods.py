@@ -25,6 +25,8 @@ def test_rr_randomizes_each_label_once_and_records_it(data_dir, tmp_path, monkey
     assert metrics["epsilon"] == 2.0 and metrics["delta"] == 0.0
     (entry,) = metrics["ledger"]["entries"]
     assert entry["mechanism"] == "randomized-response" and entry["examples"] == 400
+    assert metrics["ledger"]["relation"] == entry["relation"] == "replace one label"
+    assert entry["event"]["class_name"] == "RandomizedResponseDpEvent"
     noisy = torch.load(tmp_path / "rr" / "rr.noisy.pt")
     assert noisy.shape == (400,) and noisy.dtype == torch.int64
 

@@ -39,6 +39,11 @@ def test_pate_fm_records_the_filter_guarantee_and_keeps_votes_out_of_the_release
     entry = metrics["ledger"]["entries"][0]
     assert entry["mechanism"] == "confident-gnmax" and not entry["details"]["data_dependent"]
     assert entry["details"]["stopping_rule"] == "renyi-filter"
+    # label DP; the filter's guarantee is no fixed composition, so it states no event
+    assert metrics["ledger"]["relation"] == entry["relation"] == "replace one label"
+    assert entry["event"]["class_name"] == "UnsupportedDpEvent" and "Rényi filter" in (
+        entry["event_note"]
+    )
     # the guarantee is fixed in advance: the budget, or answering the whole pool
     worst = ConfidentGNMax(2, 1, 1).worst_case_epsilon(60, 1e-5)
     assert metrics["epsilon"] == pytest.approx(min(500, worst))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..privacy.events import pure_dp_event
 from .base import LabelMechanism
 from .randomness import check_source, standard_laplace, standard_normal
 from .validation import check_epsilon, check_labels, check_num_classes, check_prior
@@ -72,6 +73,29 @@ class Alibi(LabelMechanism):
     def noise_std(self) -> float:
         """Per-coordinate standard deviation of the noise: √2·b (Laplace) or s (Gaussian)."""
         return math.sqrt(2.0) * self.scale if self.noise == "laplace" else self.scale
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        """Gaussian: ``GaussianDpEvent(√2·s)``, exact. Replacing the label moves the
+        one-hot mean by √2 (L2) and the noise is isotropic with standard deviation s, so
+        the mechanism is the Gaussian mechanism of sensitivity √2; dp-accounting's PLD
+        accountant reads ``GaussianDpEvent(m)`` under REPLACE_ONE as a move of 2 at
+        standard deviation m, the same ratio for m = 2s/√2 = √2·s.
+
+        Laplace: binary RR at ε (:func:`~labeldp.privacy.events.pure_dp_event`), which
+        dominates this pure ε-DP mechanism (ε = 2/b). dp-accounting's PLD accountant has
+        no Laplace event under REPLACE_ONE (the exact one would be two Laplace
+        mechanisms of sensitivity 1 and scale b, the two coordinates that change)."""
+        if self.noise == "gaussian":
+            return dp_accounting.GaussianDpEvent(math.sqrt(2.0) * self.scale)
+        return pure_dp_event(self.epsilon)
+
+    def event_note(self) -> str:
+        if self.noise == "gaussian":
+            return "exact: Gaussian mechanism, L2 sensitivity √2, read under REPLACE_ONE"
+        return (
+            "dominating pair, not exact: binary randomized response at ε = 2/b bounds "
+            "every ε-DP mechanism; dp-accounting has no Laplace event under REPLACE_ONE"
+        )
 
     def details(self) -> dict[str, Any]:
         return {

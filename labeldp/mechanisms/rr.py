@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+import dp_accounting
 import torch
 
+from ..privacy.events import randomized_response_event
 from .base import LabelMechanism
 from .randomness import check_source, uniform
 from .validation import check_epsilon, check_labels, check_num_classes
@@ -44,6 +46,15 @@ class RandomizedResponse(LabelMechanism):
             "keep_probability": self.keep_probability,
             "secure": self.secure,
         }
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        """``RandomizedResponseDpEvent`` over K buckets with noise parameter
+        p = K/(e^ε + K − 1): the same mechanism (see
+        :func:`~labeldp.privacy.events.randomized_response_event`)."""
+        return randomized_response_event(self.epsilon, self.num_classes)
+
+    def event_note(self) -> str:
+        return "exact: K-ary randomized response"
 
     def output_probabilities(self, labels: torch.Tensor) -> torch.Tensor:
         """The exact output distribution for each label: float64 (N, K)."""

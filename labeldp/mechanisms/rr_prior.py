@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+import dp_accounting
 import torch
 
+from ..privacy.events import pure_dp_event
 from .base import LabelMechanism
 from .randomness import check_source, uniform
 from .validation import check_epsilon, check_labels, check_prior
@@ -36,6 +38,21 @@ class RRWithPrior(LabelMechanism):
 
     def details(self) -> dict[str, Any]:
         return {"secure": self.secure}
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        """Binary RR at ε (:func:`~labeldp.privacy.events.pure_dp_event`), which dominates
+        this pure ε-DP mechanism. No event is exact: k* changes with the prior from one
+        example to the next, and for a given k* the mechanism is k*-ary RR on the set for
+        labels inside it but a uniform draw from the set for labels outside (k* = 1: a
+        constant), which no dp-accounting event describes."""
+        return pure_dp_event(self.epsilon)
+
+    def event_note(self) -> str:
+        return (
+            "dominating pair, not exact: binary randomized response at ε bounds every "
+            "ε-DP mechanism (Kairouz, Oh & Viswanath 2015); RRTop-k* with k* chosen per "
+            "example from the prior has no exact dp-accounting event"
+        )
 
     def _keep_probabilities(self, k: torch.Tensor) -> torch.Tensor:
         """e^ε / (e^ε + k − 1) for set sizes k (float64), computed stably."""

@@ -13,8 +13,10 @@ from ..options import DELTA, EPSILON, POSITIVE, SWITCH, Choice, MethodOptions, N
 from ..privacy import LedgerEntry, PrivacyLedger
 from ..privacy.dpsgd_accounting import (
     ACCOUNTANTS,
+    RELATION,
     calibrate_dpsgd_noise,
     dpsgd_epsilon,
+    dpsgd_event,
     replace_one_bound,
 )
 from ..seeding import Stream
@@ -191,6 +193,10 @@ class DPSGDMethod(Method):
                     if self.secure_noise
                     else "seeded from the run seed and configuration",
                 },
+                relation=RELATION,
+                event=dpsgd_event(plan["noise_multiplier"], plan["sample_rate"], plan["steps"]),
+                event_note="exact: the Poisson-sampled Gaussian mechanism composed over the "
+                "planned steps (ε is accounted from this event)",
             )
         )
         return MethodResult(fit=fit, ledger=ledger)

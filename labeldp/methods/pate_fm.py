@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import dp_accounting
 import numpy as np
 import torch
 
@@ -54,7 +55,7 @@ from ..mechanisms.confident_gnmax import ConfidentGNMax
 from ..mechanisms.randomness import standard_normal
 from ..models.norm import has_batch_statistics
 from ..options import DELTA, EPSILON, POSITIVE, SWITCH, MethodOptions, Number, Text, option
-from ..privacy import LedgerEntry, PrivacyLedger
+from ..privacy import LedgerEntry, Neighbouring, PrivacyLedger
 from ..privacy.pate_accounting import pate_epsilon
 from ..privacy.pate_smooth_sensitivity import gnss_rdp, gnss_sigma, release
 from ..privacy.renyi_filter import rdp_budget
@@ -521,6 +522,12 @@ class PateFM(Method):
                     "check λ/(2σ₁²), answer λ/σ₂²) at one order fixed in advance",
                     "data_dependent_release": published,
                 },
+                relation=Neighbouring.REPLACE_ONE_LABEL,
+                event=dp_accounting.UnsupportedDpEvent(),
+                event_note="no event: the Rényi filter stops after a number of answers "
+                "that depends on the run (on public information only), so the guarantee is "
+                "the filter's (ε, δ), not a fixed composition of events; the data-dependent "
+                "ε is a diagnostic with no event either",
             )
         )
         return MethodResult(fit=fit, ledger=ledger, diagnostics=not_private)

@@ -12,14 +12,14 @@ Changing one *label* is a replacement, which group privacy bounds by (2ε, (1 + 
 :func:`replace_one_bound` gives that bound and the ledger records it beside ε.
 
 Accountants: "pld" (privacy loss distributions, the default: tight up to discretization)
-or "rdp" (Rényi DP, a few per cent to ~15 % looser in ε). Both come from dp-accounting;
+or "rdp" (Rényi DP, a few per cent to ~15 % looser in ε). Both are dp-accounting's, through
+:class:`~labeldp.privacy.accountant.Accountant` (relation "add or remove one example");
 this module only builds the event, validates arguments, keeps the PLD grid bounded
 (:func:`pld_discretization`) and calibrates.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 
@@ -27,10 +27,13 @@ import dp_accounting
 import numpy as np
 
 from ..errors import ConfigError
+from .accountant import KINDS, PLD_DISCRETIZATION, Accountant
+from .neighbouring import Neighbouring
 
-ACCOUNTANTS = ("pld", "rdp")
-#: PLD discretization of the privacy loss (nats); 1e-4 keeps ε within ~1e-3 of exact.
-PLD_DISCRETIZATION = 1e-4
+ACCOUNTANTS = KINDS
+
+#: DP-SGD's neighbouring relation.
+RELATION = Neighbouring.ADD_REMOVE_ONE_EXAMPLE
 #: Most points a PLD grid may have (2^22: ~32 MiB per array, a few seconds at most). A
 #: setting whose grid at PLD_DISCRETIZATION would be larger (a huge step count, a tiny
 #: noise multiplier) is accounted on a coarser grid instead; see :func:`dpsgd_epsilon`.
@@ -66,12 +69,9 @@ def _check(noise_multiplier: float | None, sample_rate: float, steps: int, delta
         raise ConfigError(f"delta must be in (0, 1), got {delta}")
 
 
-def _accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
-    if accountant == "pld":
-        return dp_accounting.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
-    if accountant == "rdp":
-        return dp_accounting.rdp.RdpAccountant()
-    raise ConfigError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+def _accountant(accountant: str, discretization: float = PLD_DISCRETIZATION) -> Accountant:
+    """An empty accountant of DP-SGD's relation (ConfigError for an unknown kind)."""
+    return Accountant(RELATION, accountant, discretization)
 
 
 def pld_discretization(noise_multiplier: float, sample_rate: float, steps: int) -> float:
@@ -164,25 +164,16 @@ def dpsgd_epsilon(
     if accountant == "pld":
         interval = pld_discretization(noise_multiplier, sample_rate, steps)
         if math.isfinite(interval):
-            acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=interval)
+            acc = _accountant("pld", interval)
         else:  # a grid too coarse to be worth it: ε is enormous, RDP bounds it
             acc = _accountant("rdp")
-    # RDP logs a warning for each Rényi order whose series does not converge and is left
-    # out (which can only make ε larger, never smaller); keep that out of users' output.
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        event = dpsgd_event(noise_multiplier, sample_rate, steps)
-        epsilon = float(acc.compose(event).get_epsilon(delta))
-        if interval != PLD_DISCRETIZATION and math.isfinite(interval):
-            # A coarse (pessimistic) PLD is still an upper bound, but a loose one; so is
-            # RDP's, and the smaller of two upper bounds is one too.
-            rdp = float(_accountant("rdp").compose(event).get_epsilon(delta))
-            epsilon = min(epsilon, rdp)
-        return epsilon
-    finally:
-        absl.setLevel(level)
+    event = dpsgd_event(noise_multiplier, sample_rate, steps)
+    epsilon = acc.compose(event).epsilon(delta)
+    if interval != PLD_DISCRETIZATION and math.isfinite(interval):
+        # A coarse (pessimistic) PLD is still an upper bound, but a loose one; so is
+        # RDP's, and the smaller of two upper bounds is one too.
+        epsilon = min(epsilon, _accountant("rdp").compose(event).epsilon(delta))
+    return epsilon
 
 
 class _AboveFloor(ConfigError):
