@@ -100,28 +100,28 @@ class Number(Kind):
 
     def check(self, value: Any) -> Any:
         if isinstance(value, (bool, np.bool_)):
-            raise ValueError(self.describe)
+            raise ConfigError(self.describe)
         if self.kind is int:
             if not isinstance(value, (int, np.integer)):
-                raise ValueError(self.describe)
+                raise ConfigError(self.describe)
             value = int(value)
         else:
             if not isinstance(value, (int, float, np.integer, np.floating)):
-                raise ValueError(self.describe)
+                raise ConfigError(self.describe)
             value = float(value)
             if not math.isfinite(value):
-                raise ValueError(self.describe)
+                raise ConfigError(self.describe)
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            raise ValueError(self.describe)
+            raise ConfigError(self.describe)
         if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-            raise ValueError(self.describe)
+            raise ConfigError(self.describe)
         return value
 
     def parse(self, text: str) -> Any:
         try:
             value = self.kind(text)
         except (TypeError, ValueError):
-            raise ValueError(self.describe) from None
+            raise ConfigError(self.describe) from None
         return self.check(value)
 
 
@@ -151,7 +151,7 @@ class Numbers(Kind):
 
     def check(self, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(self.describe)
+            raise ConfigError(self.describe)
         one = Number(float, self.low, None, self.low_open)
         return [one.check(v) for v in value]
 
@@ -159,7 +159,7 @@ class Numbers(Kind):
         try:
             values = [float(part) for part in text.split(",")]
         except ValueError:
-            raise ValueError(self.describe) from None
+            raise ConfigError(self.describe) from None
         return self.check(values)
 
     def argparse_options(self) -> dict[str, Any]:
@@ -179,7 +179,7 @@ class Choice(Kind):
 
     def check(self, value: Any) -> Any:
         if value not in self.values:
-            raise ValueError(self.describe)
+            raise ConfigError(self.describe)
         return value
 
     def argparse_options(self) -> dict[str, Any]:
@@ -196,7 +196,7 @@ class Switch(Kind):
 
     def check(self, value: Any) -> Any:
         if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(self.describe)
+            raise ConfigError(self.describe)
         return bool(value)
 
     def argparse_options(self) -> dict[str, Any]:
@@ -213,7 +213,7 @@ class Text(Kind):
 
     def check(self, value: Any) -> Any:
         if not isinstance(value, str) or not value:
-            raise ValueError(self.describe)
+            raise ConfigError(self.describe)
         return value
 
 
@@ -309,7 +309,7 @@ def specs(options: type[MethodOptions]) -> list[OptionSpec]:
     for f in dataclasses.fields(options):
         meta = f.metadata
         if "kind" not in meta:
-            raise TypeError(f"{options.__name__}.{f.name} must be declared with option()")
+            raise RuntimeError(f"{options.__name__}.{f.name} must be declared with option()")
         out.append(
             OptionSpec(
                 name=f.name,
@@ -394,7 +394,7 @@ def flags(methods: Iterable[tuple[str, type[MethodOptions]]]) -> list[Flag]:
         first = declarations[0][1]
         for method, spec in declarations[1:]:
             if spec.flag != first.flag or spec.kind != first.kind:
-                raise TypeError(
+                raise RuntimeError(
                     f"option {name}: {declarations[0][0]} declares {first.flag} "
                     f"({first.kind.describe}), {method} {spec.flag} ({spec.kind.describe})"
                 )

@@ -163,7 +163,7 @@ class StrongAugment:
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype}")
+            raise ConfigError(f"images must be uint8 (N, C, H, W), got {images.dtype}")
         x = images.float() / 255.0
         n = x.shape[0]
         gen_device = generator.device if generator is not None else x.device

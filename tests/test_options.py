@@ -129,7 +129,7 @@ def test_a_flag_declared_twice_must_parse_one_way():
     class B(MethodOptions):
         delta: float = option(1e-5, kind=EPSILON, help="δ")
 
-    with pytest.raises(TypeError, match="option delta: a declares --delta"):
+    with pytest.raises(RuntimeError, match="option delta: a declares --delta"):
         flags([("a", A), ("b", B)])
 
 

@@ -21,6 +21,8 @@ import os
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+
 _TWO_TO_MINUS_52 = 2.0**-52
 _TWO_TO_MINUS_53 = 2.0**-53
 
@@ -28,7 +30,7 @@ _TWO_TO_MINUS_53 = 2.0**-53
 def check_source(generator: torch.Generator | None, secure: bool) -> None:
     """Refuses a generator together with secure mode (the generator would be ignored)."""
     if secure and generator is not None:
-        raise ValueError(
+        raise ConfigError(
             "generator must be None when secure=True: secure noise comes from the OS, not a seed"
         )
 

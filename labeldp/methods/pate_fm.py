@@ -656,12 +656,12 @@ def answer_diagnostics(
     answers = np.asarray(answers, dtype=np.int64)
     m, considered, count = len(pool_votes), len(answered), int(answered.sum())
     if pool_votes.shape != (m, num_classes) or pool_labels.shape != (m,):
-        raise ValueError(
+        raise ConfigError(
             f"pool_votes must be (M, {num_classes}) and pool_labels (M,), got "
             f"{pool_votes.shape} and {pool_labels.shape}"
         )
     if considered > m or len(answers) != count:
-        raise ValueError(f"{considered} considered of {m}, {len(answers)} answers for {count}")
+        raise ConfigError(f"{considered} considered of {m}, {len(answers)} answers for {count}")
     plurality = pool_votes.argmax(1) if m else np.zeros(0, np.int64)
     right = plurality == pool_labels
     on_answered = np.zeros(m, dtype=bool)

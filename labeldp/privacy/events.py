@@ -23,13 +23,15 @@ from typing import Any
 import dp_accounting
 from dp_accounting import dp_event
 
+from ..errors import ConfigError
+
 EVENT_MODULE = dp_event.__name__
 
 
 def event_to_dict(event: dp_accounting.DpEvent) -> dict[str, Any]:
     """The JSON-able dict of ``event``'s named-tuple form (recursively)."""
     if not isinstance(event, dp_accounting.DpEvent):
-        raise TypeError(f"expected a dp_accounting DpEvent, got {type(event).__name__}")
+        raise ConfigError(f"expected a dp_accounting DpEvent, got {type(event).__name__}")
     return _plain(event.to_named_tuple())
 
 
@@ -54,7 +56,7 @@ def _named_tuple(value: Any) -> Any:
         if module != EVENT_MODULE or not (
             isinstance(cls, type) and issubclass(cls, dp_accounting.DpEvent)
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"not a stored dp-accounting event (module {module!r}, class {name!r}); "
                 f"only classes of {EVENT_MODULE} are read back"
             )

@@ -24,6 +24,7 @@ from typing import Any
 
 import dp_accounting
 
+from ..errors import ConfigError
 from .events import event_to_dict
 from .neighbouring import Neighbouring, parse_relation
 
@@ -70,19 +71,19 @@ class LedgerEntry:
     def __post_init__(self) -> None:
         object.__setattr__(self, "relation", parse_relation(self.relation))
         if not isinstance(self.event, dp_accounting.DpEvent):
-            raise ValueError(
+            raise ConfigError(
                 f"event must be a dp_accounting DpEvent, got {type(self.event).__name__}"
             )
         if isinstance(self.event, dp_accounting.UnsupportedDpEvent) and not self.event_note:
-            raise ValueError("an entry with UnsupportedDpEvent must say why in event_note")
+            raise ConfigError("an entry with UnsupportedDpEvent must say why in event_note")
         if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
-            raise ValueError(f"epsilon must be finite and ≥ 0, got {self.epsilon}")
+            raise ConfigError(f"epsilon must be finite and ≥ 0, got {self.epsilon}")
         if not 0 <= self.delta < 1:
-            raise ValueError(f"delta must be in [0, 1), got {self.delta}")
+            raise ConfigError(f"delta must be in [0, 1), got {self.delta}")
         if self.composition not in COMPOSITIONS:
-            raise ValueError(f"composition must be one of {COMPOSITIONS}, got {self.composition!r}")
+            raise ConfigError(f"composition must be one of {COMPOSITIONS}, got {self.composition!r}")
         if self.composition == "parallel" and not self.group:
-            raise ValueError(
+            raise ConfigError(
                 "a parallel entry needs a group naming the disjoint parts it belongs to"
             )
 
@@ -105,7 +106,7 @@ class PrivacyLedger:
         """Adds ``entry``; a ValueError, adding nothing, if its relation is not the one of
         the entries already recorded."""
         if self.entries and entry.relation is not self.relation:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot add an entry for '{entry.relation.value}' ({entry.mechanism}) to a "
                 f"ledger of '{self.relation.value}' entries: ε's of different neighbouring "
                 "relations do not add up to an ε of either"

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ..errors import ConfigError
 from .targets import target_loss
 
 #: Added to the per-example norm before dividing, as in Opacus: C / (‖g‖ + 1e-6).
@@ -172,7 +173,7 @@ class LayerwiseClipping:
         if not layerwise_supported(model):
             # its formulas would give wrong norms (e.g. grouped or reflect-padded
             # convolutions), and clipping by a wrong norm breaks the sensitivity bound
-            raise ValueError(
+            raise ConfigError(
                 "LayerwiseClipping needs a model that layerwise_supported accepts (Linear, "
                 "Conv2d with groups 1 and zero padding, GroupNorm, plain Embedding, no "
                 "shared parameters); use per_example_gradients for this model"
@@ -336,7 +337,7 @@ class LayerwiseClipping:
             if m.padding_idx is not None:
                 weight[m.padding_idx] = 0
             return {"weight": weight}
-        raise TypeError(f"unsupported layer {type(m).__name__}")
+        raise RuntimeError(f"unsupported layer {type(m).__name__} (layerwise_supported let it in)")
 
 
 def _join(prefix: str, name: str) -> str:

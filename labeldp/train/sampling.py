@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from ..errors import ConfigError
+
 
 class BatchSampler(Protocol):
     def steps_per_epoch(self, num_examples: int) -> int:
@@ -25,7 +27,7 @@ class ShuffledBatches:
 
     def __init__(self, batch_size: int) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
         self.batch_size = batch_size
 
     def steps_per_epoch(self, num_examples: int) -> int:
@@ -47,7 +49,7 @@ class PoissonBatches:
 
     def __init__(self, expected_batch_size: int, secure: bool = False) -> None:
         if isinstance(expected_batch_size, bool) or expected_batch_size < 1:
-            raise ValueError(f"expected_batch_size must be ≥ 1, got {expected_batch_size}")
+            raise ConfigError(f"expected_batch_size must be ≥ 1, got {expected_batch_size}")
         self.expected_batch_size = expected_batch_size
         self.secure = secure
 

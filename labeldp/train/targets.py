@@ -73,7 +73,7 @@ class HardLabels(TargetFn):
 
     def __init__(self, labels: torch.Tensor) -> None:
         if labels.dtype != torch.int64 or labels.dim() != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"labels must be an int64 vector, got {labels.dtype} {tuple(labels.shape)}"
             )
         self.labels = labels
@@ -119,7 +119,7 @@ class ForwardCorrectedLabels(HardLabels):
         if transition.shape != (k, k) or not torch.allclose(
             transition.sum(dim=1), torch.ones(k, dtype=transition.dtype, device=transition.device)
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"transition must be a (K, K) row-stochastic matrix, got {tuple(transition.shape)}"
             )
         self.transition = transition.float()
