@@ -81,7 +81,9 @@ class LedgerEntry:
         if not 0 <= self.delta < 1:
             raise ConfigError(f"delta must be in [0, 1), got {self.delta}")
         if self.composition not in COMPOSITIONS:
-            raise ConfigError(f"composition must be one of {COMPOSITIONS}, got {self.composition!r}")
+            raise ConfigError(
+                f"composition must be one of {COMPOSITIONS}, got {self.composition!r}"
+            )
         if self.composition == "parallel" and not self.group:
             raise ConfigError(
                 "a parallel entry needs a group naming the disjoint parts it belongs to"
