@@ -565,8 +565,8 @@ def _attack(args: argparse.Namespace) -> int:
     results = [attack_run(run_dir, alpha=args.alpha) for run_dir in args.run_dirs]
     print(format_table(results))
     for r in results:
-        for note in r["notes"]:
-            print(f"{r['run']}: {note}")
+        for note in r.notes:
+            print(f"{r.run}: {note}")
     return 0
 
 
