@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from labeldp.errors import ConfigError
 from labeldp.io import atomic_write_json
 from labeldp.privacy.neighbouring import Neighbouring
+from labeldp.records import AttackRecord, RunRecord
 from labeldp.run_folder import diagnostic_file
 from labeldp.seeding import Stream, derive_seed
 
@@ -49,15 +51,19 @@ RELATIONS: dict[str, str] = {
 }
 
 
-def relation(method: str, metrics: dict[str, Any] | None = None) -> str | None:
-    """The neighbouring relation the run's ε is for: the one its ledger names (the
+def relation(method: str, metrics: RunRecord | Mapping[str, Any] | None = None) -> str | None:
+    """The neighbouring relation the run's ε is for (``metrics``: the run's record, or a
+    mapping with its ``ledger``): the one its ledger names (the
     ledger's ``relation``, else its entries' ``relation``, else, in ledgers stored before
     entries had one, their ``details.neighboring_relation``), else the method's in
     :data:`RELATIONS`, else "replace one label" (label DP's own). None for the
     non-private method."""
     if method == "none":
         return None
-    ledger = (metrics or {}).get("ledger") or {}
+    if isinstance(metrics, RunRecord):
+        ledger = metrics.ledger or {}
+    else:
+        ledger = (metrics or {}).get("ledger") or {}
     if ledger.get("relation"):
         return ledger["relation"]
     entries = ledger.get("entries") or []
@@ -74,16 +80,16 @@ def bound_tested(
     method: str,
     epsilon: float | None,
     delta: float | None = 0.0,
-    metrics: dict[str, Any] | None = None,
+    metrics: RunRecord | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The (ε, δ) a label-change canary attack can be held to, for a run claiming
     (``epsilon``, ``delta``) under its method's relation: the claim itself for "replace
-    one label", (2ε, (1 + e^ε)·δ) for "add or remove one example". ε is None (∞) for a
-    non-private run."""
+    one label", (2ε, (1 + e^ε)·δ) for "add or remove one example". A non-private run's ε
+    is math.inf (None is read so too): the bound is then ε = math.inf, δ None."""
     rel = relation(method, metrics)
     delta = delta or 0.0
-    if epsilon is None or rel is None:
-        return {"relation": rel, "epsilon": None, "delta": None, "from": "no privacy claimed"}
+    if epsilon is None or math.isinf(epsilon) or rel is None:
+        return {"relation": rel, "epsilon": math.inf, "delta": None, "from": "no privacy claimed"}
     if rel == ADD_REMOVE_ONE_EXAMPLE:
         from labeldp.privacy.dpsgd_accounting import replace_one_bound
 
@@ -100,28 +106,15 @@ def bound_tested(
 def judge(part: dict[str, Any] | None, bound: float | None) -> dict[str, Any] | None:
     """Adds to one attack's result whether its ε_LB exceeds the bound tested
     (``exceeds_bound``: a privacy violation at level α) and whether it could have
-    (``can_fail``: False when the bound is at or above ``epsilon_lb_max``)."""
+    (``can_fail``: False when the bound is at or above ``epsilon_lb_max``). A bound of
+    math.inf (or None): no privacy claimed, nothing to exceed."""
     if part is None:
         return None
-    lb, cap = _number(part["epsilon_lb"]), _number(part["epsilon_lb_max"])
-    part["exceeds_bound"] = bound is not None and lb > bound
-    part["can_fail"] = bound is not None and bound < cap
+    lb, cap = part["epsilon_lb"], part["epsilon_lb_max"]
+    claimed = bound is not None and not math.isinf(bound)
+    part["exceeds_bound"] = claimed and lb > bound
+    part["can_fail"] = claimed and bound < cap
     return part
-
-
-def _number(x: float | str) -> float:
-    return float(x) if isinstance(x, str) else x
-
-
-def _json_number(x: float | None) -> float | str | None:
-    """JSON has no infinity: ±inf becomes the string "inf"/"-inf"."""
-    if x is None or math.isfinite(x):
-        return x
-    return "inf" if x > 0 else "-inf"
-
-
-def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: _json_number(v) if isinstance(v, float) else v for k, v in result.items()}
 
 
 def _probabilities(part: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -129,8 +122,9 @@ def _probabilities(part: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.softmax(part["logits"].double(), dim=1)
 
 
-def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
-    """Attacks one finished run; writes and returns ``attack.json``'s content."""
+def attack_run(run_dir: str | Path, alpha: float = 0.05) -> AttackRecord:
+    """Attacks one finished run; writes ``attack.json`` (the record's JSON form) and
+    returns its record."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     outputs_path = diagnostic_file(run_dir, "outputs.pt")
@@ -138,15 +132,15 @@ def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
         raise ConfigError(f"{run_dir} holds no finished run (no metrics.json)")
     if not outputs_path.exists():
         raise ConfigError(f"{run_dir} has no outputs.pt; it was made by a labeldp without attacks")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = RunRecord.from_json(json.loads(metrics_path.read_text()))
     outputs = torch.load(outputs_path, map_location="cpu", weights_only=True)
     seed = json.loads((run_dir / "config.json").read_text())["run"]["train"]["seed"]
-    tested = bound_tested(metrics["method"], metrics["epsilon"], metrics["delta"], metrics)
+    tested = bound_tested(metrics.method, metrics.epsilon, metrics.delta, metrics)
     result: dict[str, Any] = {
         "run": str(run_dir),
-        "method": metrics["method"],
-        "epsilon": metrics["epsilon"],
-        "delta": metrics["delta"],
+        "method": metrics.method,
+        "epsilon": metrics.epsilon,
+        "delta": metrics.delta,
         "bound_tested": tested,
         "alpha": alpha,
         "memorization": None,
@@ -157,34 +151,30 @@ def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
     canaries = Canaries.load(canaries_path) if canaries_path.exists() else None
     if canaries is not None and len(canaries.indices):
         generator = torch.Generator().manual_seed(derive_seed(seed, Stream.ATTACK_SPLIT))
-        result["memorization"] = _jsonable(
-            memorization_attack(
-                _probabilities(outputs["canary"]),
-                canaries.canary_labels,
-                canaries.other_labels,
-                generator,
-                alpha,
-            )
+        result["memorization"] = memorization_attack(
+            _probabilities(outputs["canary"]),
+            canaries.canary_labels,
+            canaries.other_labels,
+            generator,
+            alpha,
         )
     if canaries is not None and len(canaries.audit_indices):
         # Log-probabilities in float64: confident models leave tiny wrong-label
         # probabilities that float32 differences would tie.
         log_probs = torch.log_softmax(outputs["audit"]["logits"].double(), dim=1)
         rows = torch.arange(len(canaries.audit_indices))
-        result["one_run"] = _jsonable(
-            audit(
-                log_probs[rows, canaries.audit_a],
-                log_probs[rows, canaries.audit_b],
-                canaries.audit_is_a,
-                alpha,
-            )
+        result["one_run"] = audit(
+            log_probs[rows, canaries.audit_a],
+            log_probs[rows, canaries.audit_b],
+            canaries.audit_is_a,
+            alpha,
         )
     if result["memorization"] is None and result["one_run"] is None:
         result["notes"].append(NO_CANARIES)
     bound = tested["epsilon"]
     for name in ("memorization", "one_run"):
         part = judge(result[name], bound)
-        if part is None or bound is None:
+        if part is None or math.isinf(bound):
             continue
         if part["exceeds_bound"]:
             result["notes"].append(
@@ -195,43 +185,44 @@ def attack_run(run_dir: str | Path, alpha: float = 0.05) -> dict[str, Any]:
         elif not part["can_fail"]:
             result["notes"].append(
                 f"{name}: ε = {bound:.4g} for a label change is at or above "
-                f"{_number(part['epsilon_lb_max']):.2f}, the most {part['canaries']} canaries "
+                f"{part['epsilon_lb_max']:.2f}, the most {part['canaries']} canaries "
                 "can certify: this audit cannot refute it"
             )
-    if metrics["delta"]:
+    if metrics.delta:
         result["notes"].append(
-            f"the run claims (ε, δ) with δ = {metrics['delta']:g}; the bounds here assume pure ε-DP"
+            f"the run claims (ε, δ) with δ = {metrics.delta:g}; the bounds here assume pure ε-DP"
         )
     result["label_inference"] = label_inference(
         outputs["train_sample"]["softmax"],
         outputs["train_sample"]["labels"],
         outputs["heldout"]["softmax"],
         outputs["heldout"]["labels"],
-        metrics["epsilon"],
-        metrics["delta"],
+        None if math.isinf(metrics.epsilon) else metrics.epsilon,
+        metrics.delta,
     )
-    atomic_write_json(run_dir / "attack.json", result)
-    return result
+    record = AttackRecord(**{**result, "notes": tuple(result["notes"])})
+    atomic_write_json(run_dir / "attack.json", record.to_json())
+    return AttackRecord.from_json(record.to_json())  # as a reader of attack.json sees it
 
 
-def _tested_cell(tested: dict[str, Any]) -> str:
-    if tested.get("epsilon") is None:
+def _tested_cell(tested: Mapping[str, Any]) -> str:
+    if tested.get("epsilon") is None or math.isinf(tested["epsilon"]):
         return "∞"
     doubled = tested["relation"] == ADD_REMOVE_ONE_EXAMPLE
     return f"{tested['epsilon']:.4g}" + (" (2ε)" if doubled else "")
 
 
-def format_table(results: list[dict[str, Any]]) -> str:
+def format_table(results: list[AttackRecord]) -> str:
     """A plain-text table: method, ε, the bound tested (ε or 2ε, see :func:`bound_tested`),
     each audit's ε_LB with the most its canaries can certify, the label-inference gap.
     "†" marks a maximum at or below the bound tested (the audit cannot fail), "!" an
     ε_LB above the bound tested (a violation at level α)."""
 
-    def num(x: Any) -> str:
+    def num(x: float | None) -> str:
         if x is None:
             return "–"
-        if isinstance(x, str):
-            return "∞" if x == "inf" else x
+        if math.isinf(x):
+            return "∞" if x > 0 else "-∞"
         return f"{x:.2f}"
 
     def attack_cells(part: dict[str, Any] | None) -> tuple[str, str]:
@@ -254,16 +245,16 @@ def format_table(results: list[dict[str, Any]]) -> str:
     )
     rows = [header]
     for r in results:
-        tested = r.get("bound_tested") or {}
+        tested = r.bound_tested or {}
         rows.append(
             (
-                Path(r["run"]).name,
-                r["method"],
-                "∞" if r["epsilon"] is None else f"{r['epsilon']:g}",
+                Path(r.run).name,
+                r.method,
+                "∞" if math.isinf(r.epsilon) else f"{r.epsilon:g}",
                 _tested_cell(tested),
-                *attack_cells(r["memorization"]),
-                *attack_cells(r["one_run"]),
-                f"{r['label_inference']['gap']:+.3f}",
+                *attack_cells(r.memorization),
+                *attack_cells(r.one_run),
+                f"{r.label_inference['gap']:+.3f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -29,7 +29,6 @@ from .models import MODELS
 from .options import flags
 from .recipes import RUN_FIELDS, recipe
 from .runner import SEEDED_CONDITION, Environment, RunConfig, format_epsilon, train_run
-from .store import evaluation_accuracy
 from .train import TrainConfig
 from .train.config import PRECISIONS, SCHEDULES
 
@@ -400,20 +399,20 @@ def _train(args: argparse.Namespace) -> int:
     _check_out(out)
     if config.method != "none" and not config.method_options.get("secure_noise", False):
         print(f"note: {SEEDED_CONDITION}.", file=sys.stderr)
-    metrics = train_run(config, out, env, resume=args.resume)
+    record = train_run(config, out, env, resume=args.resume)
     print(
-        f"{config.dataset} {config.method} ({metrics['model']}, {metrics['train_size']} examples): "
-        f"{metrics['evaluation_split']} accuracy {evaluation_accuracy(metrics):.4f}, "
-        f"ε = {format_epsilon(metrics['epsilon'])}, "
-        f"{metrics['train_seconds']:.0f} s training on {metrics['device']} -> {out}"
+        f"{config.dataset} {config.method} ({record.model}, {record.train_size} examples): "
+        f"{record.evaluation_split} accuracy {record.evaluation_accuracy:.4f}, "
+        f"ε = {format_epsilon(record.epsilon)}, "
+        f"{record.train_seconds:.0f} s training on {record.device} -> {out}"
     )
-    if metrics.get("outcome") == "diverged":
+    if record.outcome == "diverged":
         print(
             "warning: training diverged (the loss or the weights became non-finite) and "
             f"stopped early; {out}/metrics.json records outcome 'diverged'. Lower --lr",
             file=sys.stderr,
         )
-    if metrics.get("outcome") == "collapsed":
+    if record.outcome == "collapsed":
         print(
             "warning: the model ended on the constant-prediction plateau (one class takes "
             f"most of its predictions); {out}/metrics.json records outcome 'collapsed'. With "
@@ -566,8 +565,8 @@ def _attack(args: argparse.Namespace) -> int:
     results = [attack_run(run_dir, alpha=args.alpha) for run_dir in args.run_dirs]
     print(format_table(results))
     for r in results:
-        for note in r["notes"]:
-            print(f"{r['run']}: {note}")
+        for note in r.notes:
+            print(f"{r.run}: {note}")
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -105,19 +104,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (NaN/inf are refused)."""
+    """Write ``obj`` as indented JSON to ``path`` atomically (NaN/inf are refused: write
+    a record's ``to_json()``, or :func:`labeldp.records.to_json_value` of ``obj``, which
+    follow the one convention for ∞ in labeldp's JSON files)."""
     return atomic_write_text(
         path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
     )
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, ±inf) in its dicts, lists and tuples
-    replaced by None, so that strict JSON (``allow_nan=False``) can hold it."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {key: json_safe(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(value) for value in obj]
-    return obj

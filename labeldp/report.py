@@ -34,6 +34,7 @@ from .io import atomic_write_text
 from .methods import METHODS
 from .pate_report import pate_diagnostics_section
 from .provenance import provenance
+from .records import AttackRecord, RunRecord
 from .runner import DEFAULT_MODEL
 from .store import ResultsStore
 from .sweep import SweepSpec
@@ -47,27 +48,27 @@ UNSOUND = (
 )
 
 
-def is_stale(method: str, metrics: dict[str, Any]) -> bool:
+def is_stale(method: str, metrics: RunRecord) -> bool:
     """A pate-fm run whose ledger entry does not record its ``stopping_rule``: made under
     the withdrawn rule that stopped on the data-dependent cost (issue 12)."""
     if method != "pate-fm":
         return False
-    entries = (metrics.get("ledger") or {}).get("entries") or []
+    entries = (metrics.ledger or {}).get("entries") or []
     return not entries or "stopping_rule" not in (entries[0].get("details") or {})
 
 
 def _cap(
-    attack: dict[str, Any] | None, part_name: str, config: dict[str, Any], config_key: str
+    attack: AttackRecord | None, part_name: str, config: dict[str, Any], config_key: str
 ) -> float:
     """The most the run's ``part_name`` audit can certify: stored in attack.json, else
     (attack.json made before it was) recomputed from the canary count."""
-    part = (attack or {}).get(part_name)
+    part = attack.part(part_name) if attack is not None else None
     if part and part.get("epsilon_lb_max") is not None:
         return float(part["epsilon_lb_max"])
     count = part["canaries"] if part else config.get(config_key) or 0
     if not count:
         return math.nan
-    alpha = (part or {}).get("alpha") or (attack or {}).get("alpha") or 0.05
+    alpha = (part or {}).get("alpha") or (attack.alpha if attack is not None else None) or 0.05
     module = memorization if part_name == "memorization" else one_run
     return module.epsilon_lb_max(int(count), float(alpha))
 
@@ -75,16 +76,17 @@ def _cap(
 def _audit_facts(row: dict[str, Any]) -> dict[str, Any]:
     """Per run: the caps of both audits, the bound tested and its relation, violations
     (ε_LB above the bound tested) and staleness."""
-    config, metrics = json.loads(row["config"]), json.loads(row["metrics"])
-    attack = json.loads(row["attack"]) if row.get("attack") else None
-    tested = bound_tested(row["method"], metrics.get("epsilon"), metrics.get("delta"), metrics)
-    bound = math.nan if tested["epsilon"] is None else float(tested["epsilon"])
+    config = json.loads(row["config"])
+    metrics, attack = ResultsStore.run_record(row), ResultsStore.attack_record(row)
+    tested = bound_tested(row["method"], metrics.epsilon, metrics.delta, metrics)
+    # the tables' convention: NaN in the bound-tested column is a non-private run (∞)
+    bound = math.nan if math.isinf(tested["epsilon"]) else float(tested["epsilon"])
     facts = {
         "relation": tested["relation"] or "none",
         "bound_tested": bound,
         "eps_lb_memorization_max": _cap(attack, "memorization", config, "canaries"),
         "eps_lb_one_run_max": _cap(attack, "one_run", config, "audit_canaries"),
-        "alpha": (attack or {}).get("alpha", 0.05),
+        "alpha": attack.alpha if attack is not None else 0.05,
         "stale": is_stale(row["method"], metrics),
     }
     for name in ("memorization", "one_run"):
@@ -107,11 +109,8 @@ def grid_rows(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
 
 def _outcome(row: dict[str, Any]) -> dict[str, Any]:
     """The run's outcome ("finished", "diverged", "collapsed") and its evaluation split."""
-    metrics = json.loads(row["metrics"])
-    return {
-        "outcome": metrics.get("outcome", "finished"),
-        "evaluation_split": metrics.get("evaluation_split", "test"),
-    }
+    metrics = ResultsStore.run_record(row)
+    return {"outcome": metrics.outcome, "evaluation_split": metrics.evaluation_split}
 
 
 def summary(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:

@@ -11,7 +11,8 @@ A run folder holds:
   (:mod:`labeldp.run_folder` is the one place that says what is covered);
 - ``metrics.json``: test accuracy, ε, δ, the privacy ledger, timings, per-epoch history
   and provenance (package version, git commit, machine, date); statistics against the
-  true labels only under its ``diagnostics`` key.
+  true labels only under its ``diagnostics`` key. It is the JSON form of a
+  :class:`~labeldp.records.RunRecord` (∞ as "Infinity": see labeldp.records).
 
 ``metrics.json`` is written last and atomically, so its presence means "finished". A
 finished run is never overwritten; an unfinished one is continued with ``resume=True``.
@@ -34,13 +35,14 @@ from attacks.outputs import collect_outputs
 from .augment import Normalize, WeakAugment
 from .data import DATASETS, DeviceDataset, load_splits, random_subset
 from .data.sources import find_file, locate
-from .errors import ConfigError, check_int
-from .io import atomic_write, atomic_write_json, json_safe, read_json
+from .errors import ConfigError, DataError, check_int
+from .io import atomic_write, atomic_write_json, read_json
 from .locking import folder_lock
 from .methods import build_method
 from .methods.base import RunCheck, RunContext, check_method
 from .models import NORM_KINDS, build_model, model_builder
 from .provenance import cpu_numerics, numerics, provenance
+from .records import RunRecord
 from .run_folder import diagnostics_dir
 from .seeding import Stream, config_key, derive_seed
 from .train import TrainConfig, device_description, resolve_device
@@ -207,11 +209,12 @@ def prepare_data(config: RunConfig, env: Environment) -> tuple[DeviceDataset, De
 
 def train_run(
     config: RunConfig, out: str | Path | None, env: Environment | None = None, resume: bool = False
-) -> dict[str, Any]:
-    """Runs ``config`` and returns its metrics; with ``out``, records the run there.
+) -> RunRecord:
+    """Runs ``config`` and returns its record (metrics.json's content); with ``out``,
+    records the run there.
 
-    A folder that already holds a finished run is left alone: with ``resume`` its metrics
-    are returned, without it that is an error. A folder with an unfinished run is
+    A folder that already holds a finished run is left alone: with ``resume`` its record
+    is returned, without it that is an error. A folder with an unfinished run is
     continued from its checkpoints with ``resume``, and refused without it. The folder is
     locked for the whole run: a second process training it at the same time is refused
     (:class:`labeldp.locking.FolderLocked`) before it reads or writes anything there.
@@ -229,7 +232,7 @@ def train_run(
 
 def _train_run(
     config: RunConfig, run_dir: Path | None, env: Environment, resume: bool
-) -> dict[str, Any]:
+) -> RunRecord:
     """train_run's work, once the run folder (if any) is locked and checked."""
     started = time.perf_counter()
     cpu_numerics()
@@ -341,38 +344,42 @@ def _train_run(
         sample_generator,
     )
     ledger = result.ledger.to_dict()
-    metrics = {
-        "dataset": config.dataset,
-        "method": config.method,
-        "method_options": method.options(),
-        "method_details": result.fit.extra,
-        "model": config.model_name,
-        "train_size": len(train),
-        "evaluation_split": "test" if config.validation_size is None else "validation",
-        "test_accuracy": result.fit.test_accuracy if config.validation_size is None else None,
-        "validation_accuracy": None
+    record = RunRecord(
+        dataset=config.dataset,
+        method=config.method,
+        method_options=method.options(),
+        method_details=result.fit.extra,
+        model=config.model_name,
+        train_size=len(train),
+        evaluation_split="test" if config.validation_size is None else "validation",
+        test_accuracy=result.fit.test_accuracy if config.validation_size is None else None,
+        validation_accuracy=None
         if config.validation_size is None
         else result.fit.test_accuracy,
-        "epsilon": ledger["epsilon"],
-        "delta": ledger["delta"],
-        "ledger": ledger,
-        "train_seconds": result.fit.train_seconds,
-        "eval_seconds": result.fit.eval_seconds,
-        "session_wall_seconds": time.perf_counter() - started,
-        "resumed_from_epoch": result.fit.resumed_from_epoch,
-        "device": device_description(device),
-        "numerics": numerics(device),
-        "history": result.fit.history,
+        epsilon=result.ledger.epsilon,
+        delta=result.ledger.delta,
+        ledger=ledger,
+        train_seconds=result.fit.train_seconds,
+        eval_seconds=result.fit.eval_seconds,
+        session_wall_seconds=time.perf_counter() - started,
+        resumed_from_epoch=result.fit.resumed_from_epoch,
+        device=device_description(device),
+        numerics=numerics(device),
+        history=tuple(result.fit.history),
         # the data files' MD5s hash the raw training labels: a diagnostic, not a release
-        "diagnostics": {**result.diagnostics, "data": data_record(config.dataset, env)},
+        diagnostics={**result.diagnostics, "data": data_record(config.dataset, env)},
+        # A run whose training diverged is recorded as such, its non-finite numbers as
+        # null (∞ as "Infinity"). So is one that ended on the constant-prediction plateau
+        # (labeldp.train.loop.collapsed).
+        outcome="diverged"
+        if result.fit.diverged
+        else "collapsed"
+        if result.fit.collapsed
+        else "finished",
         **provenance(),
-    }
-    # A run whose training diverged is recorded as such, its non-finite numbers as null.
-    # So is one that ended on the constant-prediction plateau (labeldp.train.loop.collapsed).
-    metrics["outcome"] = (
-        "diverged" if result.fit.diverged else "collapsed" if result.fit.collapsed else "finished"
     )
-    metrics = json_safe(metrics)
+    metrics = record.to_json()
+    record = RunRecord.from_json(metrics)  # as a resumed call reads it back
     if run_dir is not None:
         weights = result.fit.eval_model.state_dict()
         atomic_write(run_dir / "model.pt", lambda handle: torch.save(weights, handle))
@@ -382,11 +389,11 @@ def _train_run(
         atomic_write_json(run_dir / "metrics.json", metrics)
         for checkpoint in run_dir.glob("*.ckpt"):
             checkpoint.unlink()
-    return metrics
+    return record
 
 
-def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> dict[str, Any] | None:
-    """Enforces the never-overwrite rules; returns the metrics of a finished run that
+def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> RunRecord | None:
+    """Enforces the never-overwrite rules; returns the record of a finished run that
     ``resume`` asks for, else None."""
     metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.json"
     if config_path.exists():
@@ -409,7 +416,7 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> dict[str, 
             raise ConfigError(
                 f"{run_dir} already holds a finished run; choose another --out (or delete it)"
             )
-        return read_json(
+        return read_run_record(
             metrics_path,
             f"the finished run's record is lost; delete {run_dir} and train again, or choose "
             "another --out",
@@ -420,6 +427,16 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> dict[str, 
             "or choose another --out"
         )
     return None
+
+
+def read_run_record(path: str | Path, what_to_do: str) -> RunRecord:
+    """The :class:`RunRecord` of the metrics.json at ``path`` (of any version); a file
+    that is not valid JSON or not a run record is a DataError naming it and ``what_to_do``."""
+    data = read_json(path, what_to_do)
+    try:
+        return RunRecord.from_json(data)
+    except (DataError, TypeError, ValueError) as exc:
+        raise DataError(f"{path} is not a run record ({exc}); {what_to_do}") from None
 
 
 def data_record(dataset: str, env: Environment) -> dict[str, Any]:
@@ -441,5 +458,5 @@ def data_record(dataset: str, env: Environment) -> dict[str, Any]:
 
 
 def format_epsilon(epsilon: float | None) -> str:
-    """ε for humans: "∞" for a non-private run."""
+    """ε for humans: "∞" for a non-private run (ε = math.inf; None in older callers)."""
     return "∞" if epsilon is None or math.isinf(epsilon) else f"{epsilon:g}"

@@ -5,6 +5,13 @@ rerun of the same sweep finds its finished rows and skips them. A row is written
 in one transaction, after the run folder holds its metrics (and attack.json), so a crash
 or ``kill -9`` at any moment leaves either no row or a complete one: nothing is lost,
 nothing is duplicated (a UNIQUE constraint guards the key).
+
+The ``metrics`` and ``attack`` columns hold the JSON forms of the run's
+:class:`~labeldp.records.RunRecord` and :class:`~labeldp.records.AttackRecord` (∞ as
+"Infinity", see labeldp.records); rows stored by earlier versions keep the forms they were
+written in (ε null, ε_LB "inf"), which :meth:`ResultsStore.run_record` and
+:meth:`ResultsStore.attack_record` read as well. The ``eps_lb_*`` columns are SQL REALs
+(∞ as SQLite's infinity).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .records import AttackRecord, RunRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -97,20 +105,14 @@ def run_key(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
 
 
-def _bound(part: dict[str, Any] | None) -> float | None:
-    if not part:
-        return None
-    value = part["epsilon_lb"]
-    return float("inf") if value == "inf" else value
+def _bound(attack: AttackRecord | None, name: str) -> float | None:
+    """The ε_LB of the audit ``name`` (math.inf possible), None without it."""
+    part = attack.part(name) if attack is not None else None
+    return None if not part else float(part["epsilon_lb"])
 
 
-def evaluation_accuracy(metrics: dict[str, Any]) -> float:
-    """The run's accuracy on its evaluation split (0–1): the test split, or the validation
-    split of a tuning run (``metrics["evaluation_split"]`` says which); this is what the
-    store's ``test_accuracy`` column holds."""
-    if metrics.get("evaluation_split") == "validation":
-        return metrics["validation_accuracy"]
-    return metrics["test_accuracy"]
+def _json_text(record: RunRecord | AttackRecord) -> str:
+    return json.dumps(record.to_json(), sort_keys=True, allow_nan=False)
 
 
 class ResultsStore:
@@ -150,12 +152,13 @@ class ResultsStore:
         name: str,
         config: dict[str, Any],
         run_dir: str | Path,
-        metrics: dict[str, Any],
-        attack: dict[str, Any] | None,
+        metrics: RunRecord,
+        attack: AttackRecord | None,
         finished_at: str,
     ) -> bool:
-        """Stores one finished run; returns False (and changes nothing) when the sweep
-        already holds a run with this configuration."""
+        """Stores one finished run (its record, and its attacks' when it was attacked);
+        returns False (and changes nothing) when the sweep already holds a run with this
+        configuration."""
         options = config.get("method_options", {})
         row = (
             sweep,
@@ -164,19 +167,19 @@ class ResultsStore:
             config["method"],
             options.get("epsilon"),
             config["train"]["seed"],
-            evaluation_accuracy(metrics),
-            _bound(attack and attack.get("memorization")),
-            _bound(attack and attack.get("one_run")),
-            attack["label_inference"]["gap"] if attack else None,
-            metrics["train_seconds"],
+            metrics.evaluation_accuracy,
+            _bound(attack, "memorization"),
+            _bound(attack, "one_run"),
+            attack.label_inference["gap"] if attack else None,
+            metrics.train_seconds,
             str(run_dir),
             json.dumps(config, sort_keys=True),
-            json.dumps(metrics, sort_keys=True),
-            json.dumps(attack, sort_keys=True) if attack else None,
-            metrics.get("git_commit"),
-            metrics.get("machine"),
+            _json_text(metrics),
+            _json_text(attack) if attack else None,
+            metrics.git_commit,
+            metrics.machine,
             finished_at,
-            json.dumps(metrics["numerics"], sort_keys=True) if metrics.get("numerics") else None,
+            json.dumps(metrics.numerics, sort_keys=True) if metrics.numerics else None,
         )
         with self._connect() as db:
             cursor = db.execute(
@@ -197,6 +200,17 @@ class ResultsStore:
                 dict(r)
                 for r in db.execute("SELECT * FROM runs WHERE sweep = ? ORDER BY id", (sweep,))
             ]
+
+    @staticmethod
+    def run_record(row: dict[str, Any]) -> RunRecord:
+        """The run record of a row of :meth:`rows` (of any version)."""
+        return RunRecord.from_json(json.loads(row["metrics"]))
+
+    @staticmethod
+    def attack_record(row: dict[str, Any]) -> AttackRecord | None:
+        """The attack record of a row of :meth:`rows` (of any version); None when the run
+        was not attacked."""
+        return AttackRecord.from_json(json.loads(row["attack"])) if row.get("attack") else None
 
     def sweeps(self) -> list[str]:
         with self._connect() as db:

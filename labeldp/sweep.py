@@ -47,7 +47,7 @@ from .methods import METHODS, method_parameters
 from .provenance import describe_numerics, numerics
 from .recipes import Recipe, recipe
 from .runner import Environment, RunConfig, format_epsilon, train_run
-from .store import ResultsStore, evaluation_accuracy, run_key
+from .store import ResultsStore, run_key
 from .train import TrainConfig, resolve_device
 
 #: RunConfig fields that a sweep varies itself; every other RunConfig field (dataset,
@@ -600,7 +600,7 @@ def run_sweep(
             skipped.append(name)
             bar.write(f"{name}: skipped, {run_dir} is {busy}; it is not trained twice")
             return
-        made = metrics.get("numerics")
+        made = metrics.numerics
         if made and made != expected and not allow_mixed_numerics:
             # e.g. a finished run folder left by `labeldp train` under other settings
             refused.append(name)
@@ -611,20 +611,20 @@ def run_sweep(
             )
             return
         # When the run itself finished (its provenance date), not when it was stored.
-        stamp = metrics.get("date") or _dt.datetime.now(_dt.timezone.utc).isoformat(
+        stamp = metrics.date or _dt.datetime.now(_dt.timezone.utc).isoformat(
             timespec="seconds"
         )
         store.record(spec.name, name, config, run_dir, metrics, attack, stamp)
         bar.update(1)
         bound = (
             ""
-            if not attack or not attack.get("memorization")
-            else f", ε_LB {attack['memorization']['epsilon_lb']}"
+            if not attack or not attack.memorization
+            else f", ε_LB {format_epsilon(attack.memorization['epsilon_lb'])}"
         )
         bar.write(
-            f"{name}: {metrics.get('evaluation_split', 'test')} accuracy "
-            f"{evaluation_accuracy(metrics):.4f}, "
-            f"ε = {format_epsilon(metrics['epsilon'])}{bound}"
+            f"{name}: {metrics.evaluation_split} accuracy "
+            f"{metrics.evaluation_accuracy:.4f}, "
+            f"ε = {format_epsilon(metrics.epsilon)}{bound}"
         )
 
     if workers == 1:

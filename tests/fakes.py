@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from labeldp.data import sources
+from labeldp.records import AttackRecord, RunRecord
 from labeldp.runner import Environment, RunConfig, train_run
 from labeldp.train import TrainConfig
 
@@ -93,6 +94,62 @@ def tiny_run(data_dir, out, method, epochs=2, resume=False, **options):
     )
     env = Environment(data_dir=str(data_dir), download=False, progress=False)
     return train_run(config, out, env, resume=resume)
+
+
+def run_record(**fields) -> RunRecord:
+    """A :class:`RunRecord` for tests that store runs without training: a finished
+    non-private run with placeholder values, ``fields`` replacing them (epsilon None:
+    non-private)."""
+    values = {
+        "dataset": "fashion-mnist",
+        "method": "none",
+        "method_options": {},
+        "method_details": {},
+        "model": "cnn",
+        "train_size": 100,
+        "test_accuracy": 0.5,
+        "epsilon": None,
+        "delta": None,
+        "ledger": {"entries": []},
+        "train_seconds": 1.0,
+        "eval_seconds": 0.0,
+        "session_wall_seconds": 1.0,
+        "resumed_from_epoch": 0,
+        "device": "cpu",
+        "history": [],
+        "diagnostics": {},
+        **dict.fromkeys(
+            (
+                "labeldp_version",
+                "git_commit",
+                "git_dirty",
+                "machine",
+                "hostname",
+                "python",
+                "torch",
+                "date",
+            )  # fmt: skip
+        ),
+        **fields,
+    }
+    return RunRecord.from_json(values)
+
+
+def attack_record(**fields) -> AttackRecord:
+    """An :class:`AttackRecord` for tests that store runs without attacking them:
+    placeholder values, ``fields`` replacing them."""
+    values = {
+        "run": "run",
+        "method": "none",
+        "epsilon": None,
+        "delta": None,
+        "alpha": 0.05,
+        "memorization": None,
+        "one_run": None,
+        "label_inference": {"gap": 0.0},
+        **fields,
+    }
+    return AttackRecord.from_json(values)
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str = "privatize") -> list:

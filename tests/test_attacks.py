@@ -31,6 +31,7 @@ from attacks.stats import (
 )
 from labeldp import cli
 from labeldp.mechanisms import RandomizedResponse
+from labeldp.records import AttackRecord
 from labeldp.runner import Environment, RunConfig, train_run
 from labeldp.train import TrainConfig
 
@@ -201,7 +202,8 @@ def test_the_bound_tested_follows_the_relation_of_the_methods_epsilon():
     tested = bound_tested("dp-sgd", 2.0, 1e-5)
     assert tested["relation"] == ADD_REMOVE_ONE_EXAMPLE
     assert tested["epsilon"] == 4.0 and tested["delta"] == pytest.approx((1 + math.e**2) * 1e-5)
-    assert bound_tested("none", None, None)["epsilon"] is None
+    assert bound_tested("none", math.inf, None)["epsilon"] == math.inf  # no claim: ∞
+    assert bound_tested("none", None, None)["epsilon"] == math.inf  # as older callers said it
     # A ledger that names its relation is taken at its word.
     ledger = {
         "ledger": {"entries": [{"details": {"neighboring_relation": ADD_REMOVE_ONE_EXAMPLE}}]}
@@ -212,6 +214,7 @@ def test_the_bound_tested_follows_the_relation_of_the_methods_epsilon():
     assert judge(dict(part), 1.0) == {**part, "exceeds_bound": True, "can_fail": True}
     assert judge(dict(part), 8.0)["can_fail"] is False
     assert judge(dict(part), 5.11)["can_fail"] is False
+    assert judge(dict(part), math.inf) == {**part, "exceeds_bound": False, "can_fail": False}
     assert judge(dict(part), None) == {**part, "exceeds_bound": False, "can_fail": False}
 
 
@@ -275,15 +278,19 @@ def test_a_memorizing_non_private_model_gives_a_large_lower_bound(data_dir, tmp_
     )
     train_run(config, tmp_path / "none", Environment(data_dir=str(data_dir), progress=False))
     result = attack_run(tmp_path / "none")
-    assert result["memorization"]["epsilon_lb"] > 1.5
-    assert result["one_run"]["epsilon_lb"] > 1.5
-    assert result["memorization"]["epsilon_lb_max"] == memorization.epsilon_lb_max(100)
-    assert result["one_run"]["epsilon_lb_max"] == one_run.epsilon_lb_max(100)
+    assert result.memorization["epsilon_lb"] > 1.5
+    assert result.one_run["epsilon_lb"] > 1.5
+    assert result.memorization["epsilon_lb_max"] == memorization.epsilon_lb_max(100)
+    assert result.one_run["epsilon_lb_max"] == one_run.epsilon_lb_max(100)
     for part in ("memorization", "one_run"):
-        assert result[part]["epsilon_lb"] <= result[part]["epsilon_lb_max"]
-        assert result[part]["exceeds_bound"] is False  # no claim to violate
-    assert result["label_inference"]["gap"] > 0
-    assert json.loads((tmp_path / "none" / "attack.json").read_text())["method"] == "none"
+        assert result.part(part)["epsilon_lb"] <= result.part(part)["epsilon_lb_max"]
+        assert result.part(part)["exceeds_bound"] is False  # no claim to violate
+    assert result.label_inference["gap"] > 0
+    stored = json.loads((tmp_path / "none" / "attack.json").read_text())
+    assert stored["method"] == "none" and AttackRecord.from_json(stored) == result
+    # a non-private run claims ε = ∞: "Infinity", never null, wherever attack.json says it
+    assert stored["epsilon"] == stored["bound_tested"]["epsilon"] == "Infinity"
+    assert stored["delta"] is None and stored["bound_tested"]["delta"] is None
 
 
 def test_attack_cli_on_runs_with_and_without_canaries(data_dir, tmp_path, capsys):
@@ -335,5 +342,5 @@ def test_attack_cli_on_runs_with_and_without_canaries(data_dir, tmp_path, capsys
     )
     assert result["memorization"]["can_fail"] is False and result["one_run"]["can_fail"] is True
     assert any("cannot refute it" in note for note in result["notes"])
-    assert "†" in format_table([result])
+    assert "†" in format_table([AttackRecord.from_json(result)])
     assert cli.main(["attack", str(tmp_path / "missing")]) == 2

@@ -39,7 +39,7 @@ def test_train_writes_config_metrics_and_model(data_dir, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert 0.5 <= metrics["test_accuracy"] <= 1.0  # chance is 0.1; the bars are easy
-    assert metrics["epsilon"] is None and metrics["delta"] is None
+    assert metrics["epsilon"] == "Infinity" and metrics["delta"] is None  # labeldp.records
     assert metrics["ledger"]["entries"] == []
     assert metrics["train_seconds"] > 0 and metrics["device"] == "cpu"
     assert metrics["labeldp_version"] and "git_commit" in metrics

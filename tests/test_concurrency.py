@@ -74,7 +74,7 @@ def test_a_run_folder_is_trained_by_one_process_at_a_time(data_dir, tmp_path):
     finally:
         _stop(holder)  # kill -9: the kernel releases the lock
     metrics = train_run(_config(), out, env)
-    assert (out / "metrics.json").exists() and metrics["epsilon"] == 4.0
+    assert (out / "metrics.json").exists() and metrics.epsilon == 4.0
     with folder_lock(out), folder_lock(out):  # re-entrant within one process
         pass
 
@@ -205,6 +205,6 @@ def test_metrics_record_the_numerics_settings(data_dir, tmp_path):
 
     metrics = train_run(_config(), tmp_path / "run", Environment(data_dir=str(data_dir)))
     recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["numerics"]
-    assert recorded == metrics["numerics"]
+    assert recorded == metrics.numerics
     assert recorded["threads"] == torch.get_num_threads() and recorded["device"] == "cpu"
     assert recorded["torch"] == torch.__version__

@@ -153,20 +153,20 @@ def _run(data_dir, out, norm="group", epochs=2, batch_size=30, **options):
 
 def test_dp_sgd_run_stays_within_its_budget_and_records_the_events(data_dir, tmp_path):
     metrics = _run(data_dir, tmp_path / "a", epsilon=8.0, delta=1e-5, accountant="rdp")
-    entry = metrics["ledger"]["entries"][0]
+    entry = metrics.ledger["entries"][0]
     event = entry["details"]["event"]
     assert event["self_composed"] == 2 * 10 and event["poisson_sampled"] == 0.1
     sigma = event["gaussian_noise_multiplier"]
-    assert metrics["epsilon"] == pytest.approx(dpsgd_epsilon(sigma, 0.1, 20, 1e-5, "rdp"))
-    assert 0.99 * 8 <= metrics["epsilon"] <= 8 and metrics["delta"] == 1e-5
-    assert entry["details"]["replace_one_bound"]["epsilon"] == pytest.approx(2 * metrics["epsilon"])
+    assert metrics.epsilon == pytest.approx(dpsgd_epsilon(sigma, 0.1, 20, 1e-5, "rdp"))
+    assert 0.99 * 8 <= metrics.epsilon <= 8 and metrics.delta == 1e-5
+    assert entry["details"]["replace_one_bound"]["epsilon"] == pytest.approx(2 * metrics.epsilon)
     # the stored event is the one accounted, under add/remove one example
-    assert metrics["ledger"]["relation"] == entry["relation"] == "add or remove one example"
+    assert metrics.ledger["relation"] == entry["relation"] == "add or remove one example"
     stored = event_from_dict(entry["event"])
     assert stored == dpsgd_event(sigma, 0.1, 20)
     accounted = Accountant(entry["relation"], "rdp").compose(stored).epsilon(1e-5)
-    assert accounted == metrics["epsilon"]
-    assert metrics["test_accuracy"] > 0.3  # the bars are learnable even with noise
+    assert accounted == metrics.epsilon
+    assert metrics.test_accuracy > 0.3  # the bars are learnable even with noise
 
 
 def test_dp_sgd_refuses_batchnorm_and_points_to_groupnorm(data_dir, tmp_path):
@@ -273,7 +273,7 @@ def test_empty_poisson_batches_train_and_training_statistics_are_withheld():
     assert len(sizes) == step.steps_taken == 60  # every step taken, empty or not
     assert sizes.count(0) > 5  # P(empty) = (29/30)^30 ≈ 0.36 per step
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert all(h["train_loss"] is None and h["train_accuracy"] is None for h in result.history)
+    assert all(h.train_loss is None and h.train_accuracy is None for h in result.history)
 
 
 class BatchMean(nn.Module):

@@ -21,6 +21,7 @@ from labeldp import cli
 from labeldp import io as labeldp_io
 from labeldp.errors import ConfigError, DataError
 from labeldp.privacy import calibrate_dpsgd_noise, dpsgd_epsilon
+from labeldp.records import to_json_value
 from labeldp.train.ensemble import EnsembleFixMatchConfig, StackedModels
 from labeldp.train.schedule import learning_rate
 
@@ -127,9 +128,13 @@ def test_a_diverged_run_is_recorded_with_its_outcome(data_dir, tmp_path, capsys)
     assert json.loads((fine / "metrics.json").read_text())["outcome"] == "finished"
 
 
-def test_json_safe_replaces_non_finite_numbers():
+def test_to_json_value_writes_nan_as_null_and_infinities_as_strings():
     value = {"a": [1.0, math.nan, (math.inf, -math.inf)], "b": {"c": 2}, "d": "x"}
-    assert labeldp_io.json_safe(value) == {"a": [1.0, None, [None, None]], "b": {"c": 2}, "d": "x"}
+    assert to_json_value(value) == {
+        "a": [1.0, None, ["Infinity", "-Infinity"]],
+        "b": {"c": 2},
+        "d": "x",
+    }
 
 
 # ------------------------------------------------------------------ attacks, records

@@ -34,7 +34,7 @@ def entry(mechanism, epsilon, delta=0.0, relation=LABEL, **kwargs):
 def test_empty_ledger_is_non_private():
     ledger = PrivacyLedger()
     assert math.isinf(ledger.epsilon) and ledger.delta is None
-    assert ledger.to_dict()["epsilon"] is None and ledger.to_dict()["relation"] is None
+    assert ledger.to_dict()["epsilon"] == "Infinity" and ledger.to_dict()["relation"] is None
 
 
 def test_sequential_entries_add_and_parallel_groups_take_their_maximum():

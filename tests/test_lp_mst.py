@@ -266,24 +266,24 @@ def test_lp_2st_randomizes_every_label_exactly_once_in_parallel(data_dir, tmp_pa
     prior_calls = _count_calls(monkeypatch, RRWithPrior)
     metrics = _run(data_dir, tmp_path / "lp", "lp-2st", epsilon=2.0)
     assert len(rr_calls) == 1 and len(prior_calls) == 1
-    entries = metrics["ledger"]["entries"]
+    entries = metrics.ledger["entries"]
     assert [e["mechanism"] for e in entries] == ["randomized-response", "rr-with-prior"]
     assert sum(e["examples"] for e in entries) == 400
     assert {e["composition"] for e in entries} == {"parallel"}
-    assert metrics["epsilon"] == 2.0  # parallel composition: max, not sum
+    assert metrics.epsilon == 2.0  # parallel composition: max, not sum
     share = paper_setting(2.0)[0]
     assert entries[0]["examples"] == round(share * 400)
-    assert metrics["method_options"]["prior_temperature"] == 0.5
+    assert metrics.method_options["prior_temperature"] == 0.5
     stage1 = torch.load(tmp_path / "lp" / "stage1.noisy.pt")
     stage2 = torch.load(tmp_path / "lp" / "stage2.noisy.pt")
     assert len(stage1) + len(stage2) == 400
-    histories = metrics["method_details"]["stage_histories"]
+    histories = metrics.method_details["stage_histories"]
     assert len(histories) == 2
-    assert metrics["train_seconds"] == pytest.approx(
+    assert metrics.train_seconds == pytest.approx(
         sum(h["seconds"] for hs in histories for h in hs)
     )
-    sizes = metrics["method_details"]["stage_training_sizes"]
-    held_out = metrics["method_details"]["calibration_examples"]
+    sizes = metrics.method_details["stage_training_sizes"]
+    held_out = metrics.method_details["calibration_examples"]
     assert held_out == round(0.05 * len(stage1))
     assert sizes[0] == len(stage1) - held_out and len(stage2) <= sizes[1] <= 400
 
@@ -313,17 +313,17 @@ def test_lp_2st_guard_slice_and_stage_mixup_end_to_end(data_dir, tmp_path, monke
     assert set(subset1.tolist()) == set(parts[0].tolist()) - calibration
     assert calibration <= set(subset2.tolist()) and len(subset2) == 400
     assert (config1.mixup_alpha, config2.mixup_alpha) == (0.0, 2.0)
-    assert metrics["method_details"]["stage_mixup"] == [0.0, 2.0]
+    assert metrics.method_details["stage_mixup"] == [0.0, 2.0]
 
     # The guard saw the slice's stage-1 RR labels, as released in stage1.noisy.pt.
     stage1 = torch.load(out / "stage1.noisy.pt")
     assert len(guarded) == 1 and torch.equal(guarded[0], stage1[positions])
-    (record,) = metrics["method_details"]["prior_guard"]
+    (record,) = metrics.method_details["prior_guard"]
     assert record["stage"] == 2 and record["calibration_examples"] == 14
     assert [c["temperature"] for c in record["candidates"]] == guard_temperatures(0.5) + [None]
     assert all(math.isfinite(c["estimate"]) for c in record["candidates"])
     assert record["choice"]["prior"] in ("model", "uniform")
-    assert [e["mechanism"] for e in metrics["ledger"]["entries"]] == [
+    assert [e["mechanism"] for e in metrics.ledger["entries"]] == [
         "randomized-response",
         "rr-with-prior",
     ]
@@ -345,11 +345,11 @@ def test_a_collapsed_stage_1_model_gives_stage_2_plain_rr(data_dir, tmp_path, mo
     monkeypatch.setattr(RRWithPrior, "privatize", spy)
     monkeypatch.setattr(lp_mst, "predict_logits", collapsed)
     metrics = _run(data_dir, tmp_path / "bad", "lp-2st", epochs=1, epsilon=2.0)
-    (record,) = metrics["method_details"]["prior_guard"]
+    (record,) = metrics.method_details["prior_guard"]
     assert record["choice"] == {"prior": "uniform", "temperature": None}
     (prior,) = priors
     torch.testing.assert_close(prior, torch.full_like(prior, 0.1))
-    sizes = metrics["method_details"]["stage_training_sizes"]
+    sizes = metrics.method_details["stage_training_sizes"]
     assert sizes[1] == 400  # with the uniform prior nothing is dropped
 
 
@@ -360,9 +360,9 @@ def test_without_the_guard_stage_1_trains_on_all_of_part_1(data_dir, tmp_path, m
     )
     parts = random_partition(400, [0.6, 0.2, 0.2], derive_seed(0, Stream.LPMST_SPLIT))
     assert torch.equal(fits[0][1].sort().values, parts[0])
-    assert metrics["method_details"]["prior_guard"] is None
-    assert metrics["method_details"]["calibration_examples"] == 0
-    assert len(metrics["ledger"]["entries"]) == 3 and metrics["epsilon"] == 4.0
+    assert metrics.method_details["prior_guard"] is None
+    assert metrics.method_details["calibration_examples"] == 0
+    assert len(metrics.ledger["entries"]) == 3 and metrics.epsilon == 4.0
 
 
 def test_a_slice_that_leaves_stage_1_empty_is_refused_before_the_run():

@@ -172,7 +172,8 @@ def test_method_contract(name, data_dir, tmp_path, monkeypatch):
     straight_draws, total = list(draws), len(epochs)
     assert total >= EPOCHS, "the tiny options must make the method train"
 
-    # (a) ε null iff non-private; finite and within the budget otherwise.
+    # (a) ε "Infinity" (labeldp.records) iff non-private; finite and within the budget
+    # otherwise.
     epsilon, entries = metrics["epsilon"], metrics["ledger"]["entries"]
     if is_private(name):
         assert epsilon is not None and math.isfinite(epsilon) and epsilon > 0
@@ -180,7 +181,7 @@ def test_method_contract(name, data_dir, tmp_path, monkeypatch):
         assert entries, "a private run's ledger must say what the labels cost"
         assert metrics["delta"] is not None and 0 <= metrics["delta"] < 1
     else:
-        assert epsilon is None and metrics["delta"] is None and entries == []
+        assert epsilon == "Infinity" and metrics["delta"] is None and entries == []
         assert straight_draws == [] and _releases(straight) == {}
     assert metrics["method_options"] == build_method(name, tiny(name)["options"]).options()
     recorded = json.loads((straight / "config.json").read_text())["run"]

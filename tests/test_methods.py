@@ -22,10 +22,10 @@ def test_rr_randomizes_each_label_once_and_records_it(data_dir, tmp_path, monkey
     calls = _count_calls(monkeypatch, RandomizedResponse)
     metrics = _run(data_dir, tmp_path / "rr", "rr", epsilon=2.0)
     assert len(calls) == 1
-    assert metrics["epsilon"] == 2.0 and metrics["delta"] == 0.0
-    (entry,) = metrics["ledger"]["entries"]
+    assert metrics.epsilon == 2.0 and metrics.delta == 0.0
+    (entry,) = metrics.ledger["entries"]
     assert entry["mechanism"] == "randomized-response" and entry["examples"] == 400
-    assert metrics["ledger"]["relation"] == entry["relation"] == "replace one label"
+    assert metrics.ledger["relation"] == entry["relation"] == "replace one label"
     assert entry["event"]["class_name"] == "RandomizedResponseDpEvent"
     noisy = torch.load(tmp_path / "rr" / "rr.noisy.pt")
     assert noisy.shape == (400,) and noisy.dtype == torch.int64
@@ -51,7 +51,7 @@ def test_a_resumed_run_reuses_the_stored_noise_and_never_redraws(data_dir, tmp_p
     metrics = _run(data_dir, out, "alibi", epochs=2, resume=True, epsilon=1.0, secure_noise=True)
     assert calls == []  # secure noise drawn again would be a second release of the labels
     assert torch.equal(torch.load(out / "alibi.noisy.pt"), stored)
-    assert metrics["epsilon"] == 1.0 and metrics["resumed_from_epoch"] == 1
+    assert metrics.epsilon == 1.0 and metrics.resumed_from_epoch == 1
 
 
 def test_alibi_draws_noise_once_and_uses_the_same_noise_every_epoch(
@@ -71,7 +71,7 @@ def test_alibi_draws_noise_once_and_uses_the_same_noise_every_epoch(
     assert len(calls) == 1
     assert len(seen) == 400 and all(len(rows) == 3 for rows in seen.values())
     assert all(torch.equal(rows[0], rows[-1]) for rows in seen.values())
-    (entry,) = metrics["ledger"]["entries"]
+    (entry,) = metrics.ledger["entries"]
     assert entry["mechanism"] == "alibi" and entry["details"]["noise"] == "laplace"
     assert entry["details"]["scale"] == pytest.approx(2.0)
 
@@ -94,7 +94,7 @@ def test_lp_mst_split_does_not_depend_on_labels(data_dir, tmp_path, monkeypatch)
     b = random_partition(400, [0.6, 0.2, 0.2], 5)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     metrics = _run(data_dir, tmp_path / "lp3", "lp-mst", epochs=1, epsilon=4.0, stages=3)
-    assert len(metrics["ledger"]["entries"]) == 3 and metrics["epsilon"] == 4.0
+    assert len(metrics.ledger["entries"]) == 3 and metrics.epsilon == 4.0
 
 
 def test_paper_settings_by_nearest_epsilon():

@@ -101,7 +101,7 @@ def test_dp_sgd_noise_and_poisson_coins_are_keyed_by_the_configuration():
 def test_seeded_runs_state_their_condition_and_secure_runs_do_not(data_dir, tmp_path):
     seeded = _run(data_dir, tmp_path / "s", _config("rr", epsilon=1.0))
     secure = _run(data_dir, tmp_path / "t", _config("rr", epsilon=1.0, secure_noise=True))
-    assert [e["condition"] for e in seeded["ledger"]["entries"]] == [SEEDED_CONDITION]
-    assert [e["condition"] for e in secure["ledger"]["entries"]] == [""]
+    assert [e["condition"] for e in seeded.ledger["entries"]] == [SEEDED_CONDITION]
+    assert [e["condition"] for e in secure.ledger["entries"]] == [""]
     stored = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert "seed is secret" in stored["ledger"]["entries"][0]["condition"]

@@ -243,4 +243,4 @@ def test_a_run_without_a_folder_trains_its_teachers_once(data_dir, monkeypatch):
     env = Environment(data_dir=str(data_dir), download=False, progress=False)
     metrics = train_run(config, None, env)
     assert len(calls) == 2  # two groups of two teachers, each trained once
-    assert metrics["diagnostics"]["epsilon_data_dependent"] >= 0
+    assert metrics.diagnostics["epsilon_data_dependent"] >= 0

@@ -61,7 +61,7 @@ def test_a_secure_run_checkpoints_every_epoch(
         assert torch.load(ckpt, weights_only=True)["epochs_done"] == checkpointed
         monkeypatch.setattr(loop.Trainer, "_train_epoch", original)
         metrics = _run(data_dir, out, secure=secure, resume=True)
-        assert metrics["resumed_from_epoch"] == 2
+        assert metrics.resumed_from_epoch == 2
 
 
 def test_an_epoch_is_reported_only_after_its_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -94,7 +94,7 @@ def test_a_diverged_epoch_is_checkpointed_before_it_is_reported(data_dir, tmp_pa
     config = _config(secure=True, lr=1e6)
     env = Environment(data_dir=str(data_dir), download=False, progress=True)
     metrics = train_run(config, tmp_path / "run", env)
-    assert metrics["outcome"] == "diverged"
+    assert metrics.outcome == "diverged"
     assert events and events[-1] == "report" and events[-2] == "save"
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert len(recorded["noise_key"]) == 8  # a resume keeps the key the run started with

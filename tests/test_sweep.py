@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fakes import attack_record, run_record
 
 from labeldp import cli
 from labeldp.errors import ConfigError
@@ -203,21 +204,22 @@ def _fake_audited_store(tmp_path: Path) -> tuple[SweepSpec, ResultsStore]:
     for name, config in spec.runs():
         eps, seed = config.method_options.get("epsilon"), config.train.seed
         details = {"stopping_rule": "data-independent"} if seed == 1 else {}
-        metrics = {
-            "method": config.method,
-            "epsilon": eps,
-            "delta": None if eps is None else config.method_options.get("delta", 0.0),
-            "test_accuracy": 0.5,
-            "train_seconds": 1.0,
-            "ledger": {"entries": [] if eps is None else [{"details": details}]},
-        }
+        metrics = run_record(
+            method=config.method,
+            epsilon=eps,
+            delta=None if eps is None else config.method_options.get("delta", 0.0),
+            test_accuracy=0.5,
+            train_seconds=1.0,
+            ledger={"entries": [] if eps is None else [{"details": details}]},
+        )
         lb = 1.04 if (config.method, eps, seed) == ("rr", 1.0, 1) else 0.1
-        attack = {
-            "alpha": 0.05,
-            "memorization": {"epsilon_lb": lb, "canaries": 20, "alpha": 0.05},
-            "one_run": {"epsilon_lb": 0.2, "canaries": 20, "alpha": 0.05},
-            "label_inference": {"gap": 0.01},
-        }
+        attack = attack_record(
+            method=config.method,
+            epsilon=eps,
+            memorization={"epsilon_lb": lb, "canaries": 20, "alpha": 0.05},
+            one_run={"epsilon_lb": 0.2, "canaries": 20, "alpha": 0.05},
+            label_inference={"gap": 0.01},
+        )
         store.record(
             spec.name, name, config.to_dict(), tmp_path, metrics, attack, "2026-01-01T00:00:00"
         )
@@ -411,20 +413,21 @@ def _record(store: ResultsStore, spec: SweepSpec, accuracy, lbs, caps=(None, Non
     for name, config in spec.runs():
         eps = config.method_options.get("epsilon")
         mem, one = lbs(config.method, eps)
-        metrics = {
-            "method": config.method,
-            "epsilon": eps,
-            "delta": None if eps is None else config.method_options.get("delta", 0.0),
-            "test_accuracy": accuracy(config.method, eps),
-            "train_seconds": 1.0,
-            "ledger": {"entries": [] if eps is None else [{"details": {"stopping_rule": "x"}}]},
-        }
-        attack = {
-            "alpha": 0.05,
-            "memorization": {"epsilon_lb": mem, "canaries": config.canaries, "alpha": 0.05},
-            "one_run": {"epsilon_lb": one, "canaries": config.audit_canaries, "alpha": 0.05},
-            "label_inference": {"gap": 0.01},
-        }
+        metrics = run_record(
+            method=config.method,
+            epsilon=eps,
+            delta=None if eps is None else config.method_options.get("delta", 0.0),
+            test_accuracy=accuracy(config.method, eps),
+            train_seconds=1.0,
+            ledger={"entries": [] if eps is None else [{"details": {"stopping_rule": "x"}}]},
+        )
+        attack = attack_record(
+            method=config.method,
+            epsilon=eps,
+            memorization={"epsilon_lb": mem, "canaries": config.canaries, "alpha": 0.05},
+            one_run={"epsilon_lb": one, "canaries": config.audit_canaries, "alpha": 0.05},
+            label_inference={"gap": 0.01},
+        )
         store.record(spec.name, name, config.to_dict(), "/x", metrics, attack, "2026-01-01")
 
 

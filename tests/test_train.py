@@ -118,7 +118,7 @@ def test_trainer_learns_the_toy_task():
     images, labels = two_class_halves()
     result = _trainer(_model(), images, labels, TrainConfig(epochs=3, batch_size=32, lr=0.05)).fit()
     assert result.test_accuracy > 0.95
-    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert [h.epoch for h in result.history] == [1, 2, 3]
     assert result.train_seconds > 0
 
 
@@ -176,7 +176,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
     ):
         assert torch.equal(a, b)
     assert resumed.test_accuracy == straight.test_accuracy
-    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in straight.history]
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):

@@ -5,6 +5,7 @@ Mixup is in test_mixup.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import two_class_halves
+from fakes import run_record, two_class_halves
 from torch import nn
 
 from labeldp import cli, recipes, runner
@@ -25,7 +26,7 @@ from labeldp.methods.rr import RRPosterior, rr_targets, rr_transition
 from labeldp.models import build_model
 from labeldp.recipes import Recipe
 from labeldp.runner import Environment, RunConfig, prepare_data, train_run
-from labeldp.store import ResultsStore, evaluation_accuracy, run_key
+from labeldp.store import ResultsStore, run_key
 from labeldp.sweep import SweepSpec
 from labeldp.train import TrainConfig
 from labeldp.train.loop import COLLAPSE_SHARE, Trainer, collapsed, predict_logits, top_class_share
@@ -284,11 +285,11 @@ def test_a_validation_run_is_scored_and_stored_on_the_validation_split(data_dir,
                      "learning": "forward"})  # fmt: skip
     out = tmp_path / "run"
     metrics = train_run(config, out, _env(data_dir))
-    assert metrics["evaluation_split"] == "validation"
-    assert metrics["test_accuracy"] is None
-    acc = metrics["validation_accuracy"]
-    assert 0 <= acc <= 1 and metrics["history"][-1]["test_accuracy"] == acc
-    assert metrics["train_size"] == 200
+    assert metrics.evaluation_split == "validation"
+    assert metrics.test_accuracy is None
+    acc = metrics.validation_accuracy
+    assert 0 <= acc <= 1 and metrics.history[-1].test_accuracy == acc
+    assert metrics.train_size == 200
     # recompute the accuracy of the saved model on the validation split
     train, val = prepare_data(config, _env(data_dir))
     model = build_model("cnn", num_classes=10, in_channels=1, image_size=28, norm="batch")
@@ -296,13 +297,13 @@ def test_a_validation_run_is_scored_and_stored_on_the_validation_split(data_dir,
     info = train.info
     logits = predict_logits(model, val.images, Normalize(info.mean, info.std))
     assert (logits.argmax(dim=1) == val.labels).float().mean().item() == pytest.approx(acc)
-    assert evaluation_accuracy(metrics) == acc
+    assert metrics.evaluation_accuracy == acc
     store = ResultsStore(tmp_path / "runs.sqlite")
     store.record("s", "rr", config.to_dict(), out, metrics, None, "2026-01-01T00:00:00")
     (row,) = store.rows("s")
     assert row["test_accuracy"] == pytest.approx(acc)
-    assert evaluation_accuracy({"evaluation_split": "test", "test_accuracy": 0.25,
-                                "validation_accuracy": 0.75}) == 0.25  # fmt: skip
+    assert dataclasses.replace(metrics, evaluation_split="test", test_accuracy=0.25,
+                               validation_accuracy=0.75).evaluation_accuracy == 0.25  # fmt: skip
 
 
 # -------------------------------------------------------------------- collapse
@@ -348,8 +349,8 @@ def test_a_constant_model_is_marked_collapsed(k, expect):
     )
     fit = trainer.fit()
     (entry,) = fit.history
-    assert entry["top_class_share"] == 1.0
-    assert entry["collapsed"] is expect and fit.collapsed is expect
+    assert entry.top_class_share == 1.0
+    assert entry.collapsed is expect and fit.collapsed is expect
     assert fit.test_accuracy == pytest.approx((labels[:30] == 1).float().mean().item())
 
 
@@ -369,9 +370,9 @@ def test_a_balanced_model_is_not_collapsed():
 def test_a_collapsed_run_records_outcome_collapsed(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "build_model", lambda *a, num_classes, **kw: Constant(num_classes))
     metrics = train_run(_config(), tmp_path / "c", _env(data_dir))
-    assert metrics["outcome"] == "collapsed"
-    assert metrics["history"][-1]["collapsed"] is True
-    assert metrics["history"][-1]["top_class_share"] == 1.0
+    assert metrics.outcome == "collapsed"
+    assert metrics.history[-1].collapsed is True
+    assert metrics.history[-1].top_class_share == 1.0
     saved = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert saved["outcome"] == "collapsed"
 
@@ -515,16 +516,16 @@ def test_the_report_has_a_row_per_variant_and_picks_the_best(tmp_path):
     store = ResultsStore(tmp_path / "runs.sqlite")
     for name, config, variant in spec.points():
         eps = config.method_options.get("epsilon")
-        metrics = {
-            "method": config.method,
-            "epsilon": eps,
-            "delta": None if eps is None else 0.0,
-            "evaluation_split": "validation",
-            "test_accuracy": None,
-            "validation_accuracy": accuracy[variant],
-            "train_seconds": 1.0,
-            "ledger": {"entries": []},
-        }
+        metrics = run_record(
+            method=config.method,
+            epsilon=eps,
+            delta=None if eps is None else 0.0,
+            evaluation_split="validation",
+            test_accuracy=None,
+            validation_accuracy=accuracy[variant],
+            train_seconds=1.0,
+            ledger={"entries": []},
+        )
         store.record(spec.name, name, config.to_dict(), "/x", metrics, None, "2026-01-01")
     md, csv = write_report(store, spec, "g.toml", tmp_path / "results")
     text = md.read_text()
@@ -646,9 +647,8 @@ def _cli_config(monkeypatch, tmp_path, *flags) -> RunConfig:
 
     def fake_train_run(config, out, env, resume=False):
         seen.append(config)
-        return {"model": config.model_name, "train_size": 1, "evaluation_split": "test",
-                "test_accuracy": 0.5, "epsilon": 1.0, "train_seconds": 0.0, "device": "cpu",
-                "outcome": "finished"}  # fmt: skip
+        return run_record(model=config.model_name, train_size=1, test_accuracy=0.5,
+                          epsilon=1.0, train_seconds=0.0, device="cpu")  # fmt: skip
 
     monkeypatch.setattr(cli, "train_run", fake_train_run)
     argv = ["train", "--dataset", "fashion-mnist", "--method", "rr", "--epsilon", "1",

@@ -19,11 +19,47 @@ from ..privacy.dpsgd_accounting import (
     dpsgd_event,
     replace_one_bound,
 )
+from ..records import number_from_json, number_to_json
 from ..seeding import Stream
 from ..train import HardLabels
 from ..train.dpsgd import DPSGDStep, check_per_example_model
 from ..train.sampling import PoissonBatches
 from .base import Method, MethodResult, RunCheck, RunContext
+
+
+@dataclass(frozen=True)
+class DPSGDPlan:
+    """What a DP-SGD run does and what it costs, fixed before it trains.
+
+    sample_rate: the Poisson sampling rate q = B / N, in (0, 1].
+    steps: the number of noisy gradient steps T (≥ 1): epochs · ceil(N / B).
+    noise_multiplier: σ > 0, the Gaussian noise's standard deviation over the clipping
+        norm C.
+    epsilon: the run's ε (≥ 0, finite) for adding or removing one example, at the
+        method's δ, from the accountant: per example, features and label together.
+    """
+
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+    epsilon: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "noise_multiplier": self.noise_multiplier,
+            "epsilon": number_to_json(self.epsilon),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DPSGDPlan:
+        return cls(
+            sample_rate=data["sample_rate"],
+            steps=data["steps"],
+            noise_multiplier=data["noise_multiplier"],
+            epsilon=number_from_json(data["epsilon"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -83,18 +119,18 @@ class DPSGDMethod(Method):
 
     def __init__(self, *args: Any, **options: Any) -> None:
         super().__init__(*args, **options)
-        self._plans: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self._plans: dict[tuple[int, int, int], DPSGDPlan] = {}
 
-    def plan(self, num_examples: int, batch_size: int, epochs: int) -> dict[str, Any]:
+    def plan(self, num_examples: int, batch_size: int, epochs: int) -> DPSGDPlan:
         """The sample rate q, the steps T, the noise multiplier σ and the run's ε for
         ``num_examples`` examples, expected batch ``batch_size`` and ``epochs`` (computed
         once per setting: :meth:`check` and :meth:`run` share it)."""
         key = (num_examples, batch_size, epochs)
         if key not in self._plans:
             self._plans[key] = self._plan(num_examples, batch_size, epochs)
-        return dict(self._plans[key])
+        return self._plans[key]
 
-    def _plan(self, num_examples: int, batch_size: int, epochs: int) -> dict[str, Any]:
+    def _plan(self, num_examples: int, batch_size: int, epochs: int) -> DPSGDPlan:
         sampler = PoissonBatches(batch_size)
         try:
             q = sampler.sample_rate(num_examples)
@@ -120,7 +156,7 @@ class DPSGDMethod(Method):
                 f"rate {q:.6g}, above the budget epsilon = {self.epsilon}; raise the noise, "
                 "lower the epochs or the batch size, or omit noise_multiplier to calibrate"
             )
-        return {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "epsilon": epsilon}
+        return DPSGDPlan(sample_rate=q, steps=steps, noise_multiplier=sigma, epsilon=epsilon)
 
     def check(self, run: RunCheck) -> None:
         """Refuses, before the run folder is written, a model with batch statistics and a
@@ -146,7 +182,7 @@ class DPSGDMethod(Method):
         sampler = PoissonBatches(ctx.config.batch_size, secure=self.secure_noise)
         step = DPSGDStep(
             self.max_grad_norm,
-            plan["noise_multiplier"],
+            plan.noise_multiplier,
             expected_batch_size=ctx.config.batch_size,
             physical_batch_size=self.physical_batch_size,
             secure_noise=self.secure_noise,
@@ -159,29 +195,29 @@ class DPSGDMethod(Method):
             # secure run checkpoints every epoch, before it reports the epoch.
             ctx = dataclasses.replace(ctx, checkpoint_every=1)
         fit = ctx.fit(HardLabels(ctx.train.labels), model=model, step=step, sampler=sampler)
-        # The accountant assumed exactly plan["steps"] steps: the ones of earlier sessions
+        # The accountant assumed exactly plan.steps steps: the ones of earlier sessions
         # (resumed from a checkpoint) plus the ones this session took.
         earlier = fit.resumed_from_epoch * sampler.steps_per_epoch(n)
         # A diverged run stops early: fewer steps than accounted are covered by the ε.
-        if earlier + step.steps_taken != plan["steps"] and not fit.diverged:
+        if earlier + step.steps_taken != plan.steps and not fit.diverged:
             raise RuntimeError(
-                f"DP-SGD took {earlier + step.steps_taken} steps, accounted {plan['steps']}"
+                f"DP-SGD took {earlier + step.steps_taken} steps, accounted {plan.steps}"
             )
-        eps_replace, delta_replace = replace_one_bound(plan["epsilon"], self.delta)
+        eps_replace, delta_replace = replace_one_bound(plan.epsilon, self.delta)
         ledger = PrivacyLedger()
         ledger.record(
             LedgerEntry(
                 mechanism="dp-sgd",
-                epsilon=plan["epsilon"],
+                epsilon=plan.epsilon,
                 delta=self.delta,
                 examples=n,
                 details={
                     "accountant": self.accountant,
                     "neighboring_relation": "add or remove one example",
                     "event": {
-                        "self_composed": plan["steps"],
-                        "poisson_sampled": plan["sample_rate"],
-                        "gaussian_noise_multiplier": plan["noise_multiplier"],
+                        "self_composed": plan.steps,
+                        "poisson_sampled": plan.sample_rate,
+                        "gaussian_noise_multiplier": plan.noise_multiplier,
                     },
                     "max_grad_norm": self.max_grad_norm,
                     "expected_batch_size": ctx.config.batch_size,
@@ -194,7 +230,7 @@ class DPSGDMethod(Method):
                     else "seeded from the run seed and configuration",
                 },
                 relation=RELATION,
-                event=dpsgd_event(plan["noise_multiplier"], plan["sample_rate"], plan["steps"]),
+                event=dpsgd_event(plan.noise_multiplier, plan.sample_rate, plan.steps),
                 event_note="exact: the Poisson-sampled Gaussian mechanism composed over the "
                 "planned steps (ε is accounted from this event)",
             )

@@ -415,7 +415,7 @@ class LPMST(Method):
             seen, seen_noisy = torch.cat([seen, part]), torch.cat([seen_noisy, noisy])
         # The run's cost and record cover every stage, not only the last model's.
         fit.extra["stage_training_sizes"] = stage_sizes
-        fit.extra["stage_histories"] = [f.history for f in stage_fits]
+        fit.extra["stage_histories"] = [[e.to_json() for e in f.history] for f in stage_fits]
         fit.extra["calibration_examples"] = len(calibration)
         fit.extra["prior_guard"] = guard if len(calibration) else None
         fit.extra["stage_mixup"] = (

@@ -25,6 +25,7 @@ from typing import Any
 import dp_accounting
 
 from ..errors import ConfigError
+from ..records import number_to_json
 from .events import event_to_dict
 from .neighbouring import Neighbouring, parse_relation
 
@@ -150,13 +151,14 @@ class PrivacyLedger:
         return sum(c[1] for c in self._costs()) if self.entries else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The ledger as JSON-able data: ``epsilon`` (None when non-private), ``delta``,
+        """The ledger as JSON-able data: ``epsilon`` ("Infinity" when non-private: the
+        convention of labeldp.records; older files wrote None), ``delta`` (None then),
         ``relation`` (the relation's string; None when non-private), ``composition`` and
         ``entries`` (each with its ``relation`` string and its ``event`` as
         :func:`~labeldp.privacy.events.event_to_dict` writes it)."""
         eps = self.epsilon
         return {
-            "epsilon": None if math.isinf(eps) else eps,
+            "epsilon": number_to_json(eps),
             "delta": self.delta,
             "relation": None if self.relation is None else self.relation.value,
             "composition": "basic (sequential sums, parallel groups take the maximum)",

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..augment import Normalize
 from ..errors import ConfigError
 from ..io import atomic_write
+from ..records import EpochRecord
 from ..seeding import Stream, derive_seed
 from .config import TrainConfig
 from .device import autocast_for
@@ -86,9 +87,9 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 class FitResult:
     """The outcome of :meth:`Trainer.fit`.
 
-    history: one dict per finished epoch (epoch, lr, train_loss, train_accuracy against
-        the training targets — None when the step withholds them, as DP-SGD does —
-        test_accuracy or None, seconds).
+    history: one :class:`~labeldp.records.EpochRecord` per finished epoch (epoch, lr,
+        train_loss, train_accuracy against the training targets — None when the step
+        withholds them, as DP-SGD does — test_accuracy or None, seconds, ...).
     test_accuracy: accuracy in [0, 1] of ``eval_model`` on the test split after the last
         epoch, or None without a test split.
     train_seconds: wall-clock seconds spent in training steps, over all sessions of a
@@ -102,7 +103,7 @@ class FitResult:
         evaluated epoch records ``top_class_share``); test_accuracy is as measured.
     """
 
-    history: list[dict[str, Any]]
+    history: list[EpochRecord]
     test_accuracy: float | None
     train_seconds: float
     eval_seconds: float
@@ -204,6 +205,8 @@ class Trainer:
         self.ema = WeightAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.steps_per_epoch = self.sampler.steps_per_epoch(train_images.shape[0])
         self.total_steps = self.steps_per_epoch * config.epochs
+        # one dict per epoch with the keys of EpochRecord's JSON form, completed as the epoch
+        # is evaluated (checkpoints store them as is); FitResult.history holds the records
         self.history: list[dict[str, Any]] = []
         self.epochs_done = 0
         self.train_seconds = 0.0
@@ -255,7 +258,7 @@ class Trainer:
         test_accuracy = self.history[-1]["test_accuracy"] if self.history else None
         return FitResult(
             collapsed=bool(self.history and self.history[-1].get("collapsed")),
-            history=list(self.history),
+            history=[EpochRecord.from_json(h) for h in self.history],
             test_accuracy=test_accuracy,
             train_seconds=self.train_seconds,
             eval_seconds=self.eval_seconds,
