@@ -99,6 +99,9 @@ class TrainConfig:
         soft) targets alike, as the label-DP references train on noisy labels. Only the
         plain back-propagation step mixes: DP-SGD refuses it (a mixed example carries two
         examples' data, which per-example clipping does not bound).
+
+    :attr:`sgd` is the optimizer part (lr … warmup_fraction) as the one
+    :class:`SGDConfig` every loop builds its optimizer and schedule from.
     """
 
     epochs: int

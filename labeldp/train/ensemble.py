@@ -11,7 +11,13 @@ decay) and the EMA act elementwise, so they too are per-teacher.
 :func:`train_fixmatch_ensemble` is FixMatch (see :mod:`labeldp.train.fixmatch`) for such
 an ensemble: each step every teacher draws B labeled examples from its own part (uniformly
 with replacement) and μ·B unlabeled images from all images. Models must be free of batch
-statistics (BatchNorm would need per-teacher running statistics under vmap).
+statistics (BatchNorm would need per-teacher running statistics under vmap). It runs the
+training core's loop body (:func:`~labeldp.train.core.train_steps`, as the
+:class:`~labeldp.train.Trainer` does) with the optimizer of the one
+:class:`~labeldp.train.config.SGDConfig` and the shared checkpoint helper; only its
+sampler (:class:`PartBatches`), inputs (:func:`fixmatch_views`), gradient
+(:class:`EnsembleFixMatchStep`), weight average
+(:class:`~labeldp.train.ema.StackedWeightAverage`) and per-step seeding are its own.
 """
 
 from __future__ import annotations
@@ -124,9 +130,9 @@ class EnsembleFixMatchConfig:
 
     steps: optimizer steps per teacher (≥ 1). batch_size: labeled examples per teacher and
     step (≥ 1). mu: unlabeled per labeled (≥ 1). threshold: τ in (0, 1]. lambda_u ≥ 0.
-    lr, momentum, nesterov, weight_decay: SGD; schedule: "fixmatch" (the spec's and the
-    FixMatch paper's cosine, lr·cos(7π·k / (16·steps)) at step k, ending at
-    cos(7π/16)·lr), "cosine" (to 0) or "constant" (see
+    lr, momentum, nesterov, weight_decay: SGD, as :attr:`sgd`; schedule: "fixmatch" (the
+    spec's and the FixMatch paper's cosine, lr·cos(7π·k / (16·steps)) at step k, ending
+    at cos(7π/16)·lr), "cosine" (to 0) or "constant" (see
     :func:`labeldp.train.schedule.learning_rate`). ema_decay: in (0, 1), warmed up as
     :func:`labeldp.train.ema.decay_at`. seed ≥ 0.
     checkpoint_every: steps between checkpoints (≥ 1).

@@ -6,6 +6,11 @@ There is no DataLoader and no per-example Python. Randomness (batch order, augme
 anything drawn from torch's global generator) is seeded afresh at the start of every
 epoch from (seed, epoch), so a run resumed from the checkpoint of epoch e continues
 exactly as the uninterrupted run would have.
+
+The steps of an epoch are the training core's loop body,
+:func:`~labeldp.train.core.train_steps` (shared with the FixMatch ensemble); the optimizer
+and schedule come from ``TrainConfig.sgd``, the checkpoints from
+:mod:`labeldp.train.checkpoint`.
 """
 
 from __future__ import annotations
