@@ -195,3 +195,17 @@ def test_an_ensemble_checkpoint_of_the_layout_before_the_helper_resumes_exactly(
     torch.save(legacy, path)
     with pytest.raises(ConfigError, match="another ensemble configuration"):
         _teachers(path)
+
+
+def test_part_batches_draw_each_models_batch_from_its_own_part():
+    parts = [torch.arange(0, 5), torch.arange(5, 7), torch.tensor([9])]
+    batches = PartBatches(parts, 4, torch.device("cpu")).batches(10, torch.Generator())
+    for _ in range(20):
+        labeled = next(batches)
+        assert labeled.shape == (3, 4)
+        for i, part in enumerate(parts):
+            assert torch.isin(labeled[i], part).all()
+    labeled, unlabeled = next(PartBatches(parts, 2, "cpu", 3).batches(10, torch.Generator()))
+    assert labeled.shape == (3, 2) and unlabeled.shape == (3, 3) and unlabeled.max() < 10
+    with pytest.raises(ConfigError, match="at least one labeled example"):
+        PartBatches([torch.arange(3), torch.arange(0)], 2, torch.device("cpu"))
