@@ -275,6 +275,7 @@ def test_fixmatch_teachers_follow_the_spec_cosine(monkeypatch):
 
     from labeldp.augment import Normalize, WeakAugment
     from labeldp.strong_augment import StrongAugment
+    from labeldp.train import config as train_config
     from labeldp.train import ensemble
 
     seen = []
@@ -283,7 +284,8 @@ def test_fixmatch_teachers_follow_the_spec_cosine(monkeypatch):
         seen.append(learning_rate(step, total, peak, kind, warmup))
         return seen[-1]
 
-    monkeypatch.setattr(ensemble, "learning_rate", spy)
+    # the one optimizer configuration (SGDConfig) computes every loop's learning rate
+    monkeypatch.setattr(train_config, "learning_rate", spy)
     images, labels = two_class_halves(n=40)
     models = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2)) for _ in range(2)]
     ensemble.train_fixmatch_ensemble(

@@ -1,7 +1,9 @@
 """The training core: one loop, hard or soft targets, pluggable gradient step and
-sampler, CPU or CUDA. See :class:`Trainer`."""
+sampler, CPU or CUDA. See :class:`Trainer`; its loop body, :func:`train_steps`, also
+trains stacked models (:mod:`labeldp.train.ensemble`)."""
 
-from .config import TrainConfig
+from .config import SGDConfig, TrainConfig
+from .core import Optimization, train_steps
 from .device import autocast_for, device_description, resolve_device
 from .ema import WeightAverage
 from .loop import FitResult, Trainer, accuracy, predict_logits
@@ -16,6 +18,8 @@ __all__ = [
     "FitResult",
     "GradientStep",
     "HardLabels",
+    "Optimization",
+    "SGDConfig",
     "ShuffledBatches",
     "StepOutput",
     "TargetFn",
@@ -30,4 +34,5 @@ __all__ = [
     "resolve_device",
     "target_classes",
     "target_loss",
+    "train_steps",
 ]

@@ -52,3 +52,33 @@ class WeightAverage:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
+
+
+class StackedWeightAverage:
+    """:class:`WeightAverage` for stacked parameters (a dict name → (n, ...) tensor, as
+    :class:`~labeldp.train.ensemble.StackedModels` keeps them): ``averaged = d · averaged
+    + (1 − d) · current`` elementwise, so each stacked model is averaged as if alone, with
+    d = :func:`decay_at` (``decay``, step). Starts from a copy of ``params``.
+
+    ``average``: the averaged parameters (the same dict layout); what ``state_dict``
+    returns and ``load_state_dict`` replaces.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.average = {k: v.detach().clone() for k, v in params.items()}
+
+    @torch.no_grad()
+    def update(self, model, step: int) -> None:
+        """Averages in the stacked parameters ``model.params`` after optimizer step
+        number ``step`` (0 for the first of the run)."""
+        for key, value in model.params.items():
+            self.average[key].lerp_(value, 1.0 - decay_at(self.decay, step))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.average
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.average = state

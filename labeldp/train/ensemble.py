@@ -11,7 +11,13 @@ decay) and the EMA act elementwise, so they too are per-teacher.
 :func:`train_fixmatch_ensemble` is FixMatch (see :mod:`labeldp.train.fixmatch`) for such
 an ensemble: each step every teacher draws B labeled examples from its own part (uniformly
 with replacement) and μ·B unlabeled images from all images. Models must be free of batch
-statistics (BatchNorm would need per-teacher running statistics under vmap).
+statistics (BatchNorm would need per-teacher running statistics under vmap). It runs the
+training core's loop body (:func:`~labeldp.train.core.train_steps`, as the
+:class:`~labeldp.train.Trainer` does) with the optimizer of the one
+:class:`~labeldp.train.config.SGDConfig` and the shared checkpoint helper; only its
+sampler (:class:`PartBatches`), inputs (:func:`fixmatch_views`), gradient
+(:class:`EnsembleFixMatchStep`), weight average
+(:class:`~labeldp.train.ema.StackedWeightAverage`) and per-step seeding are its own.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ from tqdm.auto import tqdm
 
 from ..augment import Normalize
 from ..errors import ConfigError, check_int
-from ..io import atomic_write
 from ..models.norm import has_batch_statistics
 from ..seeding import Stream, derive_seed
-from .ema import decay_at
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from .config import SGDConfig
+from .core import Optimization, train_steps
+from .ema import StackedWeightAverage
 from .fixmatch import Augmentation, pseudo_label_losses
-from .schedule import learning_rate
+from .steps import GradientStep, StepOutput
+from .targets import HardLabels
 
 
 def _fast_layout(x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +130,9 @@ class EnsembleFixMatchConfig:
 
     steps: optimizer steps per teacher (≥ 1). batch_size: labeled examples per teacher and
     step (≥ 1). mu: unlabeled per labeled (≥ 1). threshold: τ in (0, 1]. lambda_u ≥ 0.
-    lr, momentum, nesterov, weight_decay: SGD; schedule: "fixmatch" (the spec's and the
-    FixMatch paper's cosine, lr·cos(7π·k / (16·steps)) at step k, ending at
-    cos(7π/16)·lr), "cosine" (to 0) or "constant" (see
+    lr, momentum, nesterov, weight_decay: SGD, as :attr:`sgd`; schedule: "fixmatch" (the
+    spec's and the FixMatch paper's cosine, lr·cos(7π·k / (16·steps)) at step k, ending
+    at cos(7π/16)·lr), "cosine" (to 0) or "constant" (see
     :func:`labeldp.train.schedule.learning_rate`). ema_decay: in (0, 1), warmed up as
     :func:`labeldp.train.ema.decay_at`. seed ≥ 0.
     checkpoint_every: steps between checkpoints (≥ 1).
@@ -157,6 +166,22 @@ class EnsembleFixMatchConfig:
             )
         if not self.lr > 0 or not self.lambda_u >= 0 or not self.weight_decay >= 0:
             raise ConfigError("lr must be > 0, lambda_u and weight_decay ≥ 0")
+        _ = self.sgd  # validates momentum and nesterov too
+
+    @property
+    def sgd(self) -> SGDConfig:
+        """The teachers' optimizer and schedule (no warm-up), as the training core's
+        one optimizer configuration; derived, so that ``repr`` and ``asdict`` of this
+        configuration (the checkpoint's and the stored votes' identity) stay as they
+        were."""
+        return SGDConfig(
+            lr=self.lr,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            weight_decay=self.weight_decay,
+            schedule=self.schedule,
+            warmup_fraction=0.0,
+        )
 
 
 def _padded(parts: Sequence[torch.Tensor], device: torch.device):
@@ -167,6 +192,114 @@ def _padded(parts: Sequence[torch.Tensor], device: torch.device):
     for i, part in enumerate(parts):
         table[i, : len(part)] = part.to(device)
     return table, sizes
+
+
+class PartBatches:
+    """The batch sampler of n stacked models, model i on its own part ``parts[i]`` (index
+    tensors into the data, each non-empty): every step each model draws ``batch_size``
+    indices uniformly with replacement from its part, as an (n, B) int64 tensor; with
+    ``unlabeled`` > 0 it also draws that many indices uniformly from all N examples (n, U)
+    (FixMatch's unlabeled images), and each batch is the pair (labeled, unlabeled).
+    Draws, in this order, from the generator of :meth:`batches`, on ``device``; the
+    batches never end (the loop takes as many as it runs steps).
+    """
+
+    def __init__(
+        self,
+        parts: Sequence[torch.Tensor],
+        batch_size: int,
+        device: torch.device,
+        unlabeled: int = 0,
+    ) -> None:
+        check_int("batch_size", batch_size, 1)
+        check_int("unlabeled", unlabeled, 0)
+        self.table, self.sizes = _padded(parts, device)
+        self.batch_size = batch_size
+        self.unlabeled = unlabeled
+        self.device = device
+
+    def steps_per_epoch(self, num_examples: int) -> int:
+        """Steps in which the largest part is drawn once, in expectation."""
+        return -(-int(self.sizes.max()) // self.batch_size)
+
+    def batches(self, num_examples: int, generator: torch.Generator):
+        n, b, u = len(self.sizes), self.batch_size, self.unlabeled
+        while True:
+            pos = torch.rand(n, b, generator=generator, device=self.device) * self.sizes[:, None]
+            labeled = self.table.gather(1, pos.long())  # (n, B) dataset indices
+            if not u:
+                yield labeled
+                continue
+            yield (
+                labeled,
+                torch.randint(0, num_examples, (n, u), generator=generator, device=self.device),
+            )
+
+
+def fixmatch_views(normalize: Normalize, weak: Augmentation, strong: Augmentation):
+    """The inputs of a FixMatch ensemble step (an :data:`~labeldp.train.core.InputFn`):
+    for (labeled (n, B), unlabeled (n, U)) indices, the normalized weak views of the
+    labeled images, then the weak and the strong views of the unlabeled ones, augmented
+    in that order with the generator: (n, B + 2U, C, H, W)."""
+
+    def inputs(images: torch.Tensor, indices, generator: torch.Generator) -> torch.Tensor:
+        labeled, unlabeled = indices
+        n = labeled.shape[0]
+
+        def view(idx: torch.Tensor, augment: Augmentation) -> torch.Tensor:
+            x = normalize(augment(images[idx.flatten()], generator))
+            return x.view(n, idx.shape[1], *x.shape[1:])
+
+        return torch.cat([view(labeled, weak), view(unlabeled, weak), view(unlabeled, strong)], 1)
+
+    return inputs
+
+
+class EnsembleFixMatchStep(GradientStep):
+    """FixMatch's gradient for stacked models (a
+    :class:`~labeldp.train.steps.GradientStep` of :func:`~labeldp.train.core.train_steps`
+    on :class:`StackedModels`), on the inputs of :func:`fixmatch_views`: each model's loss
+    is the mean cross-entropy of its B labeled examples plus ``lambda_u`` times the mean
+    over its U unlabeled examples of the confident pseudo-label loss
+    (:func:`~labeldp.train.fixmatch.pseudo_label_losses`, threshold τ); the total is their
+    sum, so each model's gradient is the one it would get alone.
+
+    threshold: τ in (0, 1]. lambda_u ≥ 0. Its targets: hard labels of the dataset
+    (``targets(indices, None)`` gives the labels of the labeled indices).
+    """
+
+    def __init__(self, threshold: float, lambda_u: float) -> None:
+        self.threshold = threshold
+        self.lambda_u = lambda_u
+
+    def __call__(self, model, inputs, indices, targets, autocast) -> StepOutput:
+        labeled, unlabeled = indices
+        n, b, u = labeled.shape[0], labeled.shape[1], unlabeled.shape[1]
+        with autocast():
+            logits = model(inputs)  # (n, B + 2U, K)
+        k = logits.shape[-1]
+        labels = targets(labeled.flatten(), None)
+        supervised = F.cross_entropy(logits[:, :b].reshape(-1, k), labels, reduction="none")
+        weak_logits, strong_logits = logits[:, b : b + u], logits[:, b + u :]
+        per_u, _ = pseudo_label_losses(weak_logits, strong_logits, self.threshold)
+        loss = supervised.view(n, b).mean(1).sum() + self.lambda_u * per_u.mean(1).sum()
+        loss.backward()
+        return StepOutput(loss.detach(), logits[:, :b].detach(), labels.view(n, b))
+
+
+def _ensemble_fingerprint(config: EnsembleFixMatchConfig, teachers: int) -> dict[str, object]:
+    return {"config": repr(config), "teachers": teachers}
+
+
+def _legacy_checkpoint(state: dict) -> dict:
+    """A checkpoint written before the shared checkpoint helper (its identity under
+    ``config`` and ``teachers``, no ``fingerprint``), in the current layout."""
+    if "fingerprint" in state or "config" not in state:
+        return state
+    state = dict(state)
+    config, teachers = state.pop("config"), state.pop("teachers")
+    fingerprint = {"config": config, "teachers": teachers}
+    return {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, **state}
 
 
 def train_fixmatch_ensemble(
@@ -187,78 +320,70 @@ def train_fixmatch_ensemble(
 
     images: uint8 (N, C, H, W) on the device; labels: int64 (N,) (only the entries in the
     parts are read); parts: one index tensor per teacher (disjoint, label-independent).
-    checkpoint_path: resumable state, written atomically every ``checkpoint_every`` steps.
+    checkpoint_path: resumable state, written atomically every ``checkpoint_every`` steps
+    (:mod:`labeldp.train.checkpoint`; checkpoints of the layout before it still load).
+
+    Each step runs the training core's loop body (:func:`~labeldp.train.core.train_steps`)
+    on the stacked models, with the sampler :class:`PartBatches`, the inputs
+    :func:`fixmatch_views` and the gradient :class:`EnsembleFixMatchStep`; the generator is
+    reseeded from (seed, step) before every step.
     """
     if len(parts) != ensemble.size:
         raise ConfigError(f"{len(parts)} label parts for {ensemble.size} teachers")
     device = images.device
-    n, b, u = ensemble.size, config.batch_size, config.mu * config.batch_size
-    table, sizes = _padded(parts, device)
-    params = list(ensemble.params.values())
-    optimizer = torch.optim.SGD(
-        params,
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
+    n, b = ensemble.size, config.batch_size
+    sampler = PartBatches(parts, b, device, unlabeled=config.mu * b)
+    optimization = Optimization(
+        config.sgd,
+        list(ensemble.params.values()),
+        config.steps,
+        StackedWeightAverage(ensemble.params, config.ema_decay),
     )
-    ema = {k: v.detach().clone() for k, v in ensemble.params.items()}
     start = 0
     path = Path(checkpoint_path) if checkpoint_path is not None else None
+    fingerprint = _ensemble_fingerprint(config, n)
     if path is not None and path.exists():
-        state = torch.load(path, map_location=device, weights_only=True)
-        if state["config"] != repr(config) or state["teachers"] != n:
-            raise ConfigError(f"{path} was written by another ensemble configuration")
+        state = load_checkpoint(
+            path,
+            fingerprint=fingerprint,
+            device=device,
+            mismatch=f"{path} was written by another ensemble configuration",
+            upgrade=_legacy_checkpoint,
+        )
         with torch.no_grad():
             for k, v in ensemble.params.items():
                 v.copy_(state["params"][k])
-        optimizer.load_state_dict(state["optimizer"])
-        ema, start = state["ema"], state["step"]
+        optimization.optimizer.load_state_dict(state["optimizer"])
+        optimization.ema.load_state_dict(state["ema"])
+        start = state["step"]
+    targets = HardLabels(labels)
+    gradient = EnsembleFixMatchStep(config.threshold, config.lambda_u)
+    inputs = fixmatch_views(normalize, weak, strong)
     generator = torch.Generator(device=device)
     bar = tqdm(total=config.steps, initial=start, desc="teachers", disable=not progress)
     for step in range(start, config.steps):
         # One seed per step: a resumed run draws exactly what the uninterrupted one drew.
         generator.manual_seed(derive_seed(config.seed, Stream.ENSEMBLE_STEP, step))
-        pos = (torch.rand(n, b, generator=generator, device=device) * sizes[:, None]).long()
-        labeled = table.gather(1, pos)  # (n, B) dataset indices
-        unlabeled = torch.randint(0, len(images), (n, u), generator=generator, device=device)
-
-        def view(idx: torch.Tensor, augment: Augmentation) -> torch.Tensor:
-            x = normalize(augment(images[idx.flatten()], generator))
-            return x.view(n, idx.shape[1], *x.shape[1:])
-
-        x = torch.cat([view(labeled, weak), view(unlabeled, weak), view(unlabeled, strong)], 1)
-        lr = learning_rate(step, config.steps, config.lr, config.schedule, 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        logits = ensemble(x)  # (n, B + 2u, K)
-        k = logits.shape[-1]
-        supervised = F.cross_entropy(
-            logits[:, :b].reshape(-1, k), labels[labeled.flatten()], reduction="none"
-        )
-        weak_logits, strong_logits = logits[:, b : b + u], logits[:, b + u :]
-        per_u, _ = pseudo_label_losses(weak_logits, strong_logits, config.threshold)
-        loss = supervised.view(n, b).mean(1).sum() + config.lambda_u * per_u.mean(1).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for key, value in ensemble.params.items():
-                ema[key].lerp_(value, 1.0 - decay_at(config.ema_decay, step))
+        train_steps(
+            ensemble, images, targets, range(step, step + 1), gradient, sampler, generator,
+            optimization=optimization, inputs=inputs,
+        )  # fmt: skip
         bar.update(1)
         last = step + 1 == config.steps
         if path is not None and ((step + 1) % config.checkpoint_every == 0 or last):
-            snapshot = {
-                "config": repr(config),
-                "teachers": n,
-                "step": step + 1,
-                "params": {k: v.detach() for k, v in ensemble.params.items()},
-                "optimizer": optimizer.state_dict(),
-                "ema": ema,
-            }
-            atomic_write(path, lambda handle, s=snapshot: torch.save(s, handle))
+            save_checkpoint(
+                path,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "fingerprint": fingerprint,
+                    "step": step + 1,
+                    "params": {k: v.detach() for k, v in ensemble.params.items()},
+                    "optimizer": optimization.optimizer.state_dict(),
+                    "ema": optimization.ema.state_dict(),
+                },
+            )
     bar.close()
-    return ema
+    return optimization.ema.state_dict()
 
 
 @torch.no_grad()

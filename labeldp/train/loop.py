@@ -6,6 +6,11 @@ There is no DataLoader and no per-example Python. Randomness (batch order, augme
 anything drawn from torch's global generator) is seeded afresh at the start of every
 epoch from (seed, epoch), so a run resumed from the checkpoint of epoch e continues
 exactly as the uninterrupted run would have.
+
+The steps of an epoch are the training core's loop body,
+:func:`~labeldp.train.core.train_steps` (shared with the FixMatch ensemble); the optimizer
+and schedule come from ``TrainConfig.sgd``, the checkpoints from
+:mod:`labeldp.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -23,18 +28,23 @@ from tqdm.auto import tqdm
 
 from ..augment import Normalize
 from ..errors import ConfigError
-from ..io import atomic_write
 from ..records import EpochRecord
 from ..seeding import Stream, derive_seed
+from .checkpoint import CHECKPOINT_FORMAT, check_fingerprint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .core import Optimization, plain_inputs, train_steps
 from .device import autocast_for
 from .ema import WeightAverage
 from .sampling import BatchSampler, ShuffledBatches
-from .schedule import learning_rate
-from .steps import BackpropStep, GradientStep
+from .steps import BackpropStep, GradientStep, StepOutput
 from .targets import HardLabels, TargetFn, as_targets, target_classes
 
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+_MISMATCH = (
+    "the checkpoint was written by a run with a different configuration; "
+    "resume with the same options, or start afresh in another --out folder"
+)
 
 
 @torch.no_grad()
@@ -195,16 +205,15 @@ class Trainer:
         self.description = description
         self.stream_key = tuple(stream_key)
         self.autocast = autocast_for(self.device, config.precision)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-        )
-        self.ema = WeightAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.steps_per_epoch = self.sampler.steps_per_epoch(train_images.shape[0])
         self.total_steps = self.steps_per_epoch * config.epochs
+        self.optimization = Optimization(
+            config.sgd,
+            self.model.parameters(),
+            self.total_steps,
+            WeightAverage(self.model, config.ema_decay) if config.ema_decay else None,
+        )
+        self.inputs = plain_inputs(normalize, augment)
         # one dict per epoch with the keys of EpochRecord's JSON form, completed as the epoch
         # is evaluated (checkpoints store them as is); FitResult.history holds the records
         self.history: list[dict[str, Any]] = []
@@ -213,6 +222,14 @@ class Trainer:
         self.eval_seconds = 0.0
 
     # ----------------------------------------------------------------- public API
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.optimization.optimizer
+
+    @property
+    def ema(self) -> WeightAverage | None:
+        return self.optimization.ema  # type: ignore[return-value]
+
     @property
     def eval_model(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.model
@@ -289,7 +306,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint,
             "epochs_done": self.epochs_done,
             "model": self.model.state_dict(),
@@ -301,11 +318,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("fingerprint") != self.fingerprint:
-            raise ConfigError(
-                "the checkpoint was written by a run with a different configuration; "
-                "resume with the same options, or start afresh in another --out folder"
-            )
+        check_fingerprint(state, self.fingerprint, _MISMATCH)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
@@ -317,12 +330,13 @@ class Trainer:
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Writes the full training state atomically (temp file + rename)."""
-        state = self.state_dict()
-        atomic_write(path, lambda handle: torch.save(state, handle))
+        save_checkpoint(path, self.state_dict())
 
     def load_checkpoint(self, path: str | Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.load_state_dict(state)
+        self.load_state_dict(
+            load_checkpoint(path, fingerprint=self.fingerprint, device=self.device,
+                            mismatch=_MISMATCH)
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ internals
     @torch.no_grad()
@@ -347,8 +361,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         seen = 0
-        step = epoch * self.steps_per_epoch
-        lr = learning_rate(step, self.total_steps, cfg.lr, cfg.schedule, cfg.warmup_fraction)
+        first = epoch * self.steps_per_epoch
+        end = first + self.steps_per_epoch
+        lr = self.optimization.learning_rate(first)
         bar = tqdm(
             total=self.steps_per_epoch,
             desc=f"{self.description} {epoch + 1}/{cfg.epochs}",
@@ -356,35 +371,37 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
-        start = time.perf_counter()
-        for indices in self.sampler.batches(self.train_images.shape[0], generator):
-            lr = learning_rate(step, self.total_steps, cfg.lr, cfg.schedule, cfg.warmup_fraction)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            images = self.train_images[indices]
-            if self.augment is not None:
-                images = self.augment(images, generator)
-            self.optimizer.zero_grad(set_to_none=True)
-            inputs = self.normalize(images).contiguous(memory_format=torch.channels_last)
-            out = self.step(self.model, inputs, indices, self.targets, self.autocast)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.model, step)
+
+        def after_step(number: int, indices: torch.Tensor, out: StepOutput) -> None:
+            nonlocal loss_sum, correct, seen
             batch = indices.shape[0]
             if self.track_training_statistics:
                 loss_sum += out.loss * batch
                 correct += (out.logits.argmax(dim=1) == target_classes(out.targets)).sum()
             seen += batch
-            step += 1
             bar.update(1)
-            if (
-                self.progress
-                and self.track_training_statistics
-                and (step % 25 == 0 or step == (epoch + 1) * self.steps_per_epoch)
-            ):
+            done = number + 1
+            if self.progress and self.track_training_statistics and (done % 25 == 0 or done == end):
                 bar.set_postfix(
                     loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}"
                 )
+
+        start = time.perf_counter()
+        last_lr = train_steps(
+            self.model,
+            self.train_images,
+            self.targets,
+            range(first, end),
+            self.step,
+            self.sampler,
+            generator,
+            optimization=self.optimization,
+            inputs=self.inputs,
+            autocast=self.autocast,
+            after_step=after_step,
+        )
+        if last_lr is not None:
+            lr = last_lr
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
