@@ -34,9 +34,13 @@ def _strict(data: dict) -> dict:
     return json.loads(json.dumps(data, allow_nan=False))
 
 
-finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
-maybe_infinite = st.floats(allow_nan=False) | st.sampled_from([math.inf, -math.inf])
-share = st.floats(0, 1)
+# labeldp flushes denormals to zero on CPU (cpu_numerics; a process-wide setting that
+# earlier tests turn on), so no subnormal floats are drawn
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64, allow_subnormal=False)
+maybe_infinite = st.floats(allow_nan=False, allow_subnormal=False) | st.sampled_from(
+    [math.inf, -math.inf]
+)
+share = st.floats(0, 1, allow_subnormal=False)
 text = st.text(max_size=8)
 json_leaf = st.none() | st.booleans() | st.integers(-(10**6), 10**6) | finite | text
 json_obj = st.dictionaries(
@@ -46,11 +50,11 @@ json_obj = st.dictionaries(
 epochs = st.builds(
     EpochRecord,
     epoch=st.integers(1, 1000),
-    lr=st.floats(0, 10),
+    lr=st.floats(0, 10, allow_subnormal=False),
     train_loss=st.none() | maybe_infinite,
     train_accuracy=st.none() | share,
     test_accuracy=st.none() | share,
-    seconds=st.floats(0, 1e5),
+    seconds=st.floats(0, 1e5, allow_subnormal=False),
     top_class_share=st.none() | share,
     collapsed=st.none() | st.booleans(),
     diverged=st.booleans(),
@@ -65,12 +69,12 @@ runs = st.builds(
     model=st.just("cnn"),
     train_size=st.integers(1, 60000),
     test_accuracy=st.none() | share,
-    epsilon=st.floats(0, 1e3) | st.just(math.inf),
-    delta=st.none() | st.floats(0, 0.5),
+    epsilon=st.floats(0, 1e3, allow_subnormal=False) | st.just(math.inf),
+    delta=st.none() | st.floats(0, 0.5, allow_subnormal=False),
     ledger=json_obj,
-    train_seconds=st.floats(0, 1e5),
-    eval_seconds=st.floats(0, 1e5),
-    session_wall_seconds=st.floats(0, 1e5),
+    train_seconds=st.floats(0, 1e5, allow_subnormal=False),
+    eval_seconds=st.floats(0, 1e5, allow_subnormal=False),
+    session_wall_seconds=st.floats(0, 1e5, allow_subnormal=False),
     resumed_from_epoch=st.integers(0, 100),
     device=st.just("cpu"),
     history=st.lists(epochs, max_size=3).map(tuple),
@@ -92,13 +96,13 @@ runs = st.builds(
 
 parts = st.none() | st.fixed_dictionaries(
     {
-        "epsilon_lb": st.floats(0, 20) | st.just(math.inf),
-        "epsilon_lb_max": st.floats(0, 20) | st.just(math.inf),
+        "epsilon_lb": st.floats(0, 20, allow_subnormal=False) | st.just(math.inf),
+        "epsilon_lb_max": st.floats(0, 20, allow_subnormal=False) | st.just(math.inf),
         "epsilon_point": st.none() | maybe_infinite,
         "canaries": st.integers(0, 1000),
         "by_guesses": st.lists(
             st.fixed_dictionaries(
-                {"guesses": st.integers(0, 9), "epsilon_lb": st.floats(0, 9) | st.just(math.inf)}
+                {"guesses": st.integers(0, 9), "epsilon_lb": st.floats(0, 9, allow_subnormal=False) | st.just(math.inf)}
             ),
             max_size=2,
         ),
@@ -109,25 +113,25 @@ attacks = st.builds(
     AttackRecord,
     run=text,
     method=st.sampled_from(["none", "rr", "dp-sgd"]),
-    epsilon=st.floats(0, 1e3) | st.just(math.inf),
-    delta=st.none() | st.floats(0, 0.5),
-    alpha=st.floats(0.001, 0.5),
+    epsilon=st.floats(0, 1e3, allow_subnormal=False) | st.just(math.inf),
+    delta=st.none() | st.floats(0, 0.5, allow_subnormal=False),
+    alpha=st.floats(0.001, 0.5, allow_subnormal=False),
     memorization=parts,
     one_run=parts,
-    label_inference=st.fixed_dictionaries({"gap": st.floats(-1, 1)}),
+    label_inference=st.fixed_dictionaries({"gap": st.floats(-1, 1, allow_subnormal=False)}),
     notes=st.lists(text, max_size=2).map(tuple),
     bound_tested=st.none()
     | st.fixed_dictionaries(
-        {"relation": st.none() | text, "epsilon": st.floats(0, 9) | st.just(math.inf)}
+        {"relation": st.none() | text, "epsilon": st.floats(0, 9, allow_subnormal=False) | st.just(math.inf)}
     ),
 )
 
 plans = st.builds(
     DPSGDPlan,
-    sample_rate=st.floats(1e-6, 1),
+    sample_rate=st.floats(1e-6, 1, allow_subnormal=False),
     steps=st.integers(1, 10**6),
-    noise_multiplier=st.floats(0.1, 100),
-    epsilon=st.floats(0, 100),
+    noise_multiplier=st.floats(0.1, 100, allow_subnormal=False),
+    epsilon=st.floats(0, 100, allow_subnormal=False),
 )
 
 
