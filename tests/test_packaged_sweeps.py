@@ -117,3 +117,28 @@ def test_a_wheel_carries_the_sweep_files(tmp_path):
         assert f"labeldp/experiments/{name}.toml" in names, name
     assert "labeldp/experiments/README.md" in names
     assert {"labeldp/cli.py", "attacks/harness.py", "paper_figs/plots.py"} <= names
+
+
+def test_outside_a_checkout_runs_record_no_commit_and_the_report_says_so(tmp_path, monkeypatch):
+    """An installed labeldp (its folder not the top of a git work tree, even inside some
+    other checkout) records no commit, and its reports say why instead of 'None'."""
+    from labeldp import provenance
+    from labeldp.report import write_report
+    from labeldp.store import ResultsStore
+
+    assert provenance.git_commit(ROOT / "labeldp") == (None, None)  # inside a checkout
+    assert provenance.git_commit(tmp_path) == (None, None)
+    monkeypatch.setattr(provenance, "_STARTUP_COMMIT", (None, None))
+    spec = SweepSpec.load(packaged.resolve("fashion_mnist_quick"))
+    store = ResultsStore(tmp_path / "runs.sqlite")
+    name, config = spec.runs()[0]
+    metrics = {
+        "method": config.method, "epsilon": None, "delta": None, "test_accuracy": 0.5,
+        "train_seconds": 1.0, "ledger": {"entries": []}, **provenance.provenance(),
+    }  # fmt: skip
+    store.record(spec.name, name, config.to_dict(), "/x", metrics, None, "2026-01-01")
+    md, _ = write_report(store, spec, "fashion_mnist_quick", tmp_path / "results")
+    text = md.read_text()
+    assert "at commits none (not run from a git checkout)" in text
+    assert "(installed, no git checkout)" in text and "at commit None" not in text
+    assert "`labeldp sweep fashion_mnist_quick`" in text
