@@ -43,8 +43,10 @@ data: venv
 	fi
 	$(VENV)/bin/labeldp data fetch fashion-mnist
 
-# The quick profile: every method at four ε plus non-private, with canaries, attacks,
-# the table (results/fashion_mnist_quick.md) and the figures (paper_figs/). Resumable.
+# The quick profile (the packaged sweep files labeldp/experiments/fashion_mnist_quick*.toml):
+# every method at four ε plus non-private, with canaries, attacks, the table
+# (results/fashion_mnist_quick.md) and the figures (paper_figs/), all under the current
+# directory. Resumable.
 reproduce: data
 	$(VENV)/bin/labeldp reproduce --profile quick
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import errno
 import math
-import os
 import signal
 import sqlite3
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from . import experiments as packaged
 from .data import DATASETS, fetch
 from .errors import ConfigError, DataError
 from .io import DiskFullError, read_json
@@ -570,16 +570,21 @@ def _attack(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Profiles of `labeldp reproduce`: sweep files under experiments/, run in this order.
-#: Each profile's audits have their own sweep, trained to memorize (see its file), run
-#: after the utility sweep; a utility sweep naming it (``audits = ...``) shows its ε_LB.
+#: Profiles of `labeldp reproduce`: packaged sweep files (labeldp/experiments/, package
+#: data read through importlib.resources), run in this order. Each profile's audits have
+#: their own sweep, trained to memorize (see its file), run after the utility sweep; a
+#: utility sweep naming it (``audits = ...``) shows its ε_LB.
 PROFILES = {
     "quick": ("fashion_mnist_quick.toml", "fashion_mnist_quick_audits.toml"),
     "full": ("fashion_mnist_full.toml", "fashion_mnist_audits.toml"),
     "cifar10-paper": ("cifar10_paper.toml",),
     "cifar100-paper": ("cifar100_paper.toml",),
 }
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+#: What the sweep commands' FILE argument may be.
+SWEEP_FILE_HELP = (
+    "the path of a sweep file (your own TOML file), or the name of a packaged one "
+    "(e.g. fashion_mnist_quick; see labeldp/experiments/README.md)"
+)
 
 
 def _add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
@@ -606,10 +611,11 @@ def _add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
         "sweep",
         parents=[common, running],
         help="run a sweep file's grid into the store",
-        description="Run every grid point of a sweep file (experiments/*.toml) that "
-        "the store does not hold yet. Resumable: after Ctrl-C or kill -9, rerun it.",
+        description="Run every grid point of a sweep file that the store does not hold "
+        "yet. Resumable: after Ctrl-C or kill -9, rerun it. Packaged sweep files: "
+        + ", ".join(packaged.names()),
     )
-    p.add_argument("sweep_file", metavar="FILE")
+    p.add_argument("sweep_file", metavar="FILE", help=SWEEP_FILE_HELP)
     p.add_argument(
         "--only",
         default=None,
@@ -630,7 +636,7 @@ def _add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
         help="write a sweep's tables",
         description="Write RESULTS_DIR/<sweep>.md and .csv from the store.",
     )
-    p.add_argument("sweep_file", metavar="FILE")
+    p.add_argument("sweep_file", metavar="FILE", help=SWEEP_FILE_HELP)
     p.set_defaults(handler=_report)
     p = sub.add_parser(
         "plot",
@@ -638,7 +644,7 @@ def _add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
         help="draw a sweep's figures",
         description="Draw FIGURES_DIR/<sweep>_utility and _audit (PNG and PDF).",
     )
-    p.add_argument("sweep_file", metavar="FILE")
+    p.add_argument("sweep_file", metavar="FILE", help=SWEEP_FILE_HELP)
     p.set_defaults(handler=_plot)
     p = sub.add_parser(
         "reproduce",
@@ -649,14 +655,28 @@ def _add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
         + ", ".join(f"{k} ({' + '.join(v)})" for k, v in PROFILES.items()),
     )
     p.add_argument("--profile", choices=list(PROFILES), default="quick")
-    p.set_defaults(handler=_reproduce, only=None)  # a profile runs every grid point
+    p.add_argument(
+        "--only",
+        default=None,
+        metavar="PATTERN",
+        help="run just the grid points whose names match this shell pattern in each sweep "
+        "of the profile, e.g. 'none-*' (a sweep with no match is skipped, with a note); "
+        "the tables and figures then show the runs the store holds",
+    )
+    p.set_defaults(handler=_reproduce)
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .store import ResultsStore
-    from .sweep import SweepSpec, run_sweep
+    from .sweep import SweepSpec
 
-    spec = SweepSpec.load(args.sweep_file)
+    _run_sweep(args, SweepSpec.load(packaged.resolve(args.sweep_file)))
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace, spec: Any) -> None:
+    from .store import ResultsStore
+    from .sweep import run_sweep
+
     env = Environment(data_dir=args.data_dir, device=args.device, progress=not args.quiet)
     run_sweep(
         spec,
@@ -667,7 +687,6 @@ def _sweep(args: argparse.Namespace) -> int:
         only=args.only,
         allow_mixed_numerics=getattr(args, "allow_mixed_numerics", False),
     )
-    return 0
 
 
 def _existing_store(args: argparse.Namespace, spec: Any) -> Any:
@@ -685,21 +704,30 @@ def _existing_store(args: argparse.Namespace, spec: Any) -> Any:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
     from .sweep import SweepSpec
 
-    spec = SweepSpec.load(args.sweep_file)
-    for path in write_report(_existing_store(args, spec), spec, args.sweep_file, args.results_dir):
-        print(path)
+    _write_report(args, SweepSpec.load(packaged.resolve(args.sweep_file)), args.sweep_file)
     return 0
 
 
-def _plot(args: argparse.Namespace) -> int:
-    from paper_figs.plots import write_figures
+def _write_report(args: argparse.Namespace, spec: Any, typed: str | Path) -> None:
+    """Writes the tables of ``spec``; ``typed``: its sweep file as a user would type it."""
+    from .report import write_report
 
+    for path in write_report(_existing_store(args, spec), spec, typed, args.results_dir):
+        print(path)
+
+
+def _plot(args: argparse.Namespace) -> int:
     from .sweep import SweepSpec
 
-    spec = SweepSpec.load(args.sweep_file)
+    _draw(args, SweepSpec.load(packaged.resolve(args.sweep_file)))
+    return 0
+
+
+def _draw(args: argparse.Namespace, spec: Any) -> None:
+    from paper_figs.plots import write_figures
+
     paths = write_figures(_existing_store(args, spec), spec, args.figures_dir)
     if not paths:
         raise ConfigError(
@@ -707,29 +735,47 @@ def _plot(args: argparse.Namespace) -> int:
         )
     for path in paths:
         print(path)
-    return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    """Sweeps, reports and plots each sweep file of the profile in order; then writes again
-    the report of every sweep whose audit sweep (``audits = ...``) ran after it, so that
-    its side-by-side table holds the audit runs' ε_LB."""
-    from .sweep import SweepSpec
+    """Sweeps, reports and plots each packaged sweep file of the profile in order (with
+    ``--only``, just the matching grid points; a sweep with none is skipped with a note);
+    then writes again the report of every sweep whose audit sweep (``audits = ...``) ran
+    after it, so that its side-by-side table holds the audit runs' ε_LB. Outputs go where
+    the flags say (by default results/, runs/ and paper_figs/ under the current directory),
+    never into the installed package."""
+    from .sweep import SweepSpec, matching_runs
 
-    done: list[tuple[str | Path, Path]] = []  # (as typed, resolved) of each swept file
-    for name in PROFILES[args.profile]:
-        path = EXPERIMENTS / name
-        relative = os.path.relpath(path)  # as a user would type it, when under the cwd
-        args.sweep_file = path if relative.startswith("..") else relative
-        for step in (_sweep, _report, _plot):
-            step(args)
-        done.append((args.sweep_file, path.resolve()))
-    for i, (typed, resolved) in enumerate(done):
-        audits = SweepSpec.load(resolved, follow_audits=False).audits
-        later = {p for _, p in done[i + 1 :]}
-        if audits is not None and (resolved.parent / audits).resolve() in later:
-            args.sweep_file = typed
-            _report(args)
+    sweeps = []  # (as typed, resolved, spec, whether --only matches a point of it)
+    for name in PROFILES[args.profile]:  # every file checked before anything runs
+        path = packaged.find(name).resolve()
+        spec = SweepSpec.load(path)
+        # `labeldp sweep <typed>` finds the packaged file from any directory
+        typed = name.removesuffix(packaged.SUFFIX)
+        sweeps.append((typed, path, spec, bool(matching_runs(spec, args.only))))
+    if not any(matches for *_, matches in sweeps):
+        raise ConfigError(
+            f"--only {args.only!r} matches no run of any sweep of profile {args.profile} "
+            f"({', '.join(PROFILES[args.profile])}); run names: <method>-eps<ε>-seed<seed>, "
+            "none-seed<seed>"
+        )
+    done: list[tuple[str, Path, Any]] = []  # (as typed, resolved, spec) of each swept file
+    for typed, path, spec, matches in sweeps:
+        if not matches:
+            print(
+                f"labeldp reproduce: note: --only {args.only!r} matches no run of sweep "
+                f"{spec.name} ({typed}); skipped",
+                file=sys.stderr,
+            )
+            continue
+        _run_sweep(args, spec)
+        _write_report(args, spec, typed)
+        _draw(args, spec)
+        done.append((typed, path, spec))
+    for i, (typed, resolved, spec) in enumerate(done):
+        later = {p for _, p, _ in done[i + 1 :]}
+        if spec.audits is not None and (resolved.parent / spec.audits).resolve() in later:
+            _write_report(args, spec, typed)
     return 0
 
 

@@ -18,16 +18,20 @@ _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 def git_commit(root: Path = _SOURCE_ROOT) -> tuple[str | None, bool | None]:
     """(commit hash, whether the tracked tree outside results/ has uncommitted changes),
-    or (None, None) when the package does not run from a git checkout (e.g. a wheel
-    install)."""
+    or (None, None) when the package does not run from a git checkout, i.e. when ``root``
+    (the folder holding the labeldp package) is not the top of a git work tree: e.g. a
+    wheel install, even one into a virtual environment inside some checkout (whose
+    commit says nothing about the installed code)."""
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
+        top, commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
             capture_output=True,
             text=True,
             check=True,
             timeout=10,
-        ).stdout.strip()
+        ).stdout.splitlines()  # one line each: a folder's name may hold spaces
+        if Path(top).resolve() != Path(root).resolve():
+            return None, None
         status = subprocess.run(
             # the results store and tables are outputs, not code: a sweep that writes
             # results/runs.sqlite must not mark its own later runs dirty
@@ -38,7 +42,7 @@ def git_commit(root: Path = _SOURCE_ROOT) -> tuple[str | None, bool | None]:
             check=True,
             timeout=10,
         ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, ValueError):
         return None, None
     return commit, bool(status)
 

@@ -9,7 +9,7 @@ they set; ``recipes = false`` turns recipes off), and ``labeldp recipes`` prints
 What a run used is always recorded in full in its config.json.
 
 Recipes are chosen on a validation split carved from the training set, never on the test
-set: experiments/fashion_mnist_tuning.toml is the committed tuning sweep and
+set: labeldp/experiments/fashion_mnist_tuning.toml is the committed tuning sweep and
 results/fashion_mnist_tuning.md its table; each recipe's ``tuned`` text says what was
 tried and what won. A method without a recipe for a dataset trains with the TrainConfig
 defaults.

@@ -505,7 +505,8 @@ def write_report(
     if runs.empty:
         lines.append("No finished runs in the store yet.")
     else:
-        commits = ", ".join(sorted(set(runs["git_commit"].fillna("?"))))
+        no_commit = "none (not run from a git checkout)"  # e.g. an installed labeldp
+        commits = ", ".join(sorted(set(runs["git_commit"].fillna(no_commit))))
         machines = "; ".join(sorted(set(runs["machine"].fillna("?"))))
         lines += [
             f"- made by: `labeldp sweep {sweep_file}` then `labeldp report {sweep_file}` "
@@ -513,7 +514,12 @@ def write_report(
             f"- runs: {len(runs)} of {len(spec.runs())} in the grid, at commits {commits}",
             f"- machines: {machines}",
             f"- runs finished {runs['finished_at'].min()} to {runs['finished_at'].max()}; "
-            f"report written {now['date']} at commit {now['git_commit']}",
+            f"report written {now['date']} "
+            + (
+                f"at commit {now['git_commit']}"
+                if now["git_commit"]
+                else f"by labeldp {now['labeldp_version']} (installed, no git checkout)"
+            ),
             f"- {spec.dataset}, model {spec.run.get('model') or DEFAULT_MODEL[spec.dataset]}, "
             f"seeds {spec.seeds}, training {spec.train}, "
             f"train size {spec.run.get('train_size') or 'all'}, "

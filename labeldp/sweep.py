@@ -1,7 +1,8 @@
 """Sweeps: a grid of runs defined in a TOML file, run resumably into the results store.
 
-A sweep file (experiments/*.toml) names a dataset, the methods, an ε grid, seeds, the
-training hyper-parameters and the canaries; see experiments/README.md for every key.
+A sweep file (a TOML file: the user's own, or one packaged in labeldp/experiments/) names a
+dataset, the methods, an ε grid, seeds, the training hyper-parameters and the canaries; see
+labeldp/experiments/README.md for every key.
 :func:`run_sweep` runs each grid point into its own run folder (``<runs>/<sweep>/<name>``)
 and records it in the :class:`~labeldp.store.ResultsStore`. Finished runs are skipped; an
 unfinished one continues from its last checkpoint; a row is stored only once its run
@@ -544,6 +545,16 @@ def _check_numerics(
         )
 
 
+def matching_runs(spec: SweepSpec, only: str | None = None) -> list[tuple[str, RunConfig]]:
+    """(name, config) of the grid points whose names match the shell-style pattern
+    ``only`` (e.g. ``"pate-fm-*-seed0"``), in grid order; every point when None. May be
+    empty (:func:`run_sweep` refuses that; ``labeldp reproduce`` skips such a sweep)."""
+    grid = spec.runs()
+    if only is None:
+        return grid
+    return [(n, c) for n, c in grid if fnmatch.fnmatchcase(n, only)]
+
+
 def run_sweep(
     spec: SweepSpec,
     store: ResultsStore,
@@ -573,12 +584,10 @@ def run_sweep(
     if inner["shared_dir"] is None:  # e.g. PATE's teachers, trained once per seed
         inner["shared_dir"] = str(folder / "shared")
     done = store.finished_keys(spec.name)
-    grid = spec.runs()
-    if only is not None:
-        grid = [(n, c) for n, c in grid if fnmatch.fnmatchcase(n, only)]
-        if not grid:
-            names = ", ".join(n for n, _ in spec.runs())
-            raise ConfigError(f"only: {only!r} matches no run of {spec.name}; runs: {names}")
+    grid = matching_runs(spec, only)
+    if not grid:
+        names = ", ".join(n for n, _ in spec.runs())
+        raise ConfigError(f"only: {only!r} matches no run of {spec.name}; runs: {names}")
     todo = [(n, c.to_dict()) for n, c in grid if run_key(c.to_dict()) not in done]
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
     expected = _expected_numerics(env, threads) if todo else {}

@@ -91,7 +91,7 @@ CASES = [
      r"cannot write .*/ro.*: Read-only file system; check its permissions, or choose "
      r"another --out", _read_only),
     ("store-not-sqlite",
-     ["report", "experiments/fashion_mnist_quick.toml", "--store", "{tmp}/store.sqlite",
+     ["report", "fashion_mnist_quick", "--store", "{tmp}/store.sqlite",
       "--results-dir", "{tmp}/results"], 1, r"store\.sqlite", _not_sqlite),
     # 10: smaller ones
     ("pate-missing-options", [*TRAIN, "--method", "pate-fm", "--epsilon", "1"], 2,
@@ -334,8 +334,7 @@ def test_a_store_that_is_not_a_store_is_one_line(tmp_path, capsys, kind):
         store.write_bytes(source.read_bytes()[:5000])
     else:
         store.write_text("not a database\n" * 100)
-    sweep = Path(__file__).resolve().parents[1] / "experiments" / "fashion_mnist_dpsgd.toml"
-    status = cli.main(["report", str(sweep), "--store", str(store)])
+    status = cli.main(["report", "fashion_mnist_dpsgd.toml", "--store", str(store)])
     err = capsys.readouterr().err.strip()
     assert status in (1, 2) and len(err.splitlines()) == 1, err
     assert str(store) in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""The quick profile's audit sweep (experiments/fashion_mnist_quick_audits.toml): it covers
+"""The quick profile's audit sweep (labeldp/experiments/fashion_mnist_quick_audits.toml): it covers
 the quick sweep's grid, its canaries can certify well above ε = 3, and it stays within its
 share of `make reproduce`'s time (checked on the grid, without training)."""
 
@@ -9,9 +9,10 @@ from pathlib import Path
 
 from attacks import memorization, one_run
 from labeldp import cli
+from labeldp import experiments as packaged
 from labeldp.sweep import SweepSpec
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+EXPERIMENTS = packaged.folder()
 QUICK, AUDITS = "fashion_mnist_quick.toml", "fashion_mnist_quick_audits.toml"
 #: The line fashion_mnist_quick.toml takes to show the audit sweep's ε_LB in its report.
 AUDITS_LINE = f'audits = "{AUDITS}"'

@@ -16,6 +16,7 @@ import pytest
 from fakes import attack_record, run_record
 
 from labeldp import cli
+from labeldp import experiments as packaged
 from labeldp.errors import ConfigError
 from labeldp.runner import Environment
 from labeldp.store import ResultsStore
@@ -135,7 +136,7 @@ def test_reproduce_runs_a_profile_end_to_end(data_dir, tmp_path, monkeypatch):
     experiments = tmp_path / "experiments"
     experiments.mkdir()
     (experiments / "tiny.toml").write_text(TINY.format(epochs=1))
-    monkeypatch.setattr(cli, "EXPERIMENTS", experiments)
+    monkeypatch.setattr(packaged, "folder", lambda: experiments)
     monkeypatch.setattr(cli, "PROFILES", {"quick": ("tiny.toml",)})
     results, figures = tmp_path / "results", tmp_path / "figs"
     argv = [
@@ -148,6 +149,39 @@ def test_reproduce_runs_a_profile_end_to_end(data_dir, tmp_path, monkeypatch):
     assert len(ResultsStore(tmp_path / "runs.sqlite").rows("tiny")) == 10
 
 
+def test_reproduce_only_runs_the_matching_points_and_skips_a_sweep_without_any(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    """`labeldp reproduce --only PATTERN`: the pattern applies to every sweep of the
+    profile; a sweep with no matching point is skipped with a note, not an error; a
+    pattern that matches no sweep at all is."""
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    small = TINY.format(epochs=1).replace("seeds = [0, 1]", "seeds = [0]").replace("[1, 4]", "[1]")
+    (experiments / "tiny.toml").write_text(small)
+    (experiments / "aud.toml").write_text(
+        small.replace('"tiny"', '"aud"').replace('["rr", "alibi"]', '["rr"]')
+    )
+    monkeypatch.setattr(packaged, "folder", lambda: experiments)
+    monkeypatch.setattr(cli, "PROFILES", {"quick": ("tiny.toml", "aud.toml")})
+    results, figures = tmp_path / "results", tmp_path / "figs"
+    argv = [
+        "reproduce", "--store", str(tmp_path / "runs.sqlite"), "--runs-dir",
+        str(tmp_path / "runs"), "--results-dir", str(results), "--figures-dir", str(figures),
+        "--data-dir", str(data_dir), "--quiet", "--only",
+    ]  # fmt: skip
+    assert cli.main([*argv, "alibi-*"]) == 0
+    store = ResultsStore(tmp_path / "runs.sqlite")
+    assert [r["name"] for r in store.rows("tiny")] == ["alibi-eps1-seed0"]
+    assert store.rows("aud") == [] and not (results / "aud.md").exists()
+    assert "runs: 1 of 3 in the grid" in (results / "tiny.md").read_text()
+    assert (figures / "tiny_utility.png").exists()
+    assert "--only 'alibi-*' matches no run of sweep aud (aud); skipped" in capsys.readouterr().err
+    assert cli.main([*argv, "nothing-*"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("labeldp reproduce: error: --only 'nothing-*' matches no run of any")
+
+
 def test_a_method_may_have_its_own_epsilon_grid(tmp_path):
     text = TINY + "[per_method.alibi]\nepsilons = [0.25]\n"
     spec = SweepSpec.load(_sweep_file(tmp_path, text=text))
@@ -158,8 +192,7 @@ def test_a_method_may_have_its_own_epsilon_grid(tmp_path):
 
 
 def test_the_shipped_sweep_files_are_valid():
-    experiments = Path(__file__).resolve().parent.parent / "experiments"
-    names = {SweepSpec.load(p).name for p in experiments.glob("*.toml")}
+    names = {SweepSpec.load(packaged.find(n)).name for n in packaged.names()}
     assert {"fashion_mnist_quick", "fashion_mnist_full", "cifar10_paper", "cifar100_paper"} <= names
 
 
@@ -491,7 +524,7 @@ def test_reproduce_reports_a_utility_sweep_again_after_its_audit_sweep(
     small = small.replace('["rr", "alibi"]', '["rr"]').replace("[1, 4]", "[1]")
     (experiments / "tiny.toml").write_text(small.replace("crop_padding = 0", 'audits = "aud.toml"'))
     (experiments / "aud.toml").write_text(small.replace('"tiny"', '"aud"'))
-    monkeypatch.setattr(cli, "EXPERIMENTS", experiments)
+    monkeypatch.setattr(packaged, "folder", lambda: experiments)
     monkeypatch.setattr(cli, "PROFILES", {"quick": ("tiny.toml", "aud.toml")})
     results, figures = tmp_path / "results", tmp_path / "figs"
     argv = [
