@@ -102,7 +102,10 @@ parts = st.none() | st.fixed_dictionaries(
         "canaries": st.integers(0, 1000),
         "by_guesses": st.lists(
             st.fixed_dictionaries(
-                {"guesses": st.integers(0, 9), "epsilon_lb": st.floats(0, 9, allow_subnormal=False) | st.just(math.inf)}
+                {
+                    "guesses": st.integers(0, 9),
+                    "epsilon_lb": st.floats(0, 9, allow_subnormal=False) | st.just(math.inf),
+                }
             ),
             max_size=2,
         ),
@@ -122,7 +125,10 @@ attacks = st.builds(
     notes=st.lists(text, max_size=2).map(tuple),
     bound_tested=st.none()
     | st.fixed_dictionaries(
-        {"relation": st.none() | text, "epsilon": st.floats(0, 9, allow_subnormal=False) | st.just(math.inf)}
+        {
+            "relation": st.none() | text,
+            "epsilon": st.floats(0, 9, allow_subnormal=False) | st.just(math.inf),
+        }
     ),
 )
 
@@ -235,10 +241,24 @@ OLD_METRICS = {
     "git_commit": "abc",
     "git_dirty": False,
     "history": [
-        {"epoch": 1, "lr": 0.1, "seconds": 2.0, "test_accuracy": None, "train_accuracy": 0.5,
-         "train_loss": None},  # fmt: skip
-        {"collapsed": False, "epoch": 2, "lr": 0.0, "seconds": 2.0, "test_accuracy": 0.8,
-         "top_class_share": 0.11, "train_accuracy": 0.7, "train_loss": 0.6},  # fmt: skip
+        {
+            "epoch": 1,
+            "lr": 0.1,
+            "seconds": 2.0,
+            "test_accuracy": None,
+            "train_accuracy": 0.5,
+            "train_loss": None,
+        },  # fmt: skip
+        {
+            "collapsed": False,
+            "epoch": 2,
+            "lr": 0.0,
+            "seconds": 2.0,
+            "test_accuracy": 0.8,
+            "top_class_share": 0.11,
+            "train_accuracy": 0.7,
+            "train_loss": 0.6,
+        },  # fmt: skip
     ],
     "hostname": "h",
     "labeldp_version": "0.1.0",
