@@ -14,6 +14,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import pytest
+from fakes import run_record
 
 from labeldp import cli
 from labeldp import experiments as packaged
@@ -132,10 +133,7 @@ def test_outside_a_checkout_runs_record_no_commit_and_the_report_says_so(tmp_pat
     spec = SweepSpec.load(packaged.resolve("fashion_mnist_quick"))
     store = ResultsStore(tmp_path / "runs.sqlite")
     name, config = spec.runs()[0]
-    metrics = {
-        "method": config.method, "epsilon": None, "delta": None, "test_accuracy": 0.5,
-        "train_seconds": 1.0, "ledger": {"entries": []}, **provenance.provenance(),
-    }  # fmt: skip
+    metrics = run_record(method=config.method, **provenance.provenance())
     store.record(spec.name, name, config.to_dict(), "/x", metrics, None, "2026-01-01")
     md, _ = write_report(store, spec, "fashion_mnist_quick", tmp_path / "results")
     text = md.read_text()
