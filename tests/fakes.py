@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from labeldp.data import sources
-from labeldp.records import AttackRecord, RunRecord
+from labeldp.records import PROVENANCE_KEYS, AttackRecord, RunRecord
 from labeldp.runner import Environment, RunConfig, train_run
 from labeldp.train import TrainConfig
 
@@ -118,18 +118,7 @@ def run_record(**fields) -> RunRecord:
         "device": "cpu",
         "history": [],
         "diagnostics": {},
-        **dict.fromkeys(
-            (
-                "labeldp_version",
-                "git_commit",
-                "git_dirty",
-                "machine",
-                "hostname",
-                "python",
-                "torch",
-                "date",
-            )  # fmt: skip
-        ),
+        **dict.fromkeys(PROVENANCE_KEYS),
         **fields,
     }
     return RunRecord.from_json(values)
