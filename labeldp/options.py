@@ -29,9 +29,6 @@ import numpy as np
 
 from .errors import ConfigError
 
-_BOUND_OPEN = ("(", ")")
-_BOUND_CLOSED = ("[", "]")
-
 
 class Kind:
     """What values an option takes. ``describe``: the allowed values, for messages
@@ -88,8 +85,8 @@ class Number(Kind):
     def _describe(self, noun: str) -> str:
         noun = "an integer" if self.kind is int else noun
         if self.low is not None and self.high is not None:
-            left = _BOUND_OPEN[0] if self.low_open else _BOUND_CLOSED[0]
-            right = _BOUND_OPEN[1] if self.high_open else _BOUND_CLOSED[1]
+            left = "(" if self.low_open else "["
+            right = ")" if self.high_open else "]"
             noun = "an integer" if self.kind is int else "a number"
             return f"{noun} in {left}{self.low:g}, {self.high:g}{right}"
         if self.low is not None:

@@ -45,11 +45,6 @@ def method_parameters(name: str) -> list[str]:
     return [spec.name for spec in method_options(name)]
 
 
-def required_parameters(name: str) -> list[str]:
-    """The hyper-parameters of method ``name`` that have no default."""
-    return [spec.name for spec in method_options(name) if spec.required]
-
-
 def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
     """The method called ``name`` built with its hyper-parameters ``options`` (checked
     against its declared options: unknown, missing and out-of-range ones are a
@@ -73,5 +68,4 @@ __all__ = [
     "method_class",
     "method_options",
     "method_parameters",
-    "required_parameters",
 ]
