@@ -49,6 +49,11 @@ class Stream(IntEnum):
     PATE_QUERIES = 152  # the query pool
     PATE_NOISE = 153  # Confident-GNMax noise
     PATE_RELEASE = 154  # the smooth-sensitivity release of the data-dependent cost
+    FL_SCHEDULE = 160  # a federation's timing and client selection (phase A)
+    FL_TRIP = 161  # one client trip's local batches and augmentation, per trip
+    FL_LABEL_NOISE = 162  # clients' label randomization, per example
+    FL_USER_NOISE = 163  # user-level DP noise, per flush
+    FL_POPULATION = 164  # how the examples are dealt to the clients
 
 
 def derive_seed(seed: int, stream: Stream, *index: int, key: Sequence[int] = ()) -> int:

@@ -113,6 +113,37 @@ class StackedModels:
 
         return vmap(one, randomness="different")(params, self.buffers, x)
 
+    @classmethod
+    def replicate(
+        cls, model: nn.Module, n: int, forward: str = "auto",
+        params: dict[str, torch.Tensor] | None = None,
+    ) -> StackedModels:
+        """n copies of ``model`` (with ``params`` instead of its own parameters when given,
+        e.g. a federated server's weights), stacked without building n modules."""
+        check_int("n", n, 1)
+        stacked = cls.__new__(cls)
+        cls.__init__(stacked, [model], forward)  # the checks, base and buffers of one
+        source = params if params is not None else dict(model.named_parameters())
+        stacked.params = {
+            k: source[k].detach().unsqueeze(0).repeat(n, *([1] * source[k].dim()))
+            for k in stacked.params
+        }
+        for v in stacked.params.values():
+            v.requires_grad_(True)
+        stacked.buffers = {k: v.expand(n, *v.shape[1:]).clone() for k, v in stacked.buffers.items()}
+        stacked.size = n
+        return stacked
+
+    def subset(self, rows: torch.Tensor) -> StackedModels:
+        """The models in ``rows`` (an index tensor) as a new stack, parameters copied."""
+        stacked = copy.copy(self)
+        stacked.params = {
+            k: v.detach()[rows].clone().requires_grad_(True) for k, v in self.params.items()
+        }
+        stacked.buffers = {k: v[rows].clone() for k, v in self.buffers.items()}
+        stacked.size = len(rows)
+        return stacked
+
     def model(self, i: int, params: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """Model ``i`` as an ordinary module (a copy, on the parameters' device)."""
         params = params or self.params
