@@ -157,8 +157,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--momentum",
         type=_number(float, 0, high=1),
         default=argparse.SUPPRESS,
-        help="SGD momentum (Nesterov unless --no-nesterov)"
-        + RECIPE_NOTE.format(defaults.momentum),
+        help="SGD momentum (Nesterov unless --no-nesterov)" + RECIPE_NOTE.format(defaults.momentum),
     )
     how.add_argument(
         "--no-nesterov",
@@ -199,16 +198,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         type=_number(float, 0, strict=True, high=1),
         default=argparse.SUPPRESS,
         metavar="DECAY",
-        help="evaluate an exponential moving average of the weights"
-        + RECIPE_NOTE.format("no EMA"),
+        help="evaluate an exponential moving average of the weights" + RECIPE_NOTE.format("no EMA"),
     )
     how.add_argument(
         "--crop-padding",
         type=_number(int, 0),
         default=argparse.SUPPRESS,
         metavar="PIXELS",
-        help="random-crop translation, 0 = off"
-        + RECIPE_NOTE.format("1 for 28x28, 4 for 32x32"),
+        help="random-crop translation, 0 = off" + RECIPE_NOTE.format("1 for 28x28, 4 for 32x32"),
     )
     how.add_argument(
         "--hflip",
@@ -666,9 +663,38 @@ def _add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_reproduce)
 
 
+def _federated(args: argparse.Namespace) -> Any:
+    """The federated sweep of ``args.sweep_file`` (labeldp.fl.study), or None when the
+    file is an ordinary sweep file."""
+    from .fl.study import FederatedSweep, is_federated
+
+    path = packaged.resolve(args.sweep_file)
+    return FederatedSweep.load(path) if is_federated(path) else None
+
+
+def _federated_store(args: argparse.Namespace, spec: Any) -> Any:
+    from .fl.report import study_frame
+    from .store import ResultsStore
+
+    store = ResultsStore(args.store, create=False)
+    if study_frame(store, spec).empty:
+        raise ConfigError(
+            f"the store {args.store} holds no runs of sweep {spec.name}; run labeldp sweep first"
+        )
+    return store
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from .sweep import SweepSpec
 
+    study = _federated(args)
+    if study is not None:
+        from .fl.study import run_study
+        from .store import ResultsStore
+
+        run_study(study, ResultsStore(args.store), args.runs_dir, args.data_dir, args.device,
+                  progress=not args.quiet, only=args.only)  # fmt: skip
+        return 0
     _run_sweep(args, SweepSpec.load(packaged.resolve(args.sweep_file)))
     return 0
 
@@ -706,6 +732,15 @@ def _existing_store(args: argparse.Namespace, spec: Any) -> Any:
 def _report(args: argparse.Namespace) -> int:
     from .sweep import SweepSpec
 
+    study = _federated(args)
+    if study is not None:
+        from .fl.report import write_study_report
+
+        store = _federated_store(args, study)
+        for path in write_study_report(store, study, args.sweep_file, args.results_dir):
+            print(path)
+        return 0
+
     _write_report(args, SweepSpec.load(packaged.resolve(args.sweep_file)), args.sweep_file)
     return 0
 
@@ -720,6 +755,14 @@ def _write_report(args: argparse.Namespace, spec: Any, typed: str | Path) -> Non
 
 def _plot(args: argparse.Namespace) -> int:
     from .sweep import SweepSpec
+
+    study = _federated(args)
+    if study is not None:
+        from paper_figs.fl_plots import write_study_figures
+
+        for path in write_study_figures(_federated_store(args, study), study, args.figures_dir):
+            print(path)
+        return 0
 
     _draw(args, SweepSpec.load(packaged.resolve(args.sweep_file)))
     return 0
@@ -779,6 +822,55 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fl_parser(sub: argparse._SubParsersAction) -> None:
+    from .fl.options import FederationOptions
+
+    p = sub.add_parser(
+        "fl",
+        help="simulate one federation (FedAvg, FedAvgM, FedAsync, FedBuff)",
+        description="Simulate a federation on a virtual clock (labeldp.fl): clients from a "
+        "dataset, their trips scheduled from timing randomness, training replayed server "
+        "version by version, label DP at the clients and optional user-level DP. Writes "
+        "OUT/config.json, OUT/metrics.json and OUT/model.pt; an interrupted run resumes "
+        "from OUT/checkpoint.pt when given the same command. Options: docs/FL_OPTIONS.md.",
+    )
+    p.add_argument("--out", required=True, help="the run folder")
+    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
+    p.add_argument("--seed", type=_number(int, 0), default=0, help="the run seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--data-dir", default=None, metavar="DIR", help="where datasets are looked for first"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    group = p.add_argument_group("federation options (docs/FL_OPTIONS.md)")
+    for flag in flags([("fl", FederationOptions)]):
+        parsing = flag.kind.argparse_options()
+        if flag.metavar:
+            parsing["metavar"] = flag.metavar
+        group.add_argument(
+            flag.flag, dest=f"fl_{flag.dest}", default=argparse.SUPPRESS, help=flag.help(),
+            **parsing,
+        )  # fmt: skip
+    p.set_defaults(handler=_fl)
+
+
+def _fl(args: argparse.Namespace) -> int:
+    from .fl.options import FederationOptions
+    from .fl.run import run_folder
+
+    given = {k[3:]: v for k, v in vars(args).items() if k.startswith("fl_")}
+    options = FederationOptions(**given)
+    record = run_folder(options, args.seed, args.out, args.dataset, args.data_dir, args.device,
+                        progress=not args.quiet)  # fmt: skip
+    last = record.history[-1]
+    print(
+        f"{options.algorithm}: test accuracy {100 * last['test_accuracy']:.2f} % after "
+        f"{last['server_steps']} server steps, {last['trips']} client trips, virtual time "
+        f"{last['virtual_time']:.1f}; label ε {format_epsilon(record.label_epsilon)}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="labeldp",
@@ -793,6 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attack_parser(sub)
     _add_account_parser(sub)
     _add_sweep_parsers(sub)
+    _add_fl_parser(sub)
     return parser
 
 

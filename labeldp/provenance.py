@@ -35,8 +35,17 @@ def git_commit(root: Path = _SOURCE_ROOT) -> tuple[str | None, bool | None]:
         status = subprocess.run(
             # the results store and tables are outputs, not code: a sweep that writes
             # results/runs.sqlite must not mark its own later runs dirty
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
-             "--", ".", ":(exclude)results"],  # fmt: skip
+            [
+                "git",
+                "-C",
+                str(root),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)results",
+            ],  # fmt: skip
             capture_output=True,
             text=True,
             check=True,

@@ -353,9 +353,7 @@ def _train_run(
         train_size=len(train),
         evaluation_split="test" if config.validation_size is None else "validation",
         test_accuracy=result.fit.test_accuracy if config.validation_size is None else None,
-        validation_accuracy=None
-        if config.validation_size is None
-        else result.fit.test_accuracy,
+        validation_accuracy=None if config.validation_size is None else result.fit.test_accuracy,
         epsilon=result.ledger.epsilon,
         delta=result.ledger.delta,
         ledger=ledger,

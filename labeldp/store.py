@@ -50,6 +50,28 @@ CREATE TABLE IF NOT EXISTS runs (
     numerics TEXT,
     UNIQUE (sweep, key)
 );
+CREATE TABLE IF NOT EXISTS federated_runs (
+    id INTEGER PRIMARY KEY,
+    sweep TEXT NOT NULL,
+    key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    label_epsilon REAL,
+    final_accuracy REAL NOT NULL,
+    virtual_time REAL NOT NULL,
+    trips INTEGER NOT NULL,
+    server_steps INTEGER NOT NULL,
+    train_seconds REAL,
+    run_dir TEXT NOT NULL,
+    config TEXT NOT NULL,
+    record TEXT NOT NULL,
+    git_commit TEXT,
+    machine TEXT,
+    finished_at TEXT NOT NULL,
+    UNIQUE (sweep, key)
+);
 """
 
 
@@ -211,6 +233,52 @@ class ResultsStore:
         """The attack record of a row of :meth:`rows` (of any version); None when the run
         was not attacked."""
         return AttackRecord.from_json(json.loads(row["attack"])) if row.get("attack") else None
+
+    def finished_federated_keys(self, sweep: str) -> set[str]:
+        with self._connect() as db:
+            rows = db.execute("SELECT key FROM federated_runs WHERE sweep = ?", (sweep,))
+            return {row[0] for row in rows}
+
+    def record_federation(
+        self,
+        sweep: str,
+        name: str,
+        variant: str,
+        config: dict[str, Any],
+        run_dir: str | Path,
+        record: Any,
+        finished_at: str,
+    ) -> bool:
+        """Stores one finished federation (a :class:`~labeldp.fl.run.FederationRecord`)
+        of a federated sweep; False (nothing changed) when the sweep already holds its
+        configuration."""
+        summary = record.schedule
+        epsilon = record.label_epsilon
+        row = (
+            sweep, run_key(config), name, variant, record.options["algorithm"], record.seed,
+            epsilon if epsilon != float("inf") else None, record.final_accuracy,
+            summary["virtual_time"], summary["trips_aggregated"] + summary["trips_dropped"],
+            summary["server_steps"], record.train_seconds, str(run_dir),
+            json.dumps(config, sort_keys=True),
+            json.dumps(record.to_json(), sort_keys=True, allow_nan=False),
+            record.provenance.get("git_commit"), record.provenance.get("machine"), finished_at,
+        )  # fmt: skip
+        with self._connect() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO federated_runs (sweep, key, name, variant, algorithm, "
+                "seed, label_epsilon, final_accuracy, virtual_time, trips, server_steps, "
+                "train_seconds, run_dir, config, record, git_commit, machine, finished_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            return cursor.rowcount == 1
+
+    def federated_rows(self, sweep: str) -> list[dict[str, Any]]:
+        """Every stored federation of ``sweep`` (dicts of the columns, insertion order)."""
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            query = "SELECT * FROM federated_runs WHERE sweep = ? ORDER BY id"
+            return [dict(r) for r in db.execute(query, (sweep,))]
 
     def sweeps(self) -> list[str]:
         with self._connect() as db:

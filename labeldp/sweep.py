@@ -620,9 +620,7 @@ def run_sweep(
             )
             return
         # When the run itself finished (its provenance date), not when it was stored.
-        stamp = metrics.date or _dt.datetime.now(_dt.timezone.utc).isoformat(
-            timespec="seconds"
-        )
+        stamp = metrics.date or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         store.record(spec.name, name, config, run_dir, metrics, attack, stamp)
         bar.update(1)
         bound = (

@@ -85,6 +85,7 @@ class RunContext:
         """The labels diagnostics compare against: :attr:`true_labels` when canaries were
         planted, else the training labels (never to be trained on)."""
         return self.true_labels if self.true_labels is not None else self.train.labels
+
     def noise_seed(self, stream: Stream, *index: int) -> int:
         """The seed of privacy-noise ``stream`` (and e.g. a stage ``index``): the run's
         seed keyed by its configuration (:attr:`noise_key`)."""

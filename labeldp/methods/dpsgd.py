@@ -66,9 +66,7 @@ class DPSGDPlan:
 class DPSGDOptions(MethodOptions):
     """Options of ``dp-sgd``; see :class:`DPSGDMethod`."""
 
-    epsilon: float = option(
-        kind=EPSILON, help="the budget ε at delta (add or remove one example)"
-    )
+    epsilon: float = option(kind=EPSILON, help="the budget ε at delta (add or remove one example)")
     delta: float = option(1e-5, kind=DELTA, help="δ of the budget")
     max_grad_norm: float = option(
         1.0, kind=POSITIVE, metavar="C", help="per-example L2 clipping norm C"

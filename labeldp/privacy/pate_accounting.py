@@ -109,9 +109,7 @@ def rdp_data_dependent_at_order(log_q: np.ndarray, sigma: float, order: float) -
         log_1mq = _log1mexp(lq)
         log_a = log_1mq - _log1mexp((lq + e2) * (1 - 1 / m2))
         log_b = e1 - lq / (m1 - 1)
-        bound = np.logaddexp(log_1mq + (order - 1) * log_a, lq + (order - 1) * log_b) / (
-            order - 1
-        )
+        bound = np.logaddexp(log_1mq + (order - 1) * log_a, lq + (order - 1) * log_b) / (order - 1)
     return np.where(valid, np.minimum(independent, bound), independent)
 
 

@@ -115,7 +115,10 @@ class StackedModels:
 
     @classmethod
     def replicate(
-        cls, model: nn.Module, n: int, forward: str = "auto",
+        cls,
+        model: nn.Module,
+        n: int,
+        forward: str = "auto",
         params: dict[str, torch.Tensor] | None = None,
     ) -> StackedModels:
         """n copies of ``model`` (with ``params`` instead of its own parameters when given,

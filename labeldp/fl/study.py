@@ -1,0 +1,207 @@
+"""Federated sweep files: a grid of simulated federations, run resumably into the store.
+
+A federated sweep file is a TOML file with ``kind = "federation"``::
+
+    name = "fl_algorithms"
+    kind = "federation"
+    description = "..."
+    dataset = "fashion-mnist"
+    seeds = [0, 1, 2]
+    target_accuracy = 0.7        # the report's time-to-target (test accuracy in [0, 1])
+    [options]                    # FederationOptions for every point (docs/FL_OPTIONS.md)
+    layout = "dirichlet"
+    [grid]                       # Cartesian product over any FederationOptions key
+    algorithm = ["fedavg", "fedbuff"]
+    concurrency = [100, 1000]
+    [when.fedavg]                # options for the points of one algorithm
+    server_steps = 50
+
+In ``[grid]``, ``epsilon = inf`` means no label DP (label_privacy "none"). Every point
+is validated (its FederationOptions built) before anything runs. Points are named
+``<algorithm>-<key><value>...-seed<seed>`` and run in folders RUNS_DIR/<name>/<point>;
+each finished one is a row of the store's ``federated_runs`` table (one per (sweep,
+configuration)), so rerunning the sweep skips them and an interrupted one resumes from its
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from ..errors import ConfigError
+from ..options import specs
+from .options import FederationOptions
+
+KIND = "federation"
+_TOP = {"name", "kind", "description", "dataset", "seeds", "target_accuracy", "options",
+        "grid", "when", "reference"}  # fmt: skip
+
+
+def is_federated(path: str | Path) -> bool:
+    """Whether the sweep file at ``path`` declares ``kind = "federation"``."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f).get("kind") == KIND
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+
+
+@dataclass(frozen=True)
+class StudyPoint:
+    name: str
+    options: FederationOptions
+    seed: int
+    variant: str  # the grid values without the seed, e.g. "fedbuff-concurrency100"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"kind": KIND, "seed": self.seed, "options": self.options.to_dict()}
+
+
+@dataclass(frozen=True)
+class FederatedSweep:
+    """A parsed, validated federated sweep file (see the module docstring)."""
+
+    name: str
+    path: Path
+    description: str
+    dataset: str
+    seeds: tuple[int, ...]
+    target_accuracy: float
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    when: dict[str, dict[str, Any]]
+    reference: str = ""
+    points: tuple[StudyPoint, ...] = field(default=())
+
+    @classmethod
+    def load(cls, path: str | Path) -> FederatedSweep:
+        path = Path(path)
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        where = f"sweep file {path}"
+        unknown = sorted(set(data) - _TOP)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown keys {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP))}"
+            )
+        if data.get("kind") != KIND:
+            raise ConfigError(f'{where}: not a federated sweep (kind = "{KIND}")')
+        for key in ("name", "seeds", "target_accuracy"):
+            if key not in data:
+                raise ConfigError(f"{where}: needs {key}")
+        seeds = data["seeds"]
+        if not (
+            isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds)
+        ):
+            raise ConfigError(f"{where}: seeds must be a non-empty list of integers ≥ 0")
+        target = data["target_accuracy"]
+        if not (isinstance(target, (int, float)) and 0 < target <= 1):
+            raise ConfigError(f"{where}: target_accuracy must be in (0, 1], got {target!r}")
+        names = {s.name for s in specs(FederationOptions)}
+        base = dict(data.get("options", {}))
+        grid = dict(data.get("grid", {}))
+        when = dict(data.get("when", {}))
+        for table, keys in (("options", base), ("grid", grid),
+                            *((f"when.{a}", w) for a, w in when.items())):  # fmt: skip
+            bad = sorted(set(keys) - names)
+            if bad:
+                raise ConfigError(
+                    f"{where}: [{table}] has unknown options {', '.join(bad)} "
+                    f"(see docs/FL_OPTIONS.md)"
+                )
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}: [grid] {key} must be a non-empty list")
+        spec = cls(
+            name=data["name"], path=path, description=data.get("description", ""),
+            dataset=data.get("dataset", "fashion-mnist"), seeds=tuple(seeds),
+            target_accuracy=float(target), base=base, grid=grid, when=when,
+            reference=data.get("reference", ""),
+        )  # fmt: skip
+        object.__setattr__(spec, "points", tuple(spec._points(where)))
+        return spec
+
+    def _points(self, where: str) -> list[StudyPoint]:
+        keys = list(self.grid)
+        out = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            chosen = dict(zip(keys, values, strict=True))
+            options = {**self.base, **chosen}
+            options = {
+                **options,
+                **self.when.get(options.get("algorithm", "fedbuff"), {}),
+                **chosen,
+            }
+            if "epsilon" in chosen and chosen["epsilon"] == math.inf:
+                options["epsilon"] = None
+                options["label_privacy"] = "none"
+            try:
+                built = FederationOptions(**options)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: grid point {chosen}: {e}") from None
+            variant = _variant(chosen)
+            for seed in self.seeds:
+                out.append(StudyPoint(f"{variant}-seed{seed}", built, seed, variant))
+        return out
+
+    def matching(self, only: str | None) -> list[StudyPoint]:
+        """The points whose names match the shell pattern ``only`` (all when None)."""
+        if only is None:
+            return list(self.points)
+        return [p for p in self.points if fnmatch.fnmatchcase(p.name, only)]
+
+
+def _variant(chosen: dict[str, Any]) -> str:
+    parts = []
+    for key, value in chosen.items():
+        text = (
+            "inf"
+            if value == math.inf
+            else (f"{value:g}" if isinstance(value, float) else str(value))
+        )
+        parts.append(text if key == "algorithm" else f"{key.replace('_', '')}{text}")
+    return "-".join(parts) or "base"
+
+
+def run_study(
+    spec: FederatedSweep,
+    store: Any,
+    runs_dir: str | Path,
+    data_dir: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    only: str | None = None,
+) -> int:
+    """Runs every point of ``spec`` the store does not hold (matching ``only``); returns
+    how many ran. Each finished point is stored at once."""
+    import datetime
+
+    from ..store import run_key
+    from .run import run_folder
+
+    points = spec.matching(only)
+    if not points:
+        raise ConfigError(f"--only {only!r} matches no point of {spec.name}")
+    done = store.finished_federated_keys(spec.name)
+    todo = [p for p in points if run_key(p.config) not in done]
+    for i, point in enumerate(todo):
+        if progress:
+            print(
+                f"{spec.name}: {point.name} ({i + 1}/{len(todo)}; {len(points) - len(todo)} stored)"
+            )
+        folder = Path(runs_dir) / spec.name / point.name
+        record = run_folder(point.options, point.seed, folder, spec.dataset, data_dir, device,
+                            progress)  # fmt: skip
+        stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        store.record_federation(
+            spec.name, point.name, point.variant, point.config, folder, record, stamp
+        )
+    return len(todo)

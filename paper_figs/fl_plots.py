@@ -1,0 +1,122 @@
+"""Figures of a federated sweep, drawn from the results store.
+
+- ``<sweep>_accuracy.{png,pdf}``: test accuracy against virtual time (left) and against
+  client trips, the communication (right), one colour per grid variant, one thin line
+  per seed; the sweep's target accuracy dotted.
+- ``<sweep>_staleness.{png,pdf}``: the staleness histogram of each variant (all seeds'
+  aggregated trips; the last bin holds everything larger).
+- ``<sweep>_speedup.{png,pdf}`` (when the grid varies ``concurrency``): time to target
+  against concurrency (log–log), one line per algorithm, mean over seeds; a seed that
+  never reached the target leaves its point out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from labeldp.fl.report import study_frame  # noqa: E402
+from labeldp.fl.run import FederationRecord  # noqa: E402
+from labeldp.fl.study import FederatedSweep  # noqa: E402
+from paper_figs.plots import _save  # noqa: E402
+
+
+def _records(store, spec: FederatedSweep) -> dict[str, list[FederationRecord]]:
+    wanted = {p.name: p for p in spec.points}
+    out: dict[str, list[FederationRecord]] = {}
+    for row in store.federated_rows(spec.name):
+        point = wanted.get(row["name"])
+        if point is None or json.loads(row["config"]) != point.config:
+            continue
+        out.setdefault(row["variant"], []).append(
+            FederationRecord.from_json(json.loads(row["record"]))
+        )
+    return out
+
+
+def accuracy_curves(records, spec: FederatedSweep) -> plt.Figure:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (variant, runs) in enumerate(records.items()):
+        colour = colours[i % len(colours)]
+        for j, record in enumerate(runs):
+            for ax, axis in zip(axes, ("virtual_time", "trips"), strict=True):
+                x = [h[axis] for h in record.history]
+                y = [100 * h["test_accuracy"] for h in record.history]
+                ax.plot(x, y, color=colour, lw=1, alpha=0.8, label=variant if j == 0 else None)
+    for ax, label in zip(axes, ("virtual time (mean trip durations)", "client trips"), strict=True):
+        ax.axhline(100 * spec.target_accuracy, color="grey", ls=":", lw=1)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{spec.name}: accuracy vs time and vs communication")
+    fig.tight_layout()
+    return fig
+
+
+def staleness_histograms(records, spec: FederatedSweep) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for variant, runs in records.items():
+        counts = np.sum([r.schedule["staleness_histogram"] for r in runs], axis=0)
+        if counts.sum() == 0:
+            continue
+        share = counts / counts.sum()
+        ax.step(np.arange(len(share)), share, where="mid", label=variant)
+    ax.set_xlabel("staleness τ (server steps; last bin: all larger)")
+    ax.set_ylabel("share of aggregated trips")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{spec.name}: staleness")
+    fig.tight_layout()
+    return fig
+
+
+def speedup(frame, spec: FederatedSweep) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for algorithm, g in frame.groupby("algorithm", sort=False):
+        points = []
+        for c, h in g.groupby("concurrency"):
+            times = h["time_to_target"].to_numpy(dtype=float)
+            if np.isfinite(times).all():
+                points.append((c, times.mean()))
+        if points:
+            xs, ys = zip(*sorted(points), strict=True)
+            ax.plot(xs, ys, marker="o", label=algorithm)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrency (clients training at once)")
+    ax.set_ylabel(f"virtual time to {100 * spec.target_accuracy:g} % test accuracy")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(f"{spec.name}: time to target vs concurrency")
+    fig.tight_layout()
+    return fig
+
+
+def write_study_figures(
+    store, spec: FederatedSweep, out_dir: str | Path = "paper_figs"
+) -> list[Path]:
+    """Draws the federated sweep's figures (PNG and PDF) into ``out_dir``."""
+    records = _records(store, spec)
+    if not records:
+        return []
+    figures = {
+        "accuracy": accuracy_curves(records, spec),
+        "staleness": staleness_histograms(records, spec),
+    }
+    if "concurrency" in spec.grid:
+        figures["speedup"] = speedup(study_frame(store, spec), spec)
+    paths = []
+    for kind, fig in figures.items():
+        for suffix in (".png", ".pdf"):
+            paths.append(_save(fig, Path(out_dir) / f"{spec.name}_{kind}{suffix}"))
+        plt.close(fig)
+    return paths
