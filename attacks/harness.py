@@ -1,8 +1,10 @@
 """Runs every attack on finished run folders and tabulates ε_LB next to ε.
 
-For each run folder: reads metrics.json (the claimed ε), canaries.pt and outputs.pt,
-runs the memorization attack (memorization canaries), the one-run audit (audit canaries)
-and label inference, and writes attack.json atomically into the folder.
+For each run folder: reads metrics.json (the claimed ε: :func:`read_claim`), canaries.pt
+and outputs.pt, runs the memorization attack (memorization canaries), the one-run audit
+(audit canaries) and label inference, and writes attack.json atomically into the folder.
+A federation's folder (labeldp.fl.run) is attacked the same way, its final global model
+held to the label ε of its clients' label mechanism (:func:`federation_claim`).
 
 Every ε_LB comes with the most its canary count could certify (``epsilon_lb_max``, the
 bound of a perfect attack) and is held to the bound of the relation the attack tests:
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 from labeldp.errors import ConfigError
 from labeldp.io import atomic_write_json
 from labeldp.privacy.neighbouring import Neighbouring
-from labeldp.records import AttackRecord, RunRecord
+from labeldp.records import AttackRecord, RunRecord, number_from_json
 from labeldp.run_folder import diagnostic_file
 from labeldp.seeding import Stream, derive_seed
 
@@ -68,8 +71,7 @@ def relation(method: str, metrics: RunRecord | Mapping[str, Any] | None = None) 
         return ledger["relation"]
     entries = ledger.get("entries") or []
     named = {
-        e.get("relation") or (e.get("details") or {}).get("neighboring_relation")
-        for e in entries
+        e.get("relation") or (e.get("details") or {}).get("neighboring_relation") for e in entries
     } - {None}
     if len(named) == 1:
         return named.pop()
@@ -122,6 +124,62 @@ def _probabilities(part: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.softmax(part["logits"].double(), dim=1)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What a finished run claims, as the attacks read it: its ``method`` (for a
+    federation, the clients' label mechanism), its ``epsilon`` (math.inf when nothing is
+    claimed) and ``delta`` (None then), the ``ledger`` that names its relation (JSON
+    form), the run ``seed`` (the attacks' split is drawn from it) and ``notes`` that
+    attack.json repeats."""
+
+    method: str
+    epsilon: float
+    delta: float | None
+    ledger: Mapping[str, Any]
+    seed: int
+    notes: tuple[str, ...] = ()
+
+
+#: Why a federation is held to its label ε and never to its user-level one.
+FEDERATION_NOTE = (
+    "a federation: the canaries replace one label each, so the bound tested is the label "
+    "ε of the clients' label mechanism (replace one label); the user-level (ε, δ), for "
+    "another relation (one user), is not tested"
+)
+
+
+def federation_claim(record: Any) -> Claim:
+    """The claim of a federation (a :class:`labeldp.fl.run.FederationRecord`): its label
+    ledger ("replace one label"; empty, ε = ∞, for label_privacy "none"), never its
+    user-level ledger."""
+    ledger = record.label_ledger
+    epsilon = float(number_from_json(ledger.get("epsilon"), none=math.inf))
+    return Claim(
+        method=record.options["label_privacy"],
+        epsilon=epsilon,
+        delta=None if math.isinf(epsilon) else number_from_json(ledger.get("delta")),
+        ledger=ledger,
+        seed=record.seed,
+        notes=(FEDERATION_NOTE,),
+    )
+
+
+def read_claim(run_dir: str | Path) -> Claim:
+    """The claim of the finished run in ``run_dir``: from its metrics.json, a
+    :class:`RunRecord` or, when config.json says ``kind = "federation"``, a federation's
+    record (:func:`federation_claim`)."""
+    run_dir = Path(run_dir)
+    data = json.loads((run_dir / "metrics.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    if config.get("kind") == "federation":
+        from labeldp.fl.run import FederationRecord  # labeldp.fl.run imports this module
+
+        return federation_claim(FederationRecord.from_json(data))
+    metrics = RunRecord.from_json(data)
+    seed = config["run"]["train"]["seed"]
+    return Claim(metrics.method, metrics.epsilon, metrics.delta, metrics.ledger or {}, seed)
+
+
 def attack_run(run_dir: str | Path, alpha: float = 0.05) -> AttackRecord:
     """Attacks one finished run; writes ``attack.json`` (the record's JSON form) and
     returns its record."""
@@ -132,20 +190,29 @@ def attack_run(run_dir: str | Path, alpha: float = 0.05) -> AttackRecord:
         raise ConfigError(f"{run_dir} holds no finished run (no metrics.json)")
     if not outputs_path.exists():
         raise ConfigError(f"{run_dir} has no outputs.pt; it was made by a labeldp without attacks")
-    metrics = RunRecord.from_json(json.loads(metrics_path.read_text()))
-    outputs = torch.load(outputs_path, map_location="cpu", weights_only=True)
-    seed = json.loads((run_dir / "config.json").read_text())["run"]["train"]["seed"]
-    tested = bound_tested(metrics.method, metrics.epsilon, metrics.delta, metrics)
+    return attack_claim(run_dir, read_claim(run_dir), alpha)
+
+
+def attack_claim(run_dir: str | Path, claim: Claim, alpha: float = 0.05) -> AttackRecord:
+    """Attacks the outputs a run stored in ``run_dir`` (diagnostics/outputs.pt and
+    canaries.pt) against ``claim``; writes ``attack.json`` and returns its record. A run
+    that writes its metrics.json last calls this before, with the claim it will record."""
+    run_dir = Path(run_dir)
+    outputs = torch.load(
+        diagnostic_file(run_dir, "outputs.pt"), map_location="cpu", weights_only=True
+    )
+    seed = claim.seed
+    tested = bound_tested(claim.method, claim.epsilon, claim.delta, {"ledger": claim.ledger})
     result: dict[str, Any] = {
         "run": str(run_dir),
-        "method": metrics.method,
-        "epsilon": metrics.epsilon,
-        "delta": metrics.delta,
+        "method": claim.method,
+        "epsilon": claim.epsilon,
+        "delta": claim.delta,
         "bound_tested": tested,
         "alpha": alpha,
         "memorization": None,
         "one_run": None,
-        "notes": [],
+        "notes": list(claim.notes),
     }
     canaries_path = diagnostic_file(run_dir, "canaries.pt")
     canaries = Canaries.load(canaries_path) if canaries_path.exists() else None
@@ -188,17 +255,17 @@ def attack_run(run_dir: str | Path, alpha: float = 0.05) -> AttackRecord:
                 f"{part['epsilon_lb_max']:.2f}, the most {part['canaries']} canaries "
                 "can certify: this audit cannot refute it"
             )
-    if metrics.delta:
+    if claim.delta:
         result["notes"].append(
-            f"the run claims (ε, δ) with δ = {metrics.delta:g}; the bounds here assume pure ε-DP"
+            f"the run claims (ε, δ) with δ = {claim.delta:g}; the bounds here assume pure ε-DP"
         )
     result["label_inference"] = label_inference(
         outputs["train_sample"]["softmax"],
         outputs["train_sample"]["labels"],
         outputs["heldout"]["softmax"],
         outputs["heldout"]["labels"],
-        None if math.isinf(metrics.epsilon) else metrics.epsilon,
-        metrics.delta,
+        None if math.isinf(claim.epsilon) else claim.epsilon,
+        claim.delta,
     )
     record = AttackRecord(**{**result, "notes": tuple(result["notes"])})
     atomic_write_json(run_dir / "attack.json", record.to_json())

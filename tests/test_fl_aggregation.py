@@ -58,7 +58,13 @@ def test_staleness_types_and_range():
         values = w(extremes)
         assert values[0] == 1.0 and np.all(values > 0) and np.all(values <= 1)
         assert np.all(np.diff(values) <= 0)  # staler never weighs more
-    assert StalenessWeight("polynomial", exponent=MAX_EXPONENT)(np.uint64(2**64 - 1)) > 0
+    # with and without denormals flushed to zero (every run flushes them): a normal float
+    try:
+        for flush in (False, True):
+            torch.set_flush_denormal(flush)
+            assert StalenessWeight("polynomial", exponent=MAX_EXPONENT)(np.uint64(2**64 - 1)) > 0
+    finally:
+        torch.set_flush_denormal(False)
 
 
 @pytest.mark.parametrize("tau", [-1, np.array([0, 3, -2]), 1.0, np.array([0.5]), True, "3"])

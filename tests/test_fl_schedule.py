@@ -130,3 +130,11 @@ def test_bad_schedules_are_refused():
             ScheduleConfig(**bad)
     with pytest.raises(ConfigError, match="exceeds"):
         schedule(num_clients=5, concurrency=10, buffer_size=1)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_time_budget_stops_at_the_first_update_after_it(mode):
+    s = schedule(mode=mode, concurrency=10, buffer_size=5, server_steps=10_000, time_budget=20.0)
+    assert s.flush_time[-1] >= 20.0 and (s.flush_time[:-1] < 20.0).all()
+    with pytest.raises(ConfigError, match="time_budget"):
+        ScheduleConfig(time_budget=0.0)

@@ -19,6 +19,7 @@ from fakes import run_record
 from labeldp import cli
 from labeldp import experiments as packaged
 from labeldp.errors import ConfigError
+from labeldp.fl.study import FederatedSweep, is_federated
 from labeldp.sweep import SweepSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,9 @@ def test_the_packaged_sweep_files_are_found_through_importlib_resources():
 
 @pytest.mark.parametrize("name", packaged.names())
 def test_every_packaged_sweep_file_loads(name):
+    if is_federated(packaged.find(name)):
+        assert FederatedSweep.load(packaged.find(name)).points
+        return
     spec = SweepSpec.load(packaged.find(name))
     assert spec.runs()
     if spec.audits is not None:  # the companion is found next to the packaged file
@@ -79,9 +83,7 @@ def test_a_zipped_install_reads_the_files_from_a_copy(tmp_path, monkeypatch):
     with zipfile.ZipFile(archive, "w") as z:
         for path in packaged.folder().glob("*.toml"):
             z.write(path, f"labeldp/experiments/{path.name}")
-    monkeypatch.setattr(
-        packaged, "files", lambda _: zipfile.Path(archive, "labeldp/experiments/")
-    )
+    monkeypatch.setattr(packaged, "files", lambda _: zipfile.Path(archive, "labeldp/experiments/"))
     packaged._extracted.cache_clear()
     try:
         copy = packaged.folder()
@@ -106,8 +108,19 @@ def test_a_wheel_carries_the_sweep_files(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--no-index", "-q", str(source), "-w", str(tmp_path / "dist")],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            str(source),
+            "-w",
+            str(tmp_path / "dist"),
+        ],  # fmt: skip
         check=True,
         capture_output=True,
         timeout=120,

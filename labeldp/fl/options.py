@@ -11,6 +11,14 @@ clients' :class:`~labeldp.fl.population.Population`.
 Algorithm presets fill what is left unset: fedavg / fedavgm run "sync" rounds of
 ``concurrency`` clients (fedavgm with server momentum 0.9), fedasync is "async" with
 buffer_size 1, fedbuff "async" with buffer_size 10; server_lr 1.
+
+Canaries (``canaries``, ``audit_canaries``; :mod:`attacks.canaries`) are planted as in an
+ordinary run: label-independently chosen examples whose labels are replaced before any
+client sees a label, the final global model attacked by :mod:`attacks.harness`. The
+population is laid out from the true labels, so a canary differs from its neighbour in
+its label only; ``canary_clients`` "spread" leaves each canary with the client(s) the
+layout dealt it to, "first" moves them all into client 0 (:func:`gather`), so that an
+audit measures what one client's data leaks through the global model.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from .staleness import StalenessWeight
 LAYOUTS = ("iid", "shards", "dirichlet")
 SIZES = ("equal", "lognormal", "power-law")
 LABEL_PRIVACY = ("none", "rr", "rr-prior", "alibi")
+CANARY_CLIENTS = ("spread", "first")
 POSITIVE = Number(float, 0, low_open=True)
 AT_LEAST_ONE = Number(int, 1)
 NON_NEGATIVE = Number(float, 0)
@@ -91,6 +100,11 @@ class FederationOptions(MethodOptions):
         False, kind=SWITCH, help="trip duration proportional to the client's data size"
     )
     server_steps: int = option(200, kind=AT_LEAST_ONE, help="server updates to simulate")
+    time_budget: float | None = option(
+        None, kind=POSITIVE, none="server_steps alone",
+        help="also stop at the first server update at or after this virtual time (compare "
+        "algorithms over equal time)",
+    )  # fmt: skip
     server_lr: float = option(1.0, kind=POSITIVE, help="server learning rate η_g")
     server_momentum: float | None = option(
         None, kind=Number(float, 0, 1, high_open=True), none="fedavgm 0.9, else 0",
@@ -130,6 +144,22 @@ class FederationOptions(MethodOptions):
         None, kind=AT_LEAST_ONE, none="no cap", help="most trips per client (user-level DP's m)"
     )
     delta: float = option(1e-5, kind=DELTA, help="δ of the user-level (ε, δ)")
+    canaries: int = option(
+        0, kind=Number(int, 0),
+        help="memorization canaries: training labels replaced by a random wrong one before "
+        "any client sees a label (attacks.canaries); the final global model is attacked "
+        "(attack.json)",
+    )  # fmt: skip
+    audit_canaries: int = option(
+        0, kind=Number(int, 0),
+        help="one-run audit canaries: labels set by a coin between two wrong ones "
+        "(attacks.canaries), audited on the final global model",
+    )  # fmt: skip
+    canary_clients: str = option(
+        "spread", kind=Choice(CANARY_CLIENTS),
+        help="where the canary examples are: spread (where the population dealt them) or "
+        "first (all moved into client 0, which then holds each once)",
+    )  # fmt: skip
     model: str = option("cnn-tanh", kind=Text(), help="model name (no BatchNorm)")
     chunk_size: int = option(256, kind=AT_LEAST_ONE, help="trips trained per vectorized call")
     forward: str = option(
@@ -165,7 +195,7 @@ class FederationOptions(MethodOptions):
             schedule=ScheduleConfig(
                 mode=self.mode, concurrency=self.concurrency,
                 buffer_size=min(k, self.concurrency) if sync else k,
-                server_steps=self.server_steps,
+                server_steps=self.server_steps, time_budget=self.time_budget,
                 durations=Durations(
                     kind=self.durations, mean=self.duration_mean, spread=self.duration_spread,
                     speed_sigma=self.speed_sigma, scale_by_size=self.scale_by_size,
@@ -194,9 +224,57 @@ def raise_config(message: str) -> None:
     raise ConfigError(message)
 
 
-def build_population(options: FederationOptions, labels: np.ndarray, seed: int) -> Population:
+def build_population(
+    options: FederationOptions,
+    labels: np.ndarray,
+    seed: int,
+    canaries: np.ndarray | None = None,
+) -> Population:
     """The clients of ``options`` over a dataset with ``labels`` (int, (N,)); ``seed`` is
-    the population's own (labeldp derives it from the run seed and Stream.FL_POPULATION)."""
+    the population's own (labeldp derives it from the run seed and Stream.FL_POPULATION).
+    ``canaries``: the canary examples' indices, moved into client 0 when
+    ``canary_clients`` is "first" (:func:`gather`); with "spread" they stay where the
+    layout put them.
+
+    With canaries, ``labels`` are the TRUE labels, read before any is replaced (labeldp.fl
+    .run): the layout is the federation's given, and a canary then differs from its
+    neighbouring dataset in its label only, not in which client holds it. A layout read
+    from the planted labels (shards, dirichlet) would deal a canary by its planted label
+    (for an audit canary, by its coin), a dependence on the label outside the clients'
+    label mechanism that its ε does not cover."""
+    population = _layout(options, labels, seed)
+    if canaries is not None and len(canaries) and options.canary_clients == "first":
+        population = gather(population, canaries, 0)
+    return population
+
+
+def gather(population: Population, examples: np.ndarray, client: int) -> Population:
+    """``population`` with ``examples`` (indices) taken from every client that holds them
+    (replicas included) and given to ``client``, which holds each once. The examples are
+    the canaries, chosen without looking at labels, so the new layout does not depend on
+    labels beyond the original one. A client left with no example is a ConfigError."""
+    examples = np.unique(np.asarray(examples, dtype=np.int64))
+    ids = np.repeat(np.arange(population.num_clients), population.sizes)
+    moved = np.isin(population.indices, examples)
+    ids = np.concatenate([ids[~moved], np.full(len(examples), client)])
+    held = np.concatenate([population.indices[~moved], examples])
+    counts = np.bincount(ids, minlength=population.num_clients)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise_config(
+            f"canary_clients 'first': moving the {len(examples)} canaries into client "
+            f"{client} leaves client {empty[0]} with no example; use fewer canaries, fewer "
+            "clients or canary_clients 'spread'"
+        )
+    order = np.lexsort((held, ids))
+    return Population(
+        np.concatenate([[0], np.cumsum(counts)]), held[order], population.num_examples,
+        f"{population.layout}; {len(examples)} canaries in client {client}",
+        population.looks_at_labels,
+    )  # fmt: skip
+
+
+def _layout(options: FederationOptions, labels: np.ndarray, seed: int) -> Population:
     n = len(labels)
     if options.layout == "shards":
         return shards(labels, options.clients, seed)

@@ -4,10 +4,12 @@ Per grid variant (mean ± std over its seeds): final test accuracy, time-, trips
 server-steps-to-target (the first crossing of the sweep's ``target_accuracy`` by the
 best-so-far accuracy, interpolated; a seed that never reaches it counts as ∞ and the
 column says how many reached it), staleness mean and p99, achieved concurrency, dropped
-trips, the label ε and the wall time. When the grid varies the algorithm, a second table
-gives each algorithm's time- and trips-to-target divided by those of the reference
-algorithm (the sweep's ``reference``, default fedbuff) at the same other grid values: the
-speed-up factors the FedBuff and Papaya papers report.
+trips, the label ε (and, when a run of the sweep planted canaries, the mean ε_LB of the
+memorization attack and of the one-run audit on the final global model, each tested
+against that label ε: see labeldp.fl.run) and the wall time. When the grid varies the
+algorithm, a second table gives each algorithm's time- and trips-to-target divided by
+those of the reference algorithm (the sweep's ``reference``, default fedbuff) at the same
+other grid values: the speed-up factors the FedBuff and Papaya papers report.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def study_frame(store: Any, spec: FederatedSweep) -> pd.DataFrame:
             "achieved_concurrency": record.schedule["mean_concurrency"],
             "dropped": record.schedule["trips_dropped"],
             "label_epsilon": record.label_epsilon, "seconds": record.train_seconds,
+            **({f"epsilon_lb_{name}": math.nan if lb is None else lb
+                for name, lb in record.epsilon_lb.items()} if record.attack else {}),
             "git_commit": row["git_commit"], "machine": row["machine"],
             **{k: point.options.to_dict()[k] for k in spec.grid},
         }  # fmt: skip
@@ -64,24 +68,49 @@ def _mean_std(values: pd.Series, digits: int = 1, scale: float = 1.0) -> str:
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
+#: The audits whose mean ε_LB the summary shows (when a run of the sweep has them).
+AUDIT_COLUMNS = (("memorization", "ε_LB memorization"), ("one_run", "ε_LB one-run"))
+
+
+def _mean_lb(values: pd.Series) -> str:
+    """The mean ε_LB over the seeds that ran the audit ("–" for none; "(n/m)" when only
+    some did)."""
+    v = values.to_numpy(dtype=float)
+    have = v[~np.isnan(v)]
+    if not len(have):
+        return "–"
+    return f"{have.mean():.2f}" + (f" ({len(have)}/{len(v)})" if len(have) < len(v) else "")
+
+
 def summary_table(frame: pd.DataFrame, spec: FederatedSweep) -> list[str]:
     target = f"{100 * spec.target_accuracy:g} %"
+    audits = [
+        (name, title) for name, title in AUDIT_COLUMNS
+        if f"epsilon_lb_{name}" in frame and frame[f"epsilon_lb_{name}"].notna().any()
+    ]  # fmt: skip
     lines = [
         f"| variant | seeds | final acc. (%) | time to {target} | trips to {target} | "
         f"steps to {target} | staleness mean / p99 | concurrency | dropped trips | "
-        "label ε | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"label ε | {''.join(f'{title} | ' for _, title in audits)}wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(audits) + "---|",
     ]
     for variant, g in frame.groupby("variant", sort=False):
         eps = g["label_epsilon"].iloc[0]
+        lbs = "".join(f"{_mean_lb(g[f'epsilon_lb_{name}'])} | " for name, _ in audits)
         lines.append(
             f"| {variant} | {len(g)} | {_mean_std(g['final_accuracy'], 2, 100)} | "
             f"{_mean_std(g['time_to_target'], 1)} | {_mean_std(g['trips_to_target'], 0)} | "
             f"{_mean_std(g['steps_to_target'], 0)} | {g['staleness_mean'].mean():.2f} / "
             f"{g['staleness_p99'].mean():.0f} | {g['achieved_concurrency'].mean():.0f} | "
             f"{g['dropped'].mean():.0f} | {'∞' if math.isinf(eps) else f'{eps:g}'} | "
-            f"{g['seconds'].mean():.0f} |"
+            f"{lbs}{g['seconds'].mean():.0f} |"
         )
+    if audits:
+        lines += [
+            "",
+            "ε_LB: mean over seeds of each audit's lower bound (α = 0.05) on the final "
+            "global model, tested against the label ε (replace one label; ∞: no label DP).",
+        ]
     return lines
 
 

@@ -10,26 +10,47 @@ and loss against server steps, virtual time and client trips), the schedule's su
 (trips, dropped trips, staleness mean/p50/p99 and histogram, achieved concurrency), the
 two ledgers (label DP: replace one label; user level: one user), buffer overflows and
 provenance.
+
+Canaries and audits (``canaries``, ``audit_canaries``, ``canary_clients``): planted as
+:mod:`labeldp.runner` plants them (:func:`attacks.canaries.plant`, the run seed's
+Stream.CANARIES, on the true training labels, label-independently chosen), before the
+clients' label mechanism (:class:`~labeldp.fl.label_privacy.ClientLabels`) sees any
+label; the population is laid out from the true labels (see
+:func:`~labeldp.fl.options.build_population`) and the clients train on the planted ones.
+``diagnostics/canaries.pt`` and, after training, ``diagnostics/outputs.pt`` (the final
+global model's outputs, :func:`attacks.outputs.collect_outputs`) are what
+:mod:`attacks.harness` reads; it writes ``attack.json`` before metrics.json, whose
+``attack`` holds each audit's ε_LB and the bound tested: the LABEL ε (replace one label,
+what a canary changes), ∞ without label DP, never the user-level ε. ``labeldp attack`` on
+the folder recomputes the same attack.json. Without canaries none of this is written.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..data.dataset import load_splits
+from attacks.canaries import Canaries, plant
+from attacks.harness import attack_claim, federation_claim
+from attacks.outputs import collect_outputs
+
+from ..augment import Normalize
+from ..data.dataset import DeviceDataset, load_splits
 from ..errors import ConfigError
-from ..io import atomic_write_json, read_json
+from ..io import atomic_write, atomic_write_json, read_json
 from ..locking import folder_lock
+from ..models import build_model
 from ..provenance import numerics, provenance
-from ..records import number_from_json, number_to_json
+from ..records import AttackRecord, number_from_json, number_to_json, to_json_value
+from ..run_folder import diagnostics_dir
 from ..seeding import Stream, derive_seed
 from ..train.device import resolve_device
+from .clients import unflatten
 from .options import FederationOptions, build_population
 from .schedule import Schedule
 from .simulator import FederationResult, run_federation
@@ -53,6 +74,7 @@ class FederationRecord:
     overflows: int
     train_seconds: float
     provenance: dict[str, Any] = field(default_factory=dict)
+    attack: dict[str, Any] | None = None
 
     @property
     def final_accuracy(self) -> float:
@@ -68,6 +90,7 @@ class FederationRecord:
             {k: number_to_json(v) if isinstance(v, float) else v for k, v in row.items()}
             for row in self.history
         ]
+        out["attack"] = to_json_value(self.attack)
         return out
 
     @classmethod
@@ -77,7 +100,55 @@ class FederationRecord:
             {k: number_from_json(v) if k.endswith("epsilon") else v for k, v in row.items()}
             for row in data["history"]
         ]
+        attack = data.get("attack")
+        if attack is not None:
+            data["attack"] = {
+                **attack,
+                "epsilon_tested": number_from_json(attack["epsilon_tested"]),
+                **{
+                    name: None if attack[name] is None else _numbers(attack[name])
+                    for name in AUDITS
+                },
+            }
         return cls(**data)
+
+    @property
+    def epsilon_lb(self) -> dict[str, float | None]:
+        """Each audit's ε_LB ("memorization", "one_run"); None without the audit."""
+        attack = self.attack or {}
+        return {
+            name: None if attack.get(name) is None else attack[name]["epsilon_lb"]
+            for name in AUDITS
+        }
+
+
+#: The audits a federation's record summarizes (attack.json holds their details).
+AUDITS = ("memorization", "one_run")
+
+
+def _numbers(part: dict[str, Any]) -> dict[str, Any]:
+    return {k: number_from_json(v) if k.startswith("epsilon") else v for k, v in part.items()}
+
+
+def attack_summary(attack: AttackRecord) -> dict[str, Any]:
+    """What a federation's record keeps of its attack.json: the bound tested (relation and
+    ε: the label ε, ∞ without label DP), α, and per audit its ε_LB, the most its canaries
+    can certify, their number and whether the ε_LB exceeds the bound."""
+    tested = attack.bound_tested or {}
+    out: dict[str, Any] = {
+        "relation": tested.get("relation"),
+        "epsilon_tested": float(tested.get("epsilon", math.inf)),
+        "alpha": float(attack.alpha),
+    }
+    for name in AUDITS:
+        part = attack.part(name)
+        out[name] = None if part is None else {
+            "epsilon_lb": float(part["epsilon_lb"]),
+            "epsilon_lb_max": float(part["epsilon_lb_max"]),
+            "canaries": int(part["canaries"]),
+            "exceeds_bound": bool(part.get("exceeds_bound", False)),
+        }  # fmt: skip
+    return out
 
 
 def schedule_summary(schedule: Schedule) -> dict[str, Any]:
@@ -132,7 +203,7 @@ def run_folder(
     with folder_lock(out):
         metrics, saved = out / "metrics.json", out / "config.json"
         if saved.exists():
-            if read_json(saved, f"delete {out} to start again") != config:
+            if _recorded(read_json(saved, f"delete {out} to start again")) != config:
                 state = "a finished" if metrics.exists() else "an unfinished"
                 raise ConfigError(
                     f"{out} holds {state} federation of another configuration; "
@@ -140,13 +211,20 @@ def run_folder(
                 )
             if metrics.exists():  # finished: never rerun or overwritten
                 return FederationRecord.from_json(read_json(metrics, f"delete {out} to rerun"))
-        else:
-            atomic_write_json(saved, config)
         target = resolve_device(device)
         train, test = load_splits(dataset, data_dir=data_dir, device=target)
+        true_labels = train.labels
+        canaries = plant_federation_canaries(options, seed, train, len(test))
         population = build_population(
-            options, train.labels.cpu().numpy(), derive_seed(seed, Stream.FL_POPULATION)
-        )
+            options, true_labels.cpu().numpy(), derive_seed(seed, Stream.FL_POPULATION),
+            canaries=None if canaries is None else planted_examples(canaries).numpy(),
+        )  # fmt: skip
+        if canaries is not None:
+            train = DeviceDataset(train.images, canaries.training_labels(true_labels), train.info)
+        if not saved.exists():  # only once everything above was accepted
+            atomic_write_json(saved, config)
+        if canaries is not None:
+            canaries.save(diagnostics_dir(out) / "canaries.pt")
         result = run_federation(
             options.config(seed), train, test, population, out / "checkpoint.pt", progress
         )
@@ -154,10 +232,74 @@ def run_folder(
         record = FederationRecord(**{**asdict(record), "provenance": {
             **provenance(), "numerics": numerics(target), "population": population.layout,
         }})  # fmt: skip
+        if canaries is not None:
+            outputs = collect_outputs(
+                global_model(options, seed, train, result.parameters), train.images,
+                true_labels, test.images, test.labels, Normalize(train.info.mean, train.info.std),
+                canaries,
+                torch.Generator().manual_seed(derive_seed(seed, Stream.OUTPUT_SAMPLE)),
+            )  # fmt: skip
+            atomic_write(
+                diagnostics_dir(out) / "outputs.pt", lambda handle: torch.save(outputs, handle)
+            )
+            attack = attack_claim(out, federation_claim(record))
+            record = replace(record, attack=attack_summary(attack))
         torch.save({"parameters": result.parameters.cpu()}, out / "model.pt")
         atomic_write_json(metrics, record.to_json())
         (out / "checkpoint.pt").unlink(missing_ok=True)
         return record
+
+
+def _recorded(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config.json with options added since it was written at their defaults."""
+    try:
+        return {**config, "options": FederationOptions(**config["options"]).to_dict()}
+    except (ConfigError, TypeError, KeyError):
+        return config
+
+
+def plant_federation_canaries(
+    options: FederationOptions, seed: int, train: DeviceDataset, num_test: int
+) -> Canaries | None:
+    """The canaries of ``options`` on the true labels of ``train``, planted as
+    labeldp.runner plants them (same function, the run seed's Stream.CANARIES); None
+    without canaries."""
+    if not (options.canaries or options.audit_canaries):
+        return None
+    if options.canaries + options.audit_canaries > len(train) - 1:
+        raise ConfigError(
+            f"canaries + audit_canaries must be at most {len(train) - 1}, the {len(train)} "
+            f"training examples less one (label inference needs an example that is not a "
+            f"canary), got {options.canaries} + {options.audit_canaries}"
+        )
+    return plant(
+        train.labels, train.info.num_classes, options.canaries, options.audit_canaries,
+        num_test, torch.Generator().manual_seed(derive_seed(seed, Stream.CANARIES)),
+    )  # fmt: skip
+
+
+def planted_examples(canaries: Canaries) -> torch.Tensor:
+    """The training examples whose labels were replaced (memorization and audit)."""
+    return torch.cat([canaries.indices, canaries.audit_indices])
+
+
+def global_model(
+    options: FederationOptions, seed: int, train: DeviceDataset, parameters: torch.Tensor
+) -> torch.nn.Module:
+    """The final global model: the federation's architecture with the flat ``parameters``
+    (:func:`~labeldp.fl.clients.unflatten`), on ``train``'s device, in eval mode."""
+    config = options.config(seed)
+    info = train.info
+    model = build_model(
+        config.model, num_classes=info.num_classes, in_channels=info.channels,
+        image_size=info.image_size, norm=config.norm,
+    ).to(train.images.device)  # fmt: skip
+    like = {k: v.detach() for k, v in model.named_parameters()}
+    params = unflatten(parameters.to(train.images.device).float(), like)
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(params[k])
+    return model.eval()
 
 
 def time_to_target(

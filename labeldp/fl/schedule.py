@@ -62,7 +62,19 @@ class ScheduleConfig:
     fraction of M (≥ 0). timeout: sync, a round closes this long after its start at the
     latest (> 0). durations: the trip-duration distribution. participation_cap: the most
     trips a client may make (None: no cap). server_steps: server updates to simulate (≥ 1).
+    time_budget: also stop at the first server update at or after this virtual time (> 0;
+    None: server_steps alone), so that algorithms can be compared over equal time.
     """
+
+    def done(self, flush_times: list[float]) -> bool:
+        """Whether the simulation has made all its server updates."""
+        if len(flush_times) >= self.server_steps:
+            return True
+        return (
+            bool(flush_times)
+            and self.time_budget is not None
+            and flush_times[-1] >= self.time_budget
+        )
 
     mode: str = "async"
     concurrency: int = 100
@@ -73,6 +85,7 @@ class ScheduleConfig:
     over_selection: float = 0.0
     timeout: float | None = None
     participation_cap: int | None = None
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -102,6 +115,10 @@ class ScheduleConfig:
                 raise ConfigError(f"timeout must be a finite number > 0, got {self.timeout!r}")
         if self.participation_cap is not None:
             check_int("participation_cap", self.participation_cap, 1)
+        if self.time_budget is not None and not (
+            math.isfinite(self.time_budget) and self.time_budget > 0
+        ):
+            raise ConfigError(f"time_budget must be a finite number > 0, got {self.time_budget!r}")
         if (
             self.mode == "async"
             and self.arrival_rate is None
@@ -291,7 +308,7 @@ def simulate_schedule(
 
 
 def _simulate_async(config, num_clients, factors, draws) -> Schedule:
-    K, steps = config.buffer_size, config.server_steps
+    K = config.buffer_size
     eligible = _Eligibility(num_clients, config.participation_cap, draws)
     client: list[int] = []
     dispatch_time: list[float] = []
@@ -330,7 +347,7 @@ def _simulate_async(config, num_clients, factors, draws) -> Schedule:
                 )
     else:
         heapq.heappush(heap, (draws.gap(config.arrival_rate), sequence, -1))
-    while len(flush_time) < steps:
+    while not config.done(flush_time):
         if not heap:
             stopped = True
             break
@@ -348,7 +365,7 @@ def _simulate_async(config, num_clients, factors, draws) -> Schedule:
                 eligible.release(client[t])
             buffer.clear()
             version += 1
-        if config.arrival_rate is None and len(flush_time) < steps:
+        if config.arrival_rate is None and not config.done(flush_time):
             # refill to C (after a flush, clients that waited in the buffer are free again)
             while len(heap) < config.concurrency and dispatch(now):
                 pass
@@ -381,6 +398,8 @@ def _simulate_sync(config, num_clients, factors, draws) -> Schedule:
     now = 0.0
     stopped = False
     for round_ in range(config.server_steps):
+        if config.done(flush_time):
+            break
         cohort: list[int] = []
         for _ in range(size):
             c = eligible.pick()

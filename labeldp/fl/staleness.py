@@ -25,8 +25,10 @@ import numpy as np
 from ..errors import ConfigError, check_int
 
 KINDS = ("constant", "polynomial", "hinge")
-#: Largest polynomial exponent: (1 + τ)^−16 ≥ 2^−1024 > 0 even for τ = 2^64 − 1.
-MAX_EXPONENT = 16.0
+#: Largest polynomial exponent: (1 + τ)^−15 ≥ 2^−960 even for τ = 2^64 − 1, a NORMAL
+#: float64 (≥ 2^−1022), so it stays > 0 when denormals are flushed to zero, as every run
+#: does (:func:`labeldp.provenance.cpu_numerics`).
+MAX_EXPONENT = 15.0
 #: Largest hinge slope: a·τ stays far below float64's range for any int64 τ.
 MAX_SLOPE = 1e6
 
