@@ -1,7 +1,10 @@
-"""Stacked teachers: the vmap'd forward and the per-teacher gradients equal each model
-alone; FixMatch on the ensemble learns and resumes; votes are histograms."""
+"""Stacked teachers: every forward strategy (vmap, grouped, loop) and the per-teacher
+gradients equal each model alone; FixMatch on the ensemble learns and resumes; votes are
+histograms."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from torch import nn
 
 from labeldp.augment import Normalize, WeakAugment
 from labeldp.errors import ConfigError
+from labeldp.models import build_model
 from labeldp.strong_augment import StrongAugment
 from labeldp.train.ensemble import (
     EnsembleFixMatchConfig,
@@ -33,7 +37,7 @@ def _models(n, seed=0):
     return out
 
 
-@pytest.mark.parametrize("forward", ["vmap", "loop", "auto"])
+@pytest.mark.parametrize("forward", ["vmap", "grouped", "loop", "auto"])
 def test_stacked_forward_and_gradients_equal_each_model_alone(forward):
     models = _models(3)
     stacked = StackedModels(models, forward=forward)
@@ -51,8 +55,53 @@ def test_stacked_forward_and_gradients_equal_each_model_alone(forward):
     torch.testing.assert_close(rebuilt(x[1]), models[1](x[1]))
 
 
+@pytest.mark.parametrize("name", ["cnn", "cnn-tanh"])
+def test_grouped_forward_of_the_zoo_models_equals_each_model_alone_in_float64(name):
+    torch.manual_seed(1)
+    models = [
+        build_model(name, num_classes=10, in_channels=1, image_size=28, norm="group").double()
+        for _ in range(3)
+    ]
+    stacked = StackedModels(models, forward="grouped")
+    x = torch.randn(3, 4, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (3, 4))
+    logits = stacked(x)
+    F.cross_entropy(logits.reshape(12, -1), y.reshape(-1), reduction="sum").backward()
+    for i, model in enumerate(models):
+        torch.testing.assert_close(logits[i], model(x[i]), rtol=1e-12, atol=1e-12)
+        F.cross_entropy(model(x[i]), y[i], reduction="sum").backward()
+        for p_name, p in model.named_parameters():
+            torch.testing.assert_close(
+                stacked.params[p_name].grad[i], p.grad, rtol=1e-10, atol=1e-12
+            )
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        (_Residual(), "calls <built-in function add> outside a layer"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout(0.5)), "layer 1 is a Dropout"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3, padding_mode="reflect")), "pads with 'reflect'"),
+    ],
+)
+def test_grouped_forward_refuses_what_it_cannot_run_and_auto_falls_back(model, reason):
+    with pytest.raises(ConfigError, match=f"forward='grouped' cannot run .*{re.escape(reason)}"):
+        StackedModels([model], forward="grouped")
+    stacked = StackedModels([model], forward="auto")  # no cpu_stack_forward: the loop
+    assert stacked(torch.randn(1, 2, 1, 8, 8)).shape[:2] == (1, 2)
+
+
 def test_an_unknown_forward_strategy_is_refused():
-    with pytest.raises(ConfigError, match="forward must be auto, vmap or loop"):
+    with pytest.raises(ConfigError, match="forward must be one of auto, vmap, grouped, loop"):
         StackedModels(_models(1), forward="threads")
 
 

@@ -60,7 +60,8 @@ def config(**kw) -> sim.FederatedConfig:
     return sim.FederatedConfig(schedule=schedule, **kw)
 
 
-def test_vectorized_trips_equal_the_per_client_loop():
+@pytest.mark.parametrize("forward", ["vmap", "grouped"])
+def test_vectorized_trips_equal_the_per_client_loop(forward):
     torch.manual_seed(0)
     model = build_model("cnn-tanh", num_classes=10, in_channels=1, image_size=28, norm="group")
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -73,13 +74,13 @@ def test_vectorized_trips_equal_the_per_client_loop():
         return [torch.Generator().manual_seed(i) for i in range(len(sizes))]
 
     args = (model, start, TRAIN.images, HardLabels(TRAIN.labels), examples)
-    batched = train_trips(*args, gens(), local, normalize, forward="vmap")
+    batched = train_trips(*args, gens(), local, normalize, forward=forward)
     looped = train_trips_loop(*args, gens(), local, normalize)
     assert batched.abs().max() > 1e-3
     torch.testing.assert_close(batched, looped, atol=2e-6, rtol=1e-4)
     # a trip trains the same whichever trips it is batched with
     alone = train_trips(model, start, TRAIN.images, HardLabels(TRAIN.labels), examples[3:4],
-                        gens()[3:4], local, normalize, forward="vmap")  # fmt: skip
+                        gens()[3:4], local, normalize, forward=forward)  # fmt: skip
     torch.testing.assert_close(alone[0], batched[3], atol=2e-6, rtol=1e-4)
 
 

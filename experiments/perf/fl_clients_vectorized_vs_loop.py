@@ -4,9 +4,10 @@ against a Python loop over the same clients, in one process.
 Every trip of a server version starts from the same weights. Vectorized:
 :func:`labeldp.fl.clients.train_trips` trains the n trips as n stacked models
 (:class:`~labeldp.train.ensemble.StackedModels`), once with each forward strategy
-(``vmap``: one vmap'd call, convolutions become grouped ones; ``loop``: model by model on
-views of the stacked parameters, everything else batched; the simulator's
-``forward="auto"`` takes ``loop`` on CPU, ``vmap`` on CUDA). Loop:
+(``vmap``: one vmap'd call, convolutions become grouped ones; ``grouped``: the stack as one
+model with grouped layers, channels-last, :mod:`labeldp.train.grouped_forward`; ``loop``:
+model by model on views of the stacked parameters, everything else batched; the
+simulator's ``forward="auto"`` takes ``grouped`` on CPU for cnn-tanh, ``vmap`` on CUDA). Loop:
 :func:`labeldp.fl.clients.train_trips_loop`, one ``nn.Module`` and optimizer per client
 (the tests' reference), given the model as built (contiguous weights) and, as a stronger
 peer, converted to channels-last (the layout the training core and the stack's loop
@@ -51,13 +52,14 @@ from labeldp.models import build_model
 from labeldp.train import HardLabels, resolve_device
 
 LOOPS = ("loop", "loop-channels-last")
-VECTORIZED = ("vectorized-loop-forward", "vectorized-vmap-forward")
+VECTORIZED = ("vectorized-loop-forward", "vectorized-vmap-forward", "vectorized-grouped-forward")
 CONTENDERS = (*LOOPS, *VECTORIZED, "ideal")
 LABEL = {
     "loop": "loop (`train_trips_loop`)",
     "loop-channels-last": "loop, channels-last module",
-    "vectorized-loop-forward": "vectorized, loop forward (CPU auto)",
+    "vectorized-loop-forward": "vectorized, loop forward",
     "vectorized-vmap-forward": "vectorized, vmap forward",
+    "vectorized-grouped-forward": "vectorized, grouped forward (CPU auto for cnn-tanh)",
     "ideal": "ideal: shared weights, one batch",
 }
 
@@ -214,21 +216,21 @@ def main(argv: list[str] | None = None) -> int:
             "fastest_round_over_loop": {
                 k: min(seconds["loop"]) / min(v) for k, v in seconds.items()
             },
-            "vmap_over_loop_forward": median["vectorized-loop-forward"]
-            / median["vectorized-vmap-forward"],
             "diff_vs_loop": diff,
             "max_abs_update": largest_update,
         }
     load_after = os.getloadavg()
+
+    ratioed = (*VECTORIZED, "ideal")
+    short = {k: k.removeprefix("vectorized-").replace("-forward", "-fwd") for k in ratioed}
 
     def row(n: str, m: dict) -> str:
         tps, a, b = m["trips_per_second"], m["over_loop"], m["over_loop_channels_last"]
         return (
             f"| {n} | {m['local_steps']['total']} | "
             + " | ".join(f"{tps[k]:.1f}" for k in CONTENDERS)
-            + f" | **{a['vectorized-loop-forward']:.2f}×** / {b['vectorized-loop-forward']:.2f}×"
-            + f" | **{a['vectorized-vmap-forward']:.2f}×** / {b['vectorized-vmap-forward']:.2f}×"
-            + f" | {a['ideal']:.2f}× / {b['ideal']:.2f}× |"
+            + "".join(f" | **{a[k]:.2f}×** / {b[k]:.2f}×" for k in ratioed)
+            + " |"
         )
 
     def diff_row(n: str, m: dict) -> str:
@@ -267,23 +269,23 @@ def main(argv: list[str] | None = None) -> int:
             f"(1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after",
             "- loop: `train_trips_loop` (one module + optimizer per client), as built and with "
             "a channels-last module; vectorized: `train_trips` with StackedModels forward "
-            '`loop` (what `forward="auto"` takes on CPU) or `vmap`; ideal: one module, '
-            "shared weights, each step's images of all clients as one batch (a bound, not "
-            "the same computation)",
+            '`loop`, `vmap` or `grouped` (what `forward="auto"` takes on CPU for cnn-tanh); '
+            "ideal: one module, shared weights, each step's images of all clients as one "
+            "batch (a bound, not the same computation)",
         ],
         [
             "| trips / version | local steps | "
             + " | ".join(f"{LABEL[k]} trips/s" for k in CONTENDERS)
-            + " | loop-fwd ÷ loop / ÷ loop-cl | vmap-fwd ÷ loop / ÷ loop-cl "
-            "| ideal ÷ loop / ÷ loop-cl |",
-            "|" + "---|" * (len(CONTENDERS) + 5),
+            + "".join(f" | {short[k]} ÷ loop / ÷ loop-cl" for k in ratioed)
+            + " |",
+            "|" + "---|" * (len(CONTENDERS) + len(ratioed) + 2),
             *(row(n, m) for n, m in per_n.items()),
             "",
             "The same ratios ÷ loop from each contender's fastest round (robust to other jobs "
             "slowing some rounds): "
             + "; ".join(
-                f"n = {n}: loop-fwd {m['fastest_round_over_loop']['vectorized-loop-forward']:.2f}×,"
-                f" vmap-fwd {m['fastest_round_over_loop']['vectorized-vmap-forward']:.2f}×"
+                f"n = {n}: "
+                + ", ".join(f"{short[k]} {m['fastest_round_over_loop'][k]:.2f}×" for k in ratioed)
                 for n, m in per_n.items()
             ),
             "",
@@ -299,9 +301,10 @@ def main(argv: list[str] | None = None) -> int:
             "Same updates? Largest |Δ − Δ_loop| over all parameters and clients (clients "
             "differing by more than 1e-5):",
             "",
-            "| trips / version | max abs Δ | vectorized, loop fwd | vectorized, vmap fwd "
-            "| loop, channels-last |",
-            "|---|---|---|---|---|",
+            "| trips / version | max abs Δ | "
+            + " | ".join(LABEL[k] for k in (*VECTORIZED, "loop-channels-last"))
+            + " |",
+            "|" + "---|" * (len(VECTORIZED) + 3),
             *(diff_row(n, m) for n, m in per_n.items()),
         ],
         argv,

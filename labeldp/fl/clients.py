@@ -208,7 +208,7 @@ def train_trips(
     the device. targets: the labels the clients train on (their privatized ones), read by
     dataset index. examples: each trip's client's dataset indices (int64, non-empty).
     generators: one per trip, its batch order. normalize: uint8 images → model inputs.
-    forward: StackedModels' strategy ("auto", "vmap" or "loop").
+    forward: StackedModels' strategy ("auto", "vmap", "grouped" or "loop").
     """
     n = len(examples)
     if n == 0:

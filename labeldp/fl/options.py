@@ -29,6 +29,7 @@ import numpy as np
 
 from ..options import DELTA, EPSILON, SWITCH, Choice, MethodOptions, Number, Text, option
 from ..options import options_markdown as _markdown
+from ..train.ensemble import FORWARDS
 from .clients import LocalTraining
 from .durations import KINDS as DURATIONS
 from .durations import Durations
@@ -163,8 +164,10 @@ class FederationOptions(MethodOptions):
     model: str = option("cnn-tanh", kind=Text(), help="model name (no BatchNorm)")
     chunk_size: int = option(256, kind=AT_LEAST_ONE, help="trips trained per vectorized call")
     forward: str = option(
-        "auto", kind=Choice(("auto", "vmap", "loop")),
-        help="stacked clients' forward: vmap, a per-client loop, or auto (vmap on CUDA)",
+        "auto", kind=Choice(FORWARDS),
+        help="stacked clients' forward: vmap, grouped (one model with grouped layers), a "
+        "per-client loop, or auto (vmap on CUDA; on CPU the model's choice: grouped for "
+        "cnn-tanh)",
     )  # fmt: skip
     eval_every: int = option(20, kind=AT_LEAST_ONE, help="server steps between evaluations")
     checkpoint_every: int = option(100, kind=AT_LEAST_ONE, help="server steps between checkpoints")

@@ -76,7 +76,8 @@ class FederatedConfig:
     with a clip is clipping alone; both None/0: no user-level DP. delta: δ of the
     user-level (ε, δ). model / norm: the architecture (no BatchNorm). frac_bits: the
     buffer's fixed-point fraction bits f (values are multiples of 2^−f). chunk_size:
-    trips per vectorized call. forward: StackedModels' forward ("auto", "vmap", "loop").
+    trips per vectorized call. forward: StackedModels' forward ("auto", "vmap", "grouped",
+    "loop").
     eval_every / checkpoint_every: server steps between evaluations / checkpoints.
     seed: the run seed (schedule, model initialisation, trips, label noise, user noise).
     """

@@ -33,6 +33,10 @@ class TanhCNN(nn.Module):
         norm: accepted for a uniform interface; the model has no norm layer.
     """
 
+    #: How a stack of these models runs its forward pass on CPU when asked for "auto"
+    #: (:class:`labeldp.train.ensemble.StackedModels`): as one grouped model.
+    cpu_stack_forward = "grouped"
+
     def __init__(
         self, num_classes: int, in_channels: int = 1, image_size: int = 28, norm: str = "group"
     ) -> None:

@@ -42,6 +42,7 @@ from .config import SGDConfig
 from .core import Optimization, train_steps
 from .ema import StackedWeightAverage
 from .fixmatch import Augmentation, pseudo_label_losses
+from .grouped_forward import GroupedForward, grouped_forward
 from .steps import GradientStep, StepOutput
 from .targets import HardLabels
 
@@ -56,24 +57,35 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+#: How a stack's forward pass runs (see :class:`StackedModels`).
+FORWARDS = ("auto", "vmap", "grouped", "loop")
+
+
 class StackedModels:
     """n models of one architecture, parameters and buffers stacked along dim 0.
 
     ``self(x)`` with x of shape (n, B, ...) returns (n, B, K): model i on x[i].
 
-    forward: how the n forward passes run; both give the same values and per-model
+    forward: how the n forward passes run; all give the same values and per-model
     gradients. "vmap": one vmap'd call (one kernel per layer for all models; what pays on
-    a GPU, where n small kernels cost n launches). "loop": model by model on views of the
-    stacked parameters (``unbind``), for CPUs, where vmap turns convolutions into grouped
-    ones that run slower than n ordinary ones; everything else (sampling, augmentation,
-    optimizer, EMA) stays batched over the models. "auto": "vmap" on CUDA, "loop" on CPU.
+    a GPU, where n small kernels cost n launches). "grouped": the n models as one model
+    with n-fold grouped layers, run channels-last (:mod:`labeldp.train.grouped_forward`;
+    convolutions, linear layers, pooling, GroupNorm and activations only); on a CPU ~2x
+    faster than vmap, whose activations stay in the layout where max-pooling is slow.
+    "loop": model by model on views of the stacked parameters (``unbind``), any
+    architecture. Everything else (sampling, augmentation, optimizer, EMA) stays batched
+    over the models. "auto": "vmap" on CUDA; on CPU the architecture's own choice, its
+    class attribute ``cpu_stack_forward`` ("grouped" for the tanh CNN, whose stride-1
+    max-pools gain most; the small CNN's wider 3x3 convolutions run slower grouped than
+    one by one), else "loop" (experiments/perf/fl_clients_vectorized_vs_loop.py). The
+    choice is fixed by the architecture, never by timing, so runs stay deterministic.
     """
 
     def __init__(self, models: Sequence[nn.Module], forward: str = "auto") -> None:
         if not models:
             raise ConfigError("an ensemble needs at least one model")
-        if forward not in ("auto", "vmap", "loop"):
-            raise ConfigError(f"forward must be auto, vmap or loop, got {forward!r}")
+        if forward not in FORWARDS:
+            raise ConfigError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
         if any(has_batch_statistics(m) for m in models):
             raise ConfigError(
                 "ensemble models must not have BatchNorm (use norm='group'): vmap over "
@@ -85,12 +97,19 @@ class StackedModels:
         self.base = copy.deepcopy(models[0]).to("meta")
         self.size = len(models)
         self.forward = forward
+        self._grouped = None
+        if forward == "grouped":
+            self._grouped = grouped_forward(self.base) or GroupedForward(self.base)  # raises
+        elif forward == "auto" and getattr(models[0], "cpu_stack_forward", "loop") == "grouped":
+            self._grouped = grouped_forward(self.base)
 
     def __call__(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
         params = params or self.params
         strategy = self.forward
         if strategy == "auto":
-            strategy = "vmap" if x.device.type == "cuda" else "loop"
+            strategy = "vmap" if x.device.type == "cuda" else "grouped" if self._grouped else "loop"
+        if strategy == "grouped":
+            return self._grouped(params, x)
         if strategy == "loop":
             p_rows = {k: [_fast_layout(r) for r in v.unbind(0)] for k, v in params.items()}
             b_rows = {k: v.unbind(0) for k, v in self.buffers.items()}
