@@ -864,7 +864,8 @@ def _fl(args: argparse.Namespace) -> int:
                         progress=not args.quiet)  # fmt: skip
     last = record.history[-1]
     print(
-        f"{options.algorithm}: test accuracy {100 * last['test_accuracy']:.2f} % after "
+        f"{options.algorithm}: {record.evaluation_split} accuracy {100 * last['accuracy']:.2f} "
+        f"% after "
         f"{last['server_steps']} server steps, {last['trips']} client trips, virtual time "
         f"{last['virtual_time']:.1f}; label ε {format_epsilon(record.label_epsilon)}"
     )

@@ -33,7 +33,7 @@ from attacks.canaries import plant as plant_canaries
 from attacks.outputs import collect_outputs
 
 from .augment import Normalize, WeakAugment
-from .data import DATASETS, DeviceDataset, load_splits, random_subset
+from .data import DATASETS, DeviceDataset, hold_out, load_splits, random_subset
 from .data.sources import find_file, locate
 from .errors import ConfigError, DataError, check_int
 from .io import atomic_write, atomic_write_json, read_json
@@ -170,10 +170,6 @@ class Environment:
     shared_dir: str | None = None
 
 
-#: The seed of the validation split: one split per dataset, whatever the run's seed.
-VALIDATION_SEED = 0
-
-
 def prepare_data(config: RunConfig, env: Environment) -> tuple[DeviceDataset, DeviceDataset]:
     """Loads the splits on the training device and applies ``validation_size`` and
     ``train_size``; returns (train, evaluation split): the test split, or the validation
@@ -183,18 +179,7 @@ def prepare_data(config: RunConfig, env: Environment) -> tuple[DeviceDataset, De
         config.dataset, data_dir=env.data_dir, download=env.download, device=device
     )
     if config.validation_size is not None:
-        if config.validation_size > len(train) - 1:
-            raise ConfigError(
-                f"validation_size must be in 1..{len(train) - 1} for {config.dataset} (the "
-                f"training split less one example), got {config.validation_size}"
-            )
-        held = random_subset(
-            len(train), config.validation_size, derive_seed(VALIDATION_SEED, Stream.VALIDATION)
-        )
-        keep = torch.ones(len(train), dtype=torch.bool)
-        keep[held] = False
-        test = train.subset(held.to(train.device))
-        train = train.subset(torch.nonzero(keep).squeeze(1).to(train.device))
+        train, test = hold_out(train, config.validation_size, config.dataset)
     if config.train_size is not None:
         if config.train_size > len(train):
             raise ConfigError(

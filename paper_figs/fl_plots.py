@@ -1,8 +1,8 @@
 """Figures of a federated sweep, drawn from the results store.
 
-- ``<sweep>_accuracy.{png,pdf}``: test accuracy against virtual time (left) and against
-  client trips, the communication (right), one colour per grid variant, one thin line
-  per seed; the sweep's target accuracy dotted.
+- ``<sweep>_accuracy.{png,pdf}``: accuracy (test, or validation for a tuning sweep)
+  against virtual time (left) and against client trips, the communication (right), one
+  colour per grid variant, one thin line per seed; the sweep's target accuracy dotted.
 - ``<sweep>_staleness.{png,pdf}``: the staleness histogram of each variant (all seeds'
   aggregated trips; the last bin holds everything larger).
 - ``<sweep>_speedup.{png,pdf}`` (when the grid varies ``concurrency``): time to target
@@ -48,13 +48,14 @@ def accuracy_curves(records, spec: FederatedSweep) -> plt.Figure:
         for j, record in enumerate(runs):
             for ax, axis in zip(axes, ("virtual_time", "trips"), strict=True):
                 x = [h[axis] for h in record.history]
-                y = [100 * h["test_accuracy"] for h in record.history]
+                y = [100 * h["accuracy"] for h in record.history]
                 ax.plot(x, y, color=colour, lw=1, alpha=0.8, label=variant if j == 0 else None)
     for ax, label in zip(axes, ("virtual time (mean trip durations)", "client trips"), strict=True):
         ax.axhline(100 * spec.target_accuracy, color="grey", ls=":", lw=1)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
+    splits = {r.evaluation_split for runs in records.values() for r in runs}
+    axes[0].set_ylabel(f"{' / '.join(sorted(splits))} accuracy (%)")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{spec.name}: accuracy vs time and vs communication")
     fig.tight_layout()
@@ -93,7 +94,7 @@ def speedup(frame, spec: FederatedSweep) -> plt.Figure:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("concurrency (clients training at once)")
-    ax.set_ylabel(f"virtual time to {100 * spec.target_accuracy:g} % test accuracy")
+    ax.set_ylabel(f"virtual time to {100 * spec.target_accuracy:g} % accuracy")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
     ax.set_title(f"{spec.name}: time to target vs concurrency")

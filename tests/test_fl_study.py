@@ -107,6 +107,33 @@ def test_labeldp_fl_runs_one_federation(tmp_path, data, capsys):
     assert "--local-lr: must be a number > 0" in capsys.readouterr().err
 
 
+def test_a_validation_split_is_carved_for_tuning(tmp_path, data, capsys, monkeypatch):
+    import labeldp.fl.run as fl_run
+
+    seen = {}
+    real = fl_run.run_federation
+
+    def spy(config, train, test, population, *args, **kwargs):
+        seen.update(train=len(train), test=len(test), dealt=population.num_examples)
+        return real(config, train, test, population, *args, **kwargs)
+
+    monkeypatch.setattr(fl_run, "run_federation", spy)
+    out = tmp_path / "tune"
+    args = ["fl", "--out", str(out), "--data-dir", str(data), "--quiet", "--clients", "20",
+            "--concurrency", "5", "--buffer-size", "5", "--server-steps", "2", "--validation-size",
+            "150"]  # fmt: skip
+    assert main(args) == 0
+    # the clients hold the other 250 training examples; the model is scored on the 150
+    assert seen == {"train": 250, "test": 150, "dealt": 250}
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["evaluation_split"] == "validation"
+    assert "fedbuff: validation accuracy" in capsys.readouterr().out
+    bad = ["fl", "--out", str(tmp_path / "bad"), "--data-dir", str(data), "--quiet",
+           "--validation-size", "400"]  # fmt: skip
+    assert main(bad) == 2
+    assert "validation_size must be in 1..399" in capsys.readouterr().err
+
+
 def test_federation_options_docs_are_generated():
     committed = (ROOT / "docs" / "FL_OPTIONS.md").read_text()
     assert committed == options_markdown(), (
@@ -126,10 +153,10 @@ def test_presets_fill_what_is_unset():
 
 def test_time_to_target_interpolates_the_best_so_far_curve():
     history = [
-        {"virtual_time": 1.0, "test_accuracy": 0.2},
-        {"virtual_time": 2.0, "test_accuracy": 0.6},
-        {"virtual_time": 3.0, "test_accuracy": 0.4},  # a dip: the best so far stays 0.6
-        {"virtual_time": 4.0, "test_accuracy": 0.9},
+        {"virtual_time": 1.0, "accuracy": 0.2},
+        {"virtual_time": 2.0, "accuracy": 0.6},
+        {"virtual_time": 3.0, "accuracy": 0.4},  # a dip: the best so far stays 0.6
+        {"virtual_time": 4.0, "accuracy": 0.9},
     ]
     assert time_to_target(history, 0.4) == pytest.approx(1.5)
     assert time_to_target(history, 0.75) == pytest.approx(3.5)  # from (3, 0.6) to (4, 0.9)

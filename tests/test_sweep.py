@@ -18,6 +18,7 @@ from fakes import attack_record, run_record
 from labeldp import cli
 from labeldp import experiments as packaged
 from labeldp.errors import ConfigError
+from labeldp.fl.study import FederatedSweep, is_federated
 from labeldp.runner import Environment
 from labeldp.store import ResultsStore
 from labeldp.sweep import SweepSpec, run_sweep
@@ -192,8 +193,11 @@ def test_a_method_may_have_its_own_epsilon_grid(tmp_path):
 
 
 def test_the_shipped_sweep_files_are_valid():
-    names = {SweepSpec.load(packaged.find(n)).name for n in packaged.names()}
+    paths = [packaged.find(n) for n in packaged.names()]
+    names = {SweepSpec.load(p).name for p in paths if not is_federated(p)}
     assert {"fashion_mnist_quick", "fashion_mnist_full", "cifar10_paper", "cifar100_paper"} <= names
+    federated = {FederatedSweep.load(p).name for p in paths if is_federated(p)}
+    assert {"fl_algorithms", "fl_concurrency", "fl_robustness", "fl_label_dp"} <= federated
 
 
 #: The [train] and method options shared by the audited sweeps below (tiny PATE).

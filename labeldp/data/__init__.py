@@ -7,7 +7,13 @@ Typical use::
     train = train.subset(random_subset(len(train), 1000, seed=0))
 """
 
-from labeldp.data.dataset import DeviceDataset, load_splits, random_partition, random_subset
+from labeldp.data.dataset import (
+    DeviceDataset,
+    hold_out,
+    load_splits,
+    random_partition,
+    random_subset,
+)
 from labeldp.data.formats import read_cifar_batch, read_idx
 from labeldp.data.sources import (
     DATASETS,
@@ -32,6 +38,7 @@ __all__ = [
     "download",
     "fetch",
     "get_info",
+    "hold_out",
     "load_splits",
     "locate",
     "random_partition",

@@ -22,6 +22,7 @@ import torch
 from labeldp.data.formats import read_cifar_batch, read_idx
 from labeldp.data.sources import DatasetInfo, find_file, get_info, locate
 from labeldp.errors import ConfigError, DataError
+from labeldp.seeding import Stream, derive_seed
 
 
 class DeviceDataset:
@@ -203,6 +204,28 @@ def random_subset(n: int, size: int, seed: int) -> torch.Tensor:
             f"size (--train-size) must be between 1 and {n} (the number of examples), got {size}"
         )
     return _permutation(n, seed)[:size].sort().values
+
+
+#: The seed of every validation split, the same for all runs and seeds so that tuning runs
+#: of one dataset share their validation examples.
+VALIDATION_SEED = 0
+
+
+def hold_out(train: DeviceDataset, size: int, dataset: str) -> tuple[DeviceDataset, DeviceDataset]:
+    """(the rest, the validation split): ``size`` examples carved from ``train``, drawn
+    uniformly without looking at labels (:func:`random_subset` with a fixed seed).
+    ConfigError unless 1 ≤ size ≤ len(train) − 1 (``validation_size``, named with
+    ``dataset``)."""
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= len(train) - 1:
+        raise ConfigError(
+            f"validation_size must be in 1..{len(train) - 1} for {dataset} (the "
+            f"training split less one example), got {size!r}"
+        )
+    held = random_subset(len(train), size, derive_seed(VALIDATION_SEED, Stream.VALIDATION))
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[held] = False
+    rest = train.subset(torch.nonzero(keep).squeeze(1).to(train.device))
+    return rest, train.subset(held.to(train.device))
 
 
 def _part_sizes(n: int, parts: int | Sequence[float]) -> list[int]:

@@ -161,6 +161,11 @@ class FederationOptions(MethodOptions):
         help="where the canary examples are: spread (where the population dealt them) or "
         "first (all moved into client 0, which then holds each once)",
     )  # fmt: skip
+    validation_size: int | None = option(
+        None, kind=AT_LEAST_ONE, none="evaluate on the test split",
+        help="tuning: carve this many examples from the training split (labeldp.data.hold_out"
+        ", the same for every run), evaluate on them; the clients hold the rest",
+    )  # fmt: skip
     model: str = option("cnn-tanh", kind=Text(), help="model name (no BatchNorm)")
     chunk_size: int = option(256, kind=AT_LEAST_ONE, help="trips trained per vectorized call")
     forward: str = option(

@@ -1,6 +1,7 @@
 """Tables of a federated sweep: results/<sweep>.md and .csv from the store.
 
-Per grid variant (mean ± std over its seeds): final test accuracy, time-, trips- and
+Per grid variant (mean ± std over its seeds): final accuracy (on the test split, or on
+the validation split for a tuning sweep: ``validation_size``, said in the header), time-, trips- and
 server-steps-to-target (the first crossing of the sweep's ``target_accuracy`` by the
 best-so-far accuracy, interpolated; a seed that never reaches it counts as ∞ and the
 column says how many reached it), staleness mean and p99, achieved concurrency, dropped
@@ -40,8 +41,9 @@ def study_frame(store: Any, spec: FederatedSweep) -> pd.DataFrame:
         record = FederationRecord.from_json(json.loads(row["record"]))
         out = {
             "variant": row["variant"], "seed": row["seed"], "algorithm": row["algorithm"],
+            "evaluation_split": record.evaluation_split,
             "final_accuracy": record.final_accuracy,
-            "best_accuracy": max(h["test_accuracy"] for h in record.history),
+            "best_accuracy": max(h["accuracy"] for h in record.history),
             "staleness_mean": record.schedule["staleness"]["mean"],
             "staleness_p99": record.schedule["staleness"]["p99"],
             "achieved_concurrency": record.schedule["mean_concurrency"],
@@ -158,7 +160,8 @@ def write_study_report(
         f"- command: `labeldp sweep {typed}` then `labeldp report {typed}`",
         f"- runs: {len(frame)} of {len(spec.points)} grid points; commits: {commits}",
         f"- machines: {machines}",
-        f"- target accuracy: {100 * spec.target_accuracy:g} % (best-so-far test accuracy, "
+        f"- evaluated on: {', '.join(sorted(set(frame['evaluation_split'])))} split",
+        f"- target accuracy: {100 * spec.target_accuracy:g} % (best-so-far accuracy, "
         "first crossing, interpolated between evaluations); virtual time in mean trip "
         "durations; trips = client uploads",
         "",

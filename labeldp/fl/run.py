@@ -5,11 +5,13 @@ written) is never overwritten or rerun; an unfinished one resumes from its check
 (the same configuration only: config.json must match); files are written atomically and
 metrics.json last; a folder lock keeps two processes out of one folder.
 
-The record (:class:`FederationRecord`, metrics.json) holds the evaluations (test accuracy
-and loss against server steps, virtual time and client trips), the schedule's summary
-(trips, dropped trips, staleness mean/p50/p99 and histogram, achieved concurrency), the
-two ledgers (label DP: replace one label; user level: one user), buffer overflows and
-provenance.
+The record (:class:`FederationRecord`, metrics.json) holds the evaluations (accuracy and
+loss on its ``evaluation_split``: "test", or "validation" when ``validation_size`` carves
+one from the training split for tuning, as :func:`labeldp.data.hold_out` does for every
+run; the clients then hold only the rest) against server steps, virtual time and client
+trips), the schedule's summary (trips, dropped trips, staleness mean/p50/p99 and
+histogram, achieved concurrency), the two ledgers (label DP: replace one label; user
+level: one user), buffer overflows and provenance.
 
 Canaries and audits (``canaries``, ``audit_canaries``, ``canary_clients``): planted as
 :mod:`labeldp.runner` plants them (:func:`attacks.canaries.plant`, the run seed's
@@ -40,7 +42,7 @@ from attacks.harness import attack_claim, federation_claim
 from attacks.outputs import collect_outputs
 
 from ..augment import Normalize
-from ..data.dataset import DeviceDataset, load_splits
+from ..data.dataset import DeviceDataset, hold_out, load_splits
 from ..errors import ConfigError
 from ..io import atomic_write, atomic_write_json, read_json
 from ..locking import folder_lock
@@ -75,10 +77,11 @@ class FederationRecord:
     train_seconds: float
     provenance: dict[str, Any] = field(default_factory=dict)
     attack: dict[str, Any] | None = None
+    evaluation_split: str = "test"
 
     @property
     def final_accuracy(self) -> float:
-        return float(self.history[-1]["test_accuracy"])
+        return float(self.history[-1]["accuracy"])
 
     @property
     def label_epsilon(self) -> float:
@@ -184,6 +187,7 @@ def federation_record(
         user_ledger=result.user_ledger.to_dict(),
         overflows=result.overflows,
         train_seconds=result.seconds,
+        evaluation_split="test" if options.validation_size is None else "validation",
     )
 
 
@@ -213,6 +217,8 @@ def run_folder(
                 return FederationRecord.from_json(read_json(metrics, f"delete {out} to rerun"))
         target = resolve_device(device)
         train, test = load_splits(dataset, data_dir=data_dir, device=target)
+        if options.validation_size is not None:
+            train, test = hold_out(train, options.validation_size, dataset)
         true_labels = train.labels
         canaries = plant_federation_canaries(options, seed, train, len(test))
         population = build_population(
@@ -306,11 +312,12 @@ def time_to_target(
     history: list[dict[str, Any]], target: float, axis: str = "virtual_time"
 ) -> float:
     """The first ``axis`` value (virtual_time, trips or server_steps) at which the
-    best-so-far test accuracy reaches ``target`` (in [0, 1]), interpolated linearly
-    between the two evaluations around the crossing; ∞ when it never does."""
+    best-so-far accuracy (on the record's evaluation split) reaches ``target`` (in [0, 1]),
+    interpolated linearly between the two evaluations around the crossing; ∞ when it
+    never does."""
     best, previous = -math.inf, None
     for row in history:
-        acc, x = float(row["test_accuracy"]), float(row[axis])
+        acc, x = float(row["accuracy"]), float(row[axis])
         if acc >= target and best < target:
             if previous is None:
                 return x

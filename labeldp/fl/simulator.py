@@ -23,7 +23,9 @@ decoded, user-level noise N(0, σ²C²) is added once (DP-FedBuff), the sum is d
 contributions) and the server optimizer steps: version v + 1. A trip's randomness is keyed
 by (client, participation number), so results do not depend on chunking or grouping.
 
-Evaluation every ``eval_every`` server steps (and after the last): test accuracy and loss,
+Evaluation every ``eval_every`` server steps (and after the last): accuracy and loss on
+the evaluation split (``run_federation``'s ``test``: the test split, or a validation split
+for tuning),
 virtual time, client trips completed (the communication axis), trips aggregated and
 dropped, bytes up and down, staleness so far, the label ε and the user-level (ε, δ).
 Checkpoints every ``checkpoint_every`` server steps, atomically: a run killed at any point
@@ -435,8 +437,8 @@ def _evaluation(
         "trips_dropped": int(dropped.sum()),
         "bytes_up": int(arrived.sum()) * bytes_per_model,
         "bytes_down": int((schedule.dispatch_time <= now).sum()) * bytes_per_model,
-        "test_accuracy": accuracy,
-        "test_loss": loss,
+        "accuracy": accuracy,
+        "loss": loss,
         "staleness_mean": float(tau.mean()) if len(tau) else 0.0,
         "staleness_p50": float(np.percentile(tau, 50)) if len(tau) else 0.0,
         "staleness_p99": float(np.percentile(tau, 99)) if len(tau) else 0.0,
