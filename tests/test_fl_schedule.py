@@ -3,6 +3,8 @@ recomputation from the schedule's own times."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,25 @@ def test_a_time_budget_stops_at_the_first_update_after_it(mode):
     assert s.flush_time[-1] >= 20.0 and (s.flush_time[:-1] < 20.0).all()
     with pytest.raises(ConfigError, match="time_budget"):
         ScheduleConfig(time_budget=0.0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"mode": "async", "concurrency": 20, "buffer_size": 5},
+        {"mode": "async", "concurrency": 20, "buffer_size": 3, "arrival_rate": 15.0},
+        {"mode": "sync", "concurrency": 10, "over_selection": 0.3},
+        {"mode": "sync", "concurrency": 10, "timeout": 1.5},
+    ],
+)
+def test_a_schedule_cut_after_some_steps_is_the_shorter_simulation(kw):
+    short = simulate_schedule(ScheduleConfig(server_steps=30, **kw), 200, np.random.default_rng(1))
+    cut = simulate_schedule(
+        ScheduleConfig(server_steps=70, **kw), 200, np.random.default_rng(1)
+    ).until(30)
+    for f in dataclasses.fields(short):
+        if f.name != "stopped_early":
+            assert np.array_equal(getattr(short, f.name), getattr(cut, f.name)), f.name
+    assert cut.stopped_early and not short.stopped_early
+    with pytest.raises(ConfigError, match="steps must be in 1..30"):
+        short.until(31)

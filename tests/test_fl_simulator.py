@@ -3,6 +3,7 @@ loop, FedAvg, centralized SGD, an uninterrupted run, and the privacy bookkeeping
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -265,3 +266,33 @@ def test_algorithm_presets_are_checked():
         Durations(kind="uniform", spread=1.0)
     with pytest.raises(ConfigError):
         ClientLabels("rr", None, TRAIN.labels, 10)
+
+
+def test_stop_at_ends_at_the_first_evaluation_reaching_it_as_a_shorter_run_would(tmp_path):
+    population = iid(400, 20, seed=0)
+    steps = ScheduleConfig(concurrency=8, buffer_size=4, server_steps=30)
+    full = sim.run_federation(config(schedule=steps, eval_every=2), TRAIN, TEST, population,
+                              progress=False)  # fmt: skip
+    accuracies = [h["accuracy"] for h in full.history]
+    target = sorted(accuracies)[len(accuracies) // 2]  # reached part-way, not at once
+    first = next(i for i, a in enumerate(accuracies) if a >= target)
+    assert 0 < first < len(accuracies) - 1
+    cfg = config(schedule=steps, eval_every=2, stop_at=target, checkpoint_every=100)
+    path = tmp_path / "fl.pt"
+    stopped = sim.run_federation(cfg, TRAIN, TEST, population, path, progress=False)
+    assert stopped.history == full.history[: first + 1]
+    done = stopped.history[-1]["server_steps"]
+    shorter = sim.run_federation(
+        config(schedule=dataclasses.replace(steps, server_steps=done), eval_every=2),
+        TRAIN, TEST, population, progress=False,
+    )  # fmt: skip
+    # equal up to float rounding: the last versions' stacks also held the trips that
+    # would have flushed after the stop (a stack's size changes the summation order)
+    torch.testing.assert_close(stopped.parameters, shorter.parameters, rtol=1e-5, atol=1e-6)
+    assert stopped.schedule.stopped_early and stopped.schedule.server_steps == done
+    for name in ("client", "version", "flush", "staleness", "flush_time"):
+        assert np.array_equal(getattr(stopped.schedule, name), getattr(shorter.schedule, name))
+    again = sim.run_federation(cfg, TRAIN, TEST, population, path, progress=False)
+    assert again.history == stopped.history  # the checkpoint says it stopped: no more steps
+    with pytest.raises(ConfigError, match=r"stop_at must be an accuracy in \(0, 1\]"):
+        config(stop_at=1.5)

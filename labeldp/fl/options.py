@@ -175,6 +175,10 @@ class FederationOptions(MethodOptions):
         "cnn-tanh)",
     )  # fmt: skip
     eval_every: int = option(20, kind=AT_LEAST_ONE, help="server steps between evaluations")
+    stop_at: float | None = option(
+        None, kind=Number(float, 0, 1, low_open=True), none="run every server step",
+        help="stop at the first evaluation with accuracy ≥ this (time-to-target studies)",
+    )  # fmt: skip
     checkpoint_every: int = option(100, kind=AT_LEAST_ONE, help="server steps between checkpoints")
 
     def validate(self) -> None:
@@ -222,7 +226,7 @@ class FederationOptions(MethodOptions):
             label_privacy=self.label_privacy, epsilon=self.epsilon, clip=self.clip,
             noise_multiplier=self.noise_multiplier, delta=self.delta, model=self.model,
             chunk_size=self.chunk_size, forward=self.forward, eval_every=self.eval_every,
-            checkpoint_every=self.checkpoint_every, seed=seed,
+            checkpoint_every=self.checkpoint_every, stop_at=self.stop_at, seed=seed,
         )  # fmt: skip
 
 

@@ -184,6 +184,32 @@ class Schedule:
         """Mask of the trips that enter a server update."""
         return self.flush >= 0
 
+    def until(self, steps: int) -> Schedule:
+        """The schedule of the first ``steps`` server updates only (1 ≤ steps ≤
+        server_steps), as a simulation stopped there would have it: trips that downloaded a
+        later version are gone, contributions to a later update are still out (flush and
+        staleness −1); ``stopped_early`` when steps < server_steps. (Equal to simulating
+        ``steps`` updates: tested.)"""
+        check_int("steps", steps, 1)
+        if steps > self.server_steps:
+            raise ConfigError(f"steps must be in 1..{self.server_steps}, got {steps}")
+        if steps == self.server_steps:
+            return self
+        keep = self.version < steps
+        late = self.flush[keep] >= steps
+        return Schedule(
+            client=self.client[keep],
+            dispatch_time=self.dispatch_time[keep],
+            arrival_time=self.arrival_time[keep],
+            version=self.version[keep],
+            flush=np.where(late, -1, self.flush[keep]),
+            staleness=np.where(late, -1, self.staleness[keep]),
+            flush_time=self.flush_time[:steps],
+            flush_count=self.flush_count[:steps],
+            num_clients=self.num_clients,
+            stopped_early=True,
+        )
+
     def trips_at_version(self, version: int) -> np.ndarray:
         """Indices of the aggregated trips that downloaded ``version`` (they all start from
         the same weights, so they train together)."""

@@ -81,6 +81,9 @@ class FederatedConfig:
     trips per vectorized call. forward: StackedModels' forward ("auto", "vmap", "grouped",
     "loop").
     eval_every / checkpoint_every: server steps between evaluations / checkpoints.
+    stop_at: stop at the first evaluation whose accuracy is ≥ this (in (0, 1]; None: run
+    every server step): a time-to-target study need not train past its target. The
+    result's schedule is then cut there (:meth:`Schedule.until`).
     seed: the run seed (schedule, model initialisation, trips, label noise, user noise).
     """
 
@@ -101,6 +104,7 @@ class FederatedConfig:
     forward: str = "auto"
     eval_every: int = 10
     checkpoint_every: int = 50
+    stop_at: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -138,6 +142,12 @@ class FederatedConfig:
         check_int("chunk_size", self.chunk_size, 1)
         check_int("eval_every", self.eval_every, 1)
         check_int("checkpoint_every", self.checkpoint_every, 1)
+        if self.stop_at is not None and (
+            isinstance(self.stop_at, bool)
+            or not isinstance(self.stop_at, (int, float))
+            or not 0 < self.stop_at <= 1
+        ):
+            raise ConfigError(f"stop_at must be an accuracy in (0, 1], got {self.stop_at!r}")
         check_int("seed", self.seed, 0)
         if self.norm == "batch":
             raise ConfigError(
@@ -268,6 +278,7 @@ def run_federation(
     history: list[dict[str, Any]] = []
     overflows = 0
     start_version = 0
+    stopped = False  # at an evaluation reaching stop_at
     fingerprint = {
         "config": config.to_dict(),
         "population": population.layout,
@@ -292,6 +303,7 @@ def run_federation(
         history = state["history"]
         overflows = state["overflows"]
         start_version = state["version"]
+        stopped = state.get("stopped", False)
     label_ledger = labels.ledger()
     user_ledger = _user_ledger(config)
     targets = labels.targets()
@@ -306,6 +318,8 @@ def run_federation(
         disable=not progress,
     )
     for v in range(start_version, schedule.server_steps):
+        if stopped:
+            break
         params = unflatten(x.float(), like)
         trips = by_version[version_starts[v] : version_starts[v + 1]]
         for chunk in range(0, len(trips), config.chunk_size):
@@ -371,21 +385,22 @@ def run_federation(
                     user_ledger,
                 )
             )
+            stopped = config.stop_at is not None and history[-1]["accuracy"] >= config.stop_at
         if path is not None and (
-            done % config.checkpoint_every == 0 or done == schedule.server_steps
+            done % config.checkpoint_every == 0 or done == schedule.server_steps or stopped
         ):
             save_checkpoint(path, {
                 "fingerprint": fingerprint, "version": done, "x": x, "momentum": momentum,
                 "labels": labels.state_dict(),
                 "pending": {f: b.state_dict() for f, b in pending.items()},
-                "history": history, "overflows": overflows,
+                "history": history, "overflows": overflows, "stopped": stopped,
             })  # fmt: skip
         bar.update(1)
     bar.close()
     return FederationResult(
         history,
         x.float(),
-        schedule,
+        schedule.until(history[-1]["server_steps"]) if stopped else schedule,
         label_ledger,
         user_ledger,
         overflows,
