@@ -18,7 +18,8 @@ A federated sweep file is a TOML file with ``kind = "federation"``::
 
 In ``[grid]``, ``epsilon = inf`` means no label DP (label_privacy "none"). Every point
 is validated (its FederationOptions built) before anything runs. Points are named
-``<algorithm>-<key><value>...-seed<seed>`` and run in folders RUNS_DIR/<name>/<point>;
+``<algorithm>-<key><value>...-seed<seed>`` and run seed by seed (every grid point of
+the first seed, then of the next) in folders RUNS_DIR/<name>/<point>;
 each finished one is a row of the store's ``federated_runs`` table (one per (sweep,
 configuration)), so rerunning the sweep skips them and an interrupted one resumes from its
 checkpoint.
@@ -131,7 +132,7 @@ class FederatedSweep:
 
     def _points(self, where: str) -> list[StudyPoint]:
         keys = list(self.grid)
-        out = []
+        variants = []
         for values in itertools.product(*(self.grid[k] for k in keys)):
             chosen = dict(zip(keys, values, strict=True))
             options = {**self.base, **chosen}
@@ -147,10 +148,13 @@ class FederatedSweep:
                 built = FederationOptions(**options)
             except ConfigError as e:
                 raise ConfigError(f"{where}: grid point {chosen}: {e}") from None
-            variant = _variant(chosen)
-            for seed in self.seeds:
-                out.append(StudyPoint(f"{variant}-seed{seed}", built, seed, variant))
-        return out
+            variants.append((_variant(chosen), built))
+        # seed-major: an interrupted sweep has whole seeds of the grid, not whole variants
+        return [
+            StudyPoint(f"{variant}-seed{seed}", built, seed, variant)
+            for seed in self.seeds
+            for variant, built in variants
+        ]
 
     def matching(self, only: str | None) -> list[StudyPoint]:
         """The points whose names match the shell pattern ``only`` (all when None)."""
