@@ -33,6 +33,8 @@ AXES = (("virtual_time", "time"), ("trips", "trips"), ("server_steps", "steps"))
 def study_frame(store: Any, spec: FederatedSweep) -> pd.DataFrame:
     """One row per stored federation of the sweep's current grid, with its summaries."""
     wanted = {p.name: p for p in spec.points}
+    # the grid's order (variant by variant as the file lists them), not the order of running
+    order = {v: i for i, v in enumerate(dict.fromkeys(p.variant for p in spec.points))}
     rows = []
     for row in store.federated_rows(spec.name):
         point = wanted.get(row["name"])
@@ -57,7 +59,13 @@ def study_frame(store: Any, spec: FederatedSweep) -> pd.DataFrame:
         for axis, short in AXES:
             out[f"{short}_to_target"] = time_to_target(record.history, spec.target_accuracy, axis)
         rows.append(out)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    rank = frame["variant"].map(order)
+    return frame.assign(_rank=rank).sort_values(["_rank", "seed"], kind="stable").drop(
+        columns="_rank"
+    ).reset_index(drop=True)
 
 
 def _mean_std(values: pd.Series, digits: int = 1, scale: float = 1.0) -> str:
