@@ -59,7 +59,7 @@ LABEL = {
     "loop-channels-last": "loop, channels-last module",
     "vectorized-loop-forward": "vectorized, loop forward",
     "vectorized-vmap-forward": "vectorized, vmap forward",
-    "vectorized-grouped-forward": "vectorized, grouped forward (CPU auto for cnn-tanh)",
+    "vectorized-grouped-forward": "vectorized, grouped forward (CPU auto for cnn-tanh at n > 1)",
     "ideal": "ideal: shared weights, one batch",
 }
 

@@ -77,8 +77,9 @@ class StackedModels:
     over the models. "auto": "vmap" on CUDA; on CPU the architecture's own choice, its
     class attribute ``cpu_stack_forward`` ("grouped" for the tanh CNN, whose stride-1
     max-pools gain most; the small CNN's wider 3x3 convolutions run slower grouped than
-    one by one), else "loop" (experiments/perf/fl_clients_vectorized_vs_loop.py). The
-    choice is fixed by the architecture, never by timing, so runs stay deterministic.
+    one by one), else "loop", and "loop" for a stack of one model
+    (experiments/perf/fl_clients_vectorized_vs_loop.py). The choice is fixed by the
+    architecture and the stack's size, never by timing, so runs stay deterministic.
     """
 
     def __init__(self, models: Sequence[nn.Module], forward: str = "auto") -> None:
@@ -107,7 +108,10 @@ class StackedModels:
         params = params or self.params
         strategy = self.forward
         if strategy == "auto":
-            strategy = "vmap" if x.device.type == "cuda" else "grouped" if self._grouped else "loop"
+            if x.device.type == "cuda":
+                strategy = "vmap"
+            else:  # one model alone gains nothing from grouping (FedAsync's trips)
+                strategy = "grouped" if self._grouped and self.size > 1 else "loop"
         if strategy == "grouped":
             return self._grouped(params, x)
         if strategy == "loop":
