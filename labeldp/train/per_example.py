@@ -15,6 +15,12 @@ Two ways to the same numbers:
   materializing; used whenever every parameter of the model sits in one of those layers,
   each called once per forward. :func:`clipped_sum` picks the path.
 
+The per-layer formulas are module functions (:func:`layer_sq_norms`,
+:func:`layer_clipped_sums`, :func:`layer_grad_samples`, from one layer's input and output
+gradient), shared by :class:`LayerwiseClipping` and by :mod:`labeldp.dpsgd`'s hooks
+(``make_private``); for a layer with parameters but no formula they fall back to
+torch.func on that layer alone (:func:`functional_grad_samples`).
+
 Both are tested against Opacus (grad samples) and against each other.
 """
 
@@ -160,6 +166,199 @@ def _sq_norm_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.bmm(g.transpose(1, 2), a).flatten(1), dim=1).pow(2)
 
 
+# ------------------------------------------------------------ per-layer formulas
+# One implementation of "a layer's per-example gradients from (its input a, its output
+# gradient g)", shared by LayerwiseClipping (DPSGDStep) and labeldp.dpsgd's hooks.
+# Units: a and g carry the batch in dim 0 (B examples); g is the gradient of the SUM of the
+# per-example losses w.r.t. the layer's output (so row i is example i's own gradient).
+# Results cover the layer's own trainable parameters only (recurse=False), keyed by their
+# local names ("weight", "bias", ...). Layers without a formula (formula_supported False)
+# go through torch.func (vmap over the gradient of <layer(a_i), g_i> w.r.t. the layer's
+# own parameters, Opacus' functorch fallback): exact for any layer whose output row i
+# depends on input row i alone and that draws no random numbers (vmap refuses those).
+
+
+def formula_supported(module: nn.Module) -> bool:
+    """True if ``module`` is exactly one of the layer types with a closed-form per-example
+    gradient (Linear, Conv2d with groups 1 and zero padding, GroupNorm, Embedding without
+    max_norm, frequency scaling or sparse gradients) whose trainable parameters are only
+    its weight and bias. Other layers with parameters use the torch.func fallback."""
+    return _supported(module)
+
+
+def _as_args(a: torch.Tensor | tuple) -> tuple:
+    return a if isinstance(a, tuple) else (a,)
+
+
+def _own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def functional_grad_samples(
+    module: nn.Module, args: torch.Tensor | tuple, g: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-example gradients of ``module``'s own trainable parameters by torch.func: for
+    each example i, the gradient of <module(a_i), g_i> (a_i: row i of every tensor
+    argument with the batch's size in dim 0; other arguments passed unchanged). Returns
+    local name -> (B, *parameter shape), in the parameter's dtype. The module's children
+    and buffers are held fixed; forward hooks fire on the calls, so callers that record
+    calls must pause while this runs."""
+    args = _as_args(args)
+    batch = g.shape[0]
+    params = {n: p.detach() for n, p in _own_trainable(module).items()}
+    if batch == 0:
+        return {n: p.new_zeros((0, *p.shape)) for n, p in params.items()}
+    batched = [isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch for x in args]
+
+    def inner(p: dict[str, torch.Tensor], gi: torch.Tensor, *xs: object) -> torch.Tensor:
+        call = tuple(x.unsqueeze(0) if b else x for x, b in zip(xs, batched, strict=True))
+        out = functional_call(module, p, call, strict=False)
+        return (out * gi.unsqueeze(0).to(out.dtype)).sum()
+
+    in_dims = (None, 0, *(0 if b else None for b in batched))
+    with torch.enable_grad():
+        return vmap(grad(inner), in_dims=in_dims, randomness="error")(params, g, *args)
+
+
+def groupnorm_parts(
+    m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example GroupNorm weight and bias gradients, each (B, C)."""
+    normalized = F.group_norm(a, m.num_groups, eps=m.eps)
+    if g.dim() == 2:
+        return g * normalized, g
+    dims = tuple(range(2, g.dim()))
+    return (g * normalized).sum(dims), g.sum(dims)
+
+
+@_exact_float32()
+def layer_sq_norms(module: nn.Module, a: torch.Tensor | tuple, g: torch.Tensor) -> torch.Tensor:
+    """Per-example squared L2 norm of the gradient of ``module``'s own trainable parameters
+    together, (B,), float32 (float64 for float64 inputs), from the layer's input ``a`` and
+    output gradient ``g`` (see the section comment). Formula layers never materialize the
+    B gradients (ghost norms where cheaper); others go through
+    :func:`functional_grad_samples`."""
+    if not formula_supported(module):
+        grads = functional_grad_samples(module, a, g)
+        b = g.shape[0]
+        out = torch.zeros(b, device=g.device, dtype=_wide(g).dtype)
+        for v in grads.values():
+            out = out + _wide(v).reshape(b, -1).pow(2).sum(1).to(out.dtype)
+        return out
+    m, a = module, _as_args(a)[0]
+    a = a if isinstance(m, nn.Embedding) else _wide(a)
+    g = _wide(g)
+    b = g.shape[0]
+    out = torch.zeros(b, device=g.device, dtype=g.dtype)
+    if isinstance(m, nn.Linear):
+        a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+        if m.weight.requires_grad:
+            out += _sq_norm_product(a3, g3)
+        if m.bias is not None and m.bias.requires_grad:
+            out += g3.sum(1).pow(2).sum(1)
+    elif isinstance(m, nn.Conv2d):
+        if m.weight.requires_grad:
+            u = unfold2d(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, d, T)
+            out += _sq_norm_product(u.transpose(1, 2), g.flatten(2).transpose(1, 2))
+        if m.bias is not None and m.bias.requires_grad:
+            out += g.flatten(2).sum(2).pow(2).sum(1)
+    elif isinstance(m, nn.GroupNorm):
+        gw, gb = groupnorm_parts(m, a, g)
+        if m.weight is not None and m.weight.requires_grad:
+            out += gw.pow(2).sum(1)
+        if m.bias is not None and m.bias.requires_grad:
+            out += gb.pow(2).sum(1)
+    elif isinstance(m, nn.Embedding):
+        idx = a.long().reshape(b, -1)
+        g3 = g.reshape(b, idx.shape[1], -1)
+        same = idx[:, :, None] == idx[:, None, :]
+        if m.padding_idx is not None:
+            keep = idx != m.padding_idx
+            same &= keep[:, :, None] & keep[:, None, :]
+        out += (same * torch.bmm(g3, g3.transpose(1, 2))).sum((1, 2))
+    return out
+
+
+@_exact_float32()
+def layer_clipped_sums(
+    module: nn.Module, a: torch.Tensor | tuple, g: torch.Tensor, factors: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Σᵢ cᵢ gᵢ over the batch for each of ``module``'s own trainable parameters (local
+    name -> tensor of the parameter's shape, float32, float64 for float64 inputs), where
+    ``factors`` (B,) are the per-example scales cᵢ (e.g. :func:`clip_factors`)."""
+    c = factors.reshape(-1, *([1] * (g.dim() - 1)))
+    scaled = _wide(g) * c.to(_wide(g).dtype)
+    trainable = _own_trainable(module)
+    if not formula_supported(module):
+        grads = functional_grad_samples(module, a, scaled)
+        return {n: _wide(v).sum(0) for n, v in grads.items()}
+    sums = _formula_sums(module, _as_args(a)[0], scaled)
+    return {n: v for n, v in sums.items() if n in trainable}
+
+
+def _formula_sums(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
+    a = a if isinstance(m, nn.Embedding) else _wide(a).to(g.dtype)
+    if isinstance(m, nn.Linear):
+        g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
+        return {"weight": g2.t() @ a2, "bias": g2.sum(0)}
+    if isinstance(m, nn.Conv2d):
+        # A weight-gradient convolution on the scaled output gradients; TF32 is off here
+        # (see _exact_float32), so it sums the same fp32 products the norms measured.
+        weight = torch.nn.grad.conv2d_weight(
+            a, m.weight.shape, g, m.stride, m.padding, m.dilation, m.groups
+        )
+        return {"weight": weight, "bias": g.sum((0, 2, 3))}
+    if isinstance(m, nn.GroupNorm):
+        gw, gb = groupnorm_parts(m, a, g)
+        return {"weight": gw.sum(0), "bias": gb.sum(0)}
+    if isinstance(m, nn.Embedding):
+        idx = a.long().flatten()
+        rows = g.reshape(idx.shape[0], -1)
+        weight = torch.zeros_like(m.weight, dtype=g.dtype).index_add_(0, idx, rows)
+        if m.padding_idx is not None:
+            weight[m.padding_idx] = 0
+        return {"weight": weight}
+    raise RuntimeError(f"no formula for {type(m).__name__} (formula_supported let it in)")
+
+
+@_exact_float32()
+def layer_grad_samples(
+    module: nn.Module, a: torch.Tensor | tuple, g: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Materialized per-example gradients of ``module``'s own trainable parameters (local
+    name -> (B, *parameter shape)): B times the memory of the parameters; for tests,
+    oracles and users who want them (clipping needs only :func:`layer_sq_norms` and
+    :func:`layer_clipped_sums`)."""
+    trainable = _own_trainable(module)
+    if not formula_supported(module):
+        return {n: _wide(v) for n, v in functional_grad_samples(module, a, g).items()}
+    m, a = module, _as_args(a)[0]
+    a = a if isinstance(m, nn.Embedding) else _wide(a)
+    g = _wide(g)
+    b = g.shape[0]
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(m, nn.Linear):
+        a3 = a.reshape(b, -1, a.shape[-1]).to(g.dtype)
+        g3 = g.reshape(b, -1, g.shape[-1])
+        out = {"weight": torch.bmm(g3.transpose(1, 2), a3), "bias": g3.sum(1)}
+    elif isinstance(m, nn.Conv2d):
+        u = unfold2d(a.to(g.dtype), m.kernel_size, m.dilation, m.padding, m.stride)
+        w = torch.bmm(g.flatten(2), u.transpose(1, 2))  # (B, out, in·kh·kw)
+        out = {"weight": w.reshape(b, *m.weight.shape), "bias": g.sum((2, 3))}
+    elif isinstance(m, nn.GroupNorm):
+        gw, gb = groupnorm_parts(m, a.to(g.dtype), g)
+        out = {"weight": gw, "bias": gb}
+    elif isinstance(m, nn.Embedding):
+        idx = a.long().reshape(b, -1)
+        rows = g.reshape(b, idx.shape[1], -1)
+        weight = torch.zeros((b, *m.weight.shape), device=g.device, dtype=g.dtype)
+        weight.scatter_add_(1, idx[:, :, None].expand_as(rows), rows)
+        if m.padding_idx is not None:
+            weight[:, m.padding_idx] = 0
+        out = {"weight": weight}
+    return {n: v for n, v in out.items() if n in trainable}
+
+
 class LayerwiseClipping:
     """Per-example norms and the clipped gradient sum of ``model`` from one forward and one
     backward pass, for models that :func:`layerwise_supported` accepts.
@@ -247,52 +446,11 @@ class LayerwiseClipping:
         for name, module in self.layers:
             if name not in self._grads:  # a layer that did not influence the loss
                 continue
-            part = self._layer_sq_norm(module, self._inputs[name][0], self._grads[name])
+            part = layer_sq_norms(module, self._inputs[name][0], self._grads[name])
             total = part if total is None else total + part
         if total is None:
             raise RuntimeError("no layer with parameters took part in the forward pass")
         return total.clamp_min(0)  # Gram-matrix norms may round a hair below 0
-
-    def _layer_sq_norm(self, m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        a = a if isinstance(m, nn.Embedding) else _wide(a)
-        g = _wide(g)
-        b = g.shape[0]
-        out = torch.zeros(b, device=g.device, dtype=g.dtype)
-        if isinstance(m, nn.Linear):
-            a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
-            if m.weight.requires_grad:
-                out += _sq_norm_product(a3, g3)
-            if m.bias is not None and m.bias.requires_grad:
-                out += g3.sum(1).pow(2).sum(1)
-        elif isinstance(m, nn.Conv2d):
-            if m.weight.requires_grad:
-                u = unfold2d(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, d, T)
-                out += _sq_norm_product(u.transpose(1, 2), g.flatten(2).transpose(1, 2))
-            if m.bias is not None and m.bias.requires_grad:
-                out += g.flatten(2).sum(2).pow(2).sum(1)
-        elif isinstance(m, nn.GroupNorm):
-            gw, gb = self._groupnorm_parts(m, a, g)
-            if m.weight is not None and m.weight.requires_grad:
-                out += gw.pow(2).sum(1)
-            if m.bias is not None and m.bias.requires_grad:
-                out += gb.pow(2).sum(1)
-        elif isinstance(m, nn.Embedding):
-            idx = a.long().reshape(b, -1)
-            g3 = g.reshape(b, idx.shape[1], -1)
-            same = idx[:, :, None] == idx[:, None, :]
-            if m.padding_idx is not None:
-                keep = idx != m.padding_idx
-                same &= keep[:, :, None] & keep[:, None, :]
-            out += (same * torch.bmm(g3, g3.transpose(1, 2))).sum((1, 2))
-        return out
-
-    @staticmethod
-    def _groupnorm_parts(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor):
-        normalized = F.group_norm(a, m.num_groups, eps=m.eps)
-        if g.dim() == 2:
-            return g * normalized, g
-        dims = tuple(range(2, g.dim()))
-        return (g * normalized).sum(dims), g.sum(dims)
 
     @_exact_float32()
     def clipped_sums(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -305,39 +463,11 @@ class LayerwiseClipping:
                     if p.requires_grad:
                         sums[_join(name, pname)] = torch.zeros_like(p, dtype=_wide(p).dtype)
                 continue
-            a = self._inputs[name][0]
-            g = self._grads[name]
-            c = factors.reshape(-1, *([1] * (g.dim() - 1)))
-            scaled = _wide(g) * c.to(_wide(g).dtype)
-            for pname, value in self._layer_sums(m, a, scaled).items():
-                if getattr(m, pname) is not None and getattr(m, pname).requires_grad:
-                    sums[_join(name, pname)] = value
+            a, g = self._inputs[name][0], self._grads[name]
+            for pname, value in layer_clipped_sums(m, a, g, factors).items():
+                sums[_join(name, pname)] = value
         self._inputs, self._grads = {}, {}
         return sums
-
-    def _layer_sums(self, m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
-        a = a if isinstance(m, nn.Embedding) else _wide(a).to(g.dtype)
-        if isinstance(m, nn.Linear):
-            g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
-            return {"weight": g2.t() @ a2, "bias": g2.sum(0)}
-        if isinstance(m, nn.Conv2d):
-            # A weight-gradient convolution on the scaled output gradients; TF32 is off here
-            # (see _exact_float32), so it sums the same fp32 products the norms measured.
-            weight = torch.nn.grad.conv2d_weight(
-                a, m.weight.shape, g, m.stride, m.padding, m.dilation, m.groups
-            )
-            return {"weight": weight, "bias": g.sum((0, 2, 3))}
-        if isinstance(m, nn.GroupNorm):
-            gw, gb = self._groupnorm_parts(m, a, g)
-            return {"weight": gw.sum(0), "bias": gb.sum(0)}
-        if isinstance(m, nn.Embedding):
-            idx = a.long().flatten()
-            rows = g.reshape(idx.shape[0], -1)
-            weight = torch.zeros_like(m.weight, dtype=g.dtype).index_add_(0, idx, rows)
-            if m.padding_idx is not None:
-                weight[m.padding_idx] = 0
-            return {"weight": weight}
-        raise RuntimeError(f"unsupported layer {type(m).__name__} (layerwise_supported let it in)")
 
 
 def _join(prefix: str, name: str) -> str:
