@@ -1,0 +1,245 @@
+"""Per-example gradients of a user's model, captured during the user's own backward pass.
+
+:class:`GradSampleHooks` puts a forward hook on every module that owns trainable
+parameters. While gradients are enabled, each call records the module's inputs (the
+activations a) and registers a hook on its output tensor that records the output gradient
+g when the user's ``loss.backward()`` reaches it. From (a, g) the per-layer functions of
+:mod:`labeldp.train.per_example` (the same ones DPSGDStep uses, with their torch.func
+fallback for layers without a formula) give each example's squared gradient norm, the
+clipped sum Σᵢ cᵢ gᵢ, or, for tests and oracles, the materialized per-example gradients.
+
+Loss reduction. The per-example gradient is the gradient of that example's own loss.
+With ``loss_reduction="sum"`` the recorded g is already that; with ``"mean"`` (PyTorch's
+default, ``F.cross_entropy(...)``) the user's loss is (1/B)·Σ lossᵢ for the realised batch
+size B, so g is multiplied back by B (the output's size in dim 0). The first step with at
+least two examples checks the declaration: the unclipped sum of the per-example gradients
+must equal the gradient autograd left in ``.grad`` (times B for "mean"); a mismatch (wrong
+reduction, a parameter used outside its module, a layer that mixes examples) is a
+ConfigError.
+
+One forward and one backward per recorded batch: a module called twice before the step
+(a shared layer, a second forward pass) is refused by name — accumulate physical batches
+with :func:`labeldp.dpsgd.virtual_batches` instead, which steps between them. Forward
+calls under ``torch.no_grad()`` (evaluation) are not recorded. The batch is dim 0 of every
+recorded input and output.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..train.per_example import (
+    clip_factors,
+    layer_clipped_sums,
+    layer_grad_samples,
+    layer_sq_norms,
+)
+
+#: Models that already carry hooks (one make_private per model).
+_HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Call:
+    args: tuple
+    batch: int
+    grad: torch.Tensor | None = None
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    params: dict[str, nn.Parameter]
+    calls: list[_Call] = field(default_factory=list)
+
+
+def trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module owning a trainable parameter (recurse=False)."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
+class GradSampleHooks:
+    """Hooks on ``model`` that capture per-example gradients (see the module docstring).
+
+    loss_reduction: "mean" or "sum", how the user's loss combines the examples of a batch.
+    """
+
+    def __init__(self, model: nn.Module, loss_reduction: str = "mean") -> None:
+        if model in _HOOKED:
+            raise ConfigError(
+                "model already has DP-SGD hooks (make_private was called on it before); "
+                "call optimizer.detach() on the earlier private optimizer first"
+            )
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self.layers = [
+            _Layer(name, m, {n: p for n, p in m.named_parameters(recurse=False) if p.requires_grad})
+            for name, m in trainable_layers(model)
+        ]
+        self._paused = False
+        self._handles = [
+            layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self.layers
+        ]
+        _HOOKED[model] = self
+
+    def remove(self) -> None:
+        """Takes the hooks off the model (it is then an ordinary model again)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+        _HOOKED.pop(self.model, None)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.params.values()]
+
+    # ------------------------------------------------------------------ recording
+    def _forward_hook(self, layer: _Layer):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if self._paused or not torch.is_grad_enabled():
+                return
+            if not isinstance(output, torch.Tensor):
+                raise ConfigError(
+                    f"layer {layer.name or '<model>'} ({type(module).__name__}) returns "
+                    f"{type(output).__name__}, not one tensor: its per-example gradients "
+                    "cannot be captured (see labeldp.dpsgd.validate)"
+                )
+            if not output.requires_grad:
+                return
+            if output.dim() == 0:
+                raise ConfigError(
+                    f"layer {layer.name or '<model>'} returns a scalar: per-example "
+                    "gradients need the batch in dim 0 of its output"
+                )
+            call = _Call(
+                tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                output.shape[0],
+            )
+            layer.calls.append(call)
+
+            def on_grad(g: torch.Tensor) -> None:
+                g = g.detach()
+                if self.loss_reduction == "mean":
+                    g = g * call.batch
+                call.grad = g if call.grad is None else call.grad + g
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def clear(self) -> None:
+        """Forgets every recorded call."""
+        for layer in self.layers:
+            layer.calls = []
+
+    def clear_gradients(self) -> None:
+        """Forgets the calls whose backward has run (``zero_grad``); calls still waiting for
+        their backward pass are kept."""
+        for layer in self.layers:
+            layer.calls = [c for c in layer.calls if c.grad is None]
+
+    def _collect(self) -> tuple[list[tuple[_Layer, _Call]], int | None]:
+        """The recorded (layer, call) pairs whose backward has run, and the batch size."""
+        done: list[tuple[_Layer, _Call]] = []
+        batch = None
+        for layer in self.layers:
+            calls = [c for c in layer.calls if c.grad is not None]
+            if len(calls) > 1:
+                raise ConfigError(
+                    f"layer {layer.name or '<model>'} ({type(layer.module).__name__}) ran "
+                    f"{len(calls)} times with a backward pass before the optimizer step: "
+                    "make_private supports one forward and one backward per step (a layer "
+                    "used twice in one forward is not supported; accumulate batches with "
+                    "labeldp.dpsgd.virtual_batches)"
+                )
+            if calls:
+                if batch is not None and calls[0].batch != batch:
+                    raise ConfigError(
+                        f"layer {layer.name} saw a batch of {calls[0].batch} examples, other "
+                        f"layers {batch}: every layer must map the batch row by row (dim 0)"
+                    )
+                batch = calls[0].batch
+                done.append((layer, calls[0]))
+        return done, batch
+
+    # ------------------------------------------------------------------ results
+    def per_example_gradients(self) -> dict[str, torch.Tensor]:
+        """Materialized per-example gradients of the recorded batch: parameter name (as in
+        ``model.named_parameters()``) -> (B, *shape). Layers that took no part in the loss
+        are absent. Does not clear the record."""
+        done, _ = self._collect()
+        out: dict[str, torch.Tensor] = {}
+        with self._pause():
+            for layer, call in done:
+                for pname, v in layer_grad_samples(layer.module, call.args, call.grad).items():
+                    out[_join(layer.name, pname)] = v
+        return out
+
+    def clipped_sums(
+        self, max_grad_norm: float
+    ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor, int]:
+        """Clips each recorded example's gradient (flat, all parameters) to L2 norm
+        ``max_grad_norm`` and sums: (parameter -> Σᵢ cᵢ gᵢ (float32/float64), per-example
+        norms before clipping (B,), B). Empty when nothing was recorded (B = 0). Clears
+        the record."""
+        done, batch = self._collect()
+        if not done or not batch:
+            self.clear()
+            return {}, torch.zeros(0), 0
+        with self._pause():
+            sq = None
+            for layer, call in done:
+                part = layer_sq_norms(layer.module, call.args, call.grad)
+                sq = part if sq is None else sq + part.to(sq.device)
+            norms = sq.clamp_min(0).sqrt()
+            factors = clip_factors(norms, max_grad_norm)
+            sums: dict[nn.Parameter, torch.Tensor] = {}
+            for layer, call in done:
+                f = factors.to(call.grad.device)
+                for pname, v in layer_clipped_sums(layer.module, call.args, call.grad, f).items():
+                    sums[layer.params[pname]] = v
+        self.clear()
+        return sums, norms, batch
+
+    def unclipped_sums(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Σᵢ gᵢ of the recorded batch per parameter (for the one-time check against
+        autograd's ``.grad``). Does not clear the record."""
+        done, batch = self._collect()
+        sums: dict[nn.Parameter, torch.Tensor] = {}
+        with self._pause():
+            for layer, call in done:
+                ones = torch.ones(batch, device=call.grad.device)
+                parts = layer_clipped_sums(layer.module, call.args, call.grad, ones)
+                for pname, v in parts.items():
+                    sums[layer.params[pname]] = v
+        return sums
+
+    def recorded_batch(self) -> int:
+        """B of the recorded batch (0 if none)."""
+        return self._collect()[1] or 0
+
+    def _pause(self):
+        hooks = self
+
+        class _Paused:
+            def __enter__(self) -> None:
+                hooks._paused = True
+
+            def __exit__(self, *exc: object) -> None:
+                hooks._paused = False
+
+        return _Paused()
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
