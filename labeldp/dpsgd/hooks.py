@@ -11,11 +11,13 @@ clipped sum Σᵢ cᵢ gᵢ, or, for tests and oracles, the materialized per-exa
 Loss reduction. The per-example gradient is the gradient of that example's own loss.
 With ``loss_reduction="sum"`` the recorded g is already that; with ``"mean"`` (PyTorch's
 default, ``F.cross_entropy(...)``) the user's loss is (1/B)·Σ lossᵢ for the realised batch
-size B, so g is multiplied back by B (the output's size in dim 0). The first step with at
-least two examples checks the declaration: the unclipped sum of the per-example gradients
-must equal the gradient autograd left in ``.grad`` (times B for "mean"); a mismatch (wrong
-reduction, a parameter used outside its module, a layer that mixes examples) is a
-ConfigError.
+size B, so g is multiplied back by B (the output's size in dim 0). A wrong declaration
+scales every per-example gradient by B or 1/B: the clipping still bounds each example's
+contribution by C (the guarantee holds), but the update is not the intended one; it cannot
+be detected from the gradients. What the first step with at least two examples does check
+(DPOptimizer): the unclipped sum of the per-example gradients must equal the gradient
+autograd left in ``.grad`` (times B for "mean"); a mismatch (a parameter used outside its
+module's forward, a layer that mixes examples) is a ConfigError.
 
 One forward and one backward per recorded batch: a module called twice before the step
 (a shared layer, a second forward pass) is refused by name — accumulate physical batches

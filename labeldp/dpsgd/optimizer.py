@@ -190,10 +190,9 @@ class DPOptimizer(Optimizer):
                 "the per-example gradients captured by the hooks do not add up to the "
                 f"gradient autograd computed (relative difference "
                 f"{math.sqrt(diff) / max(math.sqrt(total), 1e-30):.3g}); check that "
-                f"loss_reduction={self.hooks.loss_reduction!r} is how your loss combines the "
-                "batch, that every parameter is used only inside its own module's forward, "
-                "that no layer mixes examples (BatchNorm) and that gradients are zeroed "
-                "before each backward"
+                "every parameter is used only inside its own module's forward (no tied or "
+                "functionally used weights), that no layer mixes examples (BatchNorm) and "
+                "that gradients are zeroed (optimizer.zero_grad()) before each backward"
             )
         self._checked = True
 
