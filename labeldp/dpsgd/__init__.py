@@ -31,6 +31,7 @@ budget, checkpoints), :mod:`~labeldp.dpsgd.loader` (Poisson sampling),
 (``validate``/``fix``), :mod:`~labeldp.dpsgd.checks` (argument checks).
 """
 
+from ..train.per_example import register_grad_sampler
 from .hooks import GradSampleHooks
 from .loader import PoissonBatchSampler, PoissonDataLoader
 from .make_private import make_private
@@ -46,6 +47,7 @@ __all__ = [
     "PoissonDataLoader",
     "fix",
     "make_private",
+    "register_grad_sampler",
     "validate",
     "virtual_batches",
 ]

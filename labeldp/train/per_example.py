@@ -18,8 +18,14 @@ Two ways to the same numbers:
 The per-layer formulas are module functions (:func:`layer_sq_norms`,
 :func:`layer_clipped_sums`, :func:`layer_grad_samples`, from one layer's input and output
 gradient), shared by :class:`LayerwiseClipping` and by :mod:`labeldp.dpsgd`'s hooks
-(``make_private``); for a layer with parameters but no formula they fall back to
-torch.func on that layer alone (:func:`functional_grad_samples`).
+(``make_private``). They cover Linear, Conv1d/2d/3d (any groups, stride, dilation,
+padding and padding mode), GroupNorm, LayerNorm, InstanceNorm (without running
+statistics) and Embedding (:func:`formula_supported`); a layer type with a function
+registered by :func:`register_grad_sampler` uses that; any other layer with parameters
+falls back to torch.func on that layer alone (:func:`functional_grad_samples`). A layer
+called several times in one pass (a recurrent cell) contributes the sum of its per-call
+gradients (:func:`calls_sq_norms` and friends). :class:`LayerwiseClipping` itself still
+accepts only the layers of :func:`layerwise_supported`.
 
 Both are tested against Opacus (grad samples) and against each other.
 """
@@ -27,6 +33,7 @@ Both are tested against Opacus (grad samples) and against each other.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -101,15 +108,22 @@ class LayerwiseUnsupported(Exception):
 
 
 _LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.Embedding)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+#: Exact types with a closed-form per-example gradient (see formula_supported).
+FORMULA_LAYERS = (nn.Linear, *_CONVS, nn.GroupNorm, nn.LayerNorm, *_INSTANCE_NORMS, nn.Embedding)
+
+
+def _own_names(module: nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
 def _supported(module: nn.Module) -> bool:
+    """The layers LayerwiseClipping (DPSGDStep) has accepted from the start: Linear, Conv2d
+    with groups 1 and numeric zero padding, GroupNorm, plain Embedding."""
     # Exact types only: a subclass may override forward (e.g. weight standardization), and
     # the per-layer formulas would then describe a different function.
-    if type(module) not in _LAYERS:
-        return False
-    names = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-    if not names <= {"weight", "bias"}:
+    if type(module) not in _LAYERS or not _own_names(module) <= {"weight", "bias"}:
         return False
     if type(module) is nn.Conv2d:
         return (
@@ -117,9 +131,16 @@ def _supported(module: nn.Module) -> bool:
             and module.padding_mode == "zeros"
             and not isinstance(module.padding, str)
         )
+    return _formula_type_ok(module)
+
+
+def _formula_type_ok(module: nn.Module) -> bool:
     if type(module) is nn.Embedding:
         return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
-    return True
+    if type(module) in _INSTANCE_NORMS:
+        # running statistics: in eval mode the layer normalizes by them, not by the input's
+        return not module.track_running_stats
+    return type(module) in FORMULA_LAYERS
 
 
 def layerwise_supported(model: nn.Module) -> bool:
@@ -131,7 +152,7 @@ def layerwise_supported(model: nn.Module) -> bool:
     owners: dict[int, int] = {}
     for module in model.modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own and not _supported(module):
+        if own and not (_supported(module) or registered_grad_sampler(module)):
             return False
         for p in own:
             owners[id(p)] = owners.get(id(p), 0) + 1
@@ -180,10 +201,96 @@ def _sq_norm_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def formula_supported(module: nn.Module) -> bool:
     """True if ``module`` is exactly one of the layer types with a closed-form per-example
-    gradient (Linear, Conv2d with groups 1 and zero padding, GroupNorm, Embedding without
-    max_norm, frequency scaling or sparse gradients) whose trainable parameters are only
-    its weight and bias. Other layers with parameters use the torch.func fallback."""
-    return _supported(module)
+    gradient and its trainable parameters are only its weight and bias: Linear;
+    Conv1d/2d/3d with any groups, stride, dilation, numeric or string ("same", "valid")
+    padding and any padding mode (the recorded input is padded explicitly); GroupNorm;
+    LayerNorm; InstanceNorm1d/2d/3d without running statistics; Embedding without
+    max_norm, frequency scaling or sparse gradients. Layers with a registered grad sampler
+    (:func:`register_grad_sampler`) use it instead; other layers with parameters use the
+    torch.func fallback."""
+    if type(module) in _GRAD_SAMPLERS:
+        return False
+    return _own_names(module) <= {"weight", "bias"} and _formula_type_ok(module)
+
+
+# ------------------------------------------------------------ registered grad samplers
+_GRAD_SAMPLERS: dict[type, Callable] = {}
+
+
+def register_grad_sampler(*layer_types: type) -> Callable[[Callable], Callable]:
+    """Decorator registering a per-example gradient function for user-defined layer types.
+
+    ``@register_grad_sampler(MyLayer)`` on ``fn(layer, activations, output_grad)``:
+
+    - ``layer``: the MyLayer instance (exact type match: subclasses are not covered);
+    - ``activations``: tuple of the layer's positional forward arguments as recorded
+      (tensors detached), batch in dim 0;
+    - ``output_grad``: (B, *output shape[1:]), row i the gradient of example i's own loss
+      with respect to the layer's output (float32, or float64 for a float64 model);
+    - returns ``{parameter name (local, as in layer.named_parameters(recurse=False)) or
+      the nn.Parameter itself: per-example gradient (B, *parameter shape)}`` covering
+      every trainable parameter of the layer itself (its children have their own hooks).
+
+    Per-example means: row i is the gradient of <layer(activations row i), output_grad row
+    i> with respect to the parameter, for the layer applied to example i alone. Used by
+    :mod:`labeldp.dpsgd`'s hooks and by :class:`LayerwiseClipping` (DPSGDStep) in place of
+    the torch.func fallback. Returns ``fn`` unchanged. Registering a type again replaces
+    its function; registering a built-in formula type overrides the formula."""
+    for t in layer_types:
+        if not isinstance(t, type) or not issubclass(t, nn.Module):
+            raise ConfigError(
+                f"register_grad_sampler takes nn.Module subclasses, got {t!r}"
+            )
+    if not layer_types:
+        raise ConfigError("register_grad_sampler needs at least one layer type")
+
+    def decorator(fn: Callable) -> Callable:
+        if not callable(fn):
+            raise ConfigError(f"register_grad_sampler decorates a function, got {fn!r}")
+        for t in layer_types:
+            _GRAD_SAMPLERS[t] = fn
+        return fn
+
+    return decorator
+
+
+def registered_grad_sampler(module: nn.Module) -> Callable | None:
+    """The function registered for ``type(module)`` (exact type), or None."""
+    return _GRAD_SAMPLERS.get(type(module))
+
+
+def _registered_samples(
+    fn: Callable, module: nn.Module, a: torch.Tensor | tuple, g: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Calls a registered sampler and checks its answer (names, shapes)."""
+    own = _own_trainable(module)
+    by_id = {id(p): n for n, p in own.items()}
+    raw = fn(module, _as_args(a), g)
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"the grad sampler registered for {type(module).__name__} must return a dict "
+            f"(parameter name -> (B, *shape)), got {type(raw).__name__}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        name = by_id.get(id(key)) if isinstance(key, nn.Parameter) else key
+        if name not in own:
+            continue  # frozen parameters, or a child's: not this layer's to report
+        want = (g.shape[0], *own[name].shape)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != want:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+            raise ConfigError(
+                f"the grad sampler registered for {type(module).__name__} returned {got} "
+                f"for {name!r}; expected shape {want} (batch, *parameter shape)"
+            )
+        out[name] = _wide(value)
+    missing = set(own) - set(out)
+    if missing:
+        raise ConfigError(
+            f"the grad sampler registered for {type(module).__name__} did not return "
+            f"{sorted(missing)} (every trainable parameter of the layer itself)"
+        )
+    return out
 
 
 def _as_args(a: torch.Tensor | tuple) -> tuple:
@@ -231,15 +338,89 @@ def groupnorm_parts(
     return (g * normalized).sum(dims), g.sum(dims)
 
 
+def _norm_parts(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple:
+    """Per-example (weight, bias) gradients of GroupNorm (B, C), InstanceNorm (B, C) or
+    LayerNorm (B, *normalized_shape): Σ over the normalized positions of x̂·g, and Σ g,
+    with x̂ the input normalized without the affine parameters."""
+    if isinstance(m, nn.GroupNorm):
+        return groupnorm_parts(m, a, g)
+    b = g.shape[0]
+    if isinstance(m, nn.LayerNorm):
+        shape = tuple(m.normalized_shape)
+        normalized = F.layer_norm(a, shape, eps=m.eps)
+        return (
+            (normalized * g).reshape(b, -1, *shape).sum(1),
+            g.reshape(b, -1, *shape).sum(1),
+        )
+    normalized = F.instance_norm(a, eps=m.eps)  # InstanceNorm: the input's own statistics
+    return (normalized * g).flatten(2).sum(2), g.flatten(2).sum(2)
+
+
+def _conv_padded(m: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(input as the convolution reads it, padding still to apply): numeric zero padding
+    is left to the convolution; string padding ("same" may be asymmetric) and the
+    reflect/replicate/circular modes are applied here, as the layer's forward does."""
+    if m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        return a, tuple(m.padding)
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+    n = len(m.kernel_size)
+    return F.pad(a, list(m._reversed_padding_repeated_twice), mode=mode), (0,) * n
+
+
+def unfold_nd(
+    a: torch.Tensor,
+    kernel: tuple[int, ...],
+    dilation: tuple[int, ...],
+    padding: tuple[int, ...],
+    stride: tuple[int, ...],
+) -> torch.Tensor:
+    """im2col of a (B, C, *spatial) with n = len(kernel) spatial dims (1 to 3): (B,
+    C·Πkernel, Πoutput positions), channel-major then kernel offsets, as ``F.unfold`` in
+    2-D. Zero ``padding`` on both sides of every spatial dim."""
+    n = len(kernel)
+    pads = [p for q in reversed(padding) for p in (q, q)]
+    windows = F.pad(a, pads) if any(padding) else a
+    for i in range(n):
+        windows = windows.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
+    if any(d > 1 for d in dilation):
+        windows = windows[(..., *(slice(None, None, d) for d in dilation))]
+    b, c, out = windows.shape[0], windows.shape[1], windows.shape[2 : 2 + n]
+    order = (0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
+    return windows.permute(order).reshape(b, c * math.prod(kernel), math.prod(out))
+
+
+def _conv_groups(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple:
+    """Unfolded input (B·G, T, d_g) and output gradient (B·G, T, p_g) per group G of a
+    convolution (T output positions, d_g = C_in/G·Πkernel, p_g = C_out/G)."""
+    padded, pad = _conv_padded(m, a)
+    u = unfold_nd(padded, m.kernel_size, m.dilation, pad, m.stride)  # (B, d, T)
+    b, t, groups = u.shape[0], u.shape[2], m.groups
+    ug = u.reshape(b * groups, -1, t).transpose(1, 2)
+    gg = g.reshape(b * groups, -1, t).transpose(1, 2)
+    return ug, gg
+
+
+_CONV_WEIGHT = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
+
+
+def _trainable(m: nn.Module, name: str) -> bool:
+    p = getattr(m, name, None)
+    return isinstance(p, nn.Parameter) and p.requires_grad
+
+
 @_exact_float32()
 def layer_sq_norms(module: nn.Module, a: torch.Tensor | tuple, g: torch.Tensor) -> torch.Tensor:
     """Per-example squared L2 norm of the gradient of ``module``'s own trainable parameters
     together, (B,), float32 (float64 for float64 inputs), from the layer's input ``a`` and
     output gradient ``g`` (see the section comment). Formula layers never materialize the
-    B gradients (ghost norms where cheaper); others go through
-    :func:`functional_grad_samples`."""
+    B gradients (ghost norms where cheaper); registered samplers and the torch.func
+    fallback materialize them."""
     if not formula_supported(module):
-        grads = functional_grad_samples(module, a, g)
+        grads = _materialized(module, a, g)
         b = g.shape[0]
         out = torch.zeros(b, device=g.device, dtype=_wide(g).dtype)
         for v in grads.values():
@@ -252,22 +433,22 @@ def layer_sq_norms(module: nn.Module, a: torch.Tensor | tuple, g: torch.Tensor) 
     out = torch.zeros(b, device=g.device, dtype=g.dtype)
     if isinstance(m, nn.Linear):
         a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
-        if m.weight.requires_grad:
-            out += _sq_norm_product(a3, g3)
-        if m.bias is not None and m.bias.requires_grad:
+        if _trainable(m, "weight"):
+            out += _sq_norm_product(a3.to(g.dtype), g3)
+        if _trainable(m, "bias"):
             out += g3.sum(1).pow(2).sum(1)
-    elif isinstance(m, nn.Conv2d):
-        if m.weight.requires_grad:
-            u = unfold2d(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, d, T)
-            out += _sq_norm_product(u.transpose(1, 2), g.flatten(2).transpose(1, 2))
-        if m.bias is not None and m.bias.requires_grad:
-            out += g.flatten(2).sum(2).pow(2).sum(1)
-    elif isinstance(m, nn.GroupNorm):
-        gw, gb = groupnorm_parts(m, a, g)
-        if m.weight is not None and m.weight.requires_grad:
-            out += gw.pow(2).sum(1)
-        if m.bias is not None and m.bias.requires_grad:
-            out += gb.pow(2).sum(1)
+    elif isinstance(m, _CONVS):
+        if _trainable(m, "weight"):
+            ug, gg = _conv_groups(m, a.to(g.dtype), g)
+            out += _sq_norm_product(ug, gg).reshape(b, m.groups).sum(1)
+        if _trainable(m, "bias"):
+            out += g.reshape(b, g.shape[1], -1).sum(2).pow(2).sum(1)
+    elif isinstance(m, (nn.GroupNorm, nn.LayerNorm, *_INSTANCE_NORMS)):
+        gw, gb = _norm_parts(m, a.to(g.dtype), g)
+        if _trainable(m, "weight"):
+            out += gw.reshape(b, -1).pow(2).sum(1)
+        if _trainable(m, "bias"):
+            out += gb.reshape(b, -1).pow(2).sum(1)
     elif isinstance(m, nn.Embedding):
         idx = a.long().reshape(b, -1)
         g3 = g.reshape(b, idx.shape[1], -1)
@@ -277,6 +458,15 @@ def layer_sq_norms(module: nn.Module, a: torch.Tensor | tuple, g: torch.Tensor) 
             same &= keep[:, :, None] & keep[:, None, :]
         out += (same * torch.bmm(g3, g3.transpose(1, 2))).sum((1, 2))
     return out
+
+
+def _materialized(module: nn.Module, a: torch.Tensor | tuple, g: torch.Tensor) -> dict:
+    """Per-example gradients of a layer without a formula: its registered sampler, else
+    torch.func."""
+    fn = registered_grad_sampler(module)
+    if fn is not None:
+        return _registered_samples(fn, module, a, _wide(g))
+    return {n: _wide(v) for n, v in functional_grad_samples(module, a, g).items()}
 
 
 @_exact_float32()
@@ -290,8 +480,8 @@ def layer_clipped_sums(
     scaled = _wide(g) * c.to(_wide(g).dtype)
     trainable = _own_trainable(module)
     if not formula_supported(module):
-        grads = functional_grad_samples(module, a, scaled)
-        return {n: _wide(v).sum(0) for n, v in grads.items()}
+        grads = _materialized(module, a, scaled)
+        return {n: v.sum(0) for n, v in grads.items()}
     sums = _formula_sums(module, _as_args(a)[0], scaled)
     return {n: v for n, v in sums.items() if n in trainable}
 
@@ -301,15 +491,16 @@ def _formula_sums(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
     if isinstance(m, nn.Linear):
         g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
         return {"weight": g2.t() @ a2, "bias": g2.sum(0)}
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, _CONVS):
         # A weight-gradient convolution on the scaled output gradients; TF32 is off here
         # (see _exact_float32), so it sums the same fp32 products the norms measured.
-        weight = torch.nn.grad.conv2d_weight(
-            a, m.weight.shape, g, m.stride, m.padding, m.dilation, m.groups
+        padded, pad = _conv_padded(m, a)
+        weight = _CONV_WEIGHT[len(m.kernel_size)](
+            padded, m.weight.shape, g, m.stride, pad, m.dilation, m.groups
         )
-        return {"weight": weight, "bias": g.sum((0, 2, 3))}
-    if isinstance(m, nn.GroupNorm):
-        gw, gb = groupnorm_parts(m, a, g)
+        return {"weight": weight, "bias": g.reshape(g.shape[0], g.shape[1], -1).sum((0, 2))}
+    if isinstance(m, (nn.GroupNorm, nn.LayerNorm, *_INSTANCE_NORMS)):
+        gw, gb = _norm_parts(m, a, g)
         return {"weight": gw.sum(0), "bias": gb.sum(0)}
     if isinstance(m, nn.Embedding):
         idx = a.long().flatten()
@@ -331,7 +522,7 @@ def layer_grad_samples(
     :func:`layer_clipped_sums`)."""
     trainable = _own_trainable(module)
     if not formula_supported(module):
-        return {n: _wide(v) for n, v in functional_grad_samples(module, a, g).items()}
+        return _materialized(module, a, g)
     m, a = module, _as_args(a)[0]
     a = a if isinstance(m, nn.Embedding) else _wide(a)
     g = _wide(g)
@@ -341,12 +532,15 @@ def layer_grad_samples(
         a3 = a.reshape(b, -1, a.shape[-1]).to(g.dtype)
         g3 = g.reshape(b, -1, g.shape[-1])
         out = {"weight": torch.bmm(g3.transpose(1, 2), a3), "bias": g3.sum(1)}
-    elif isinstance(m, nn.Conv2d):
-        u = unfold2d(a.to(g.dtype), m.kernel_size, m.dilation, m.padding, m.stride)
-        w = torch.bmm(g.flatten(2), u.transpose(1, 2))  # (B, out, in·kh·kw)
-        out = {"weight": w.reshape(b, *m.weight.shape), "bias": g.sum((2, 3))}
-    elif isinstance(m, nn.GroupNorm):
-        gw, gb = groupnorm_parts(m, a.to(g.dtype), g)
+    elif isinstance(m, _CONVS):
+        ug, gg = _conv_groups(m, a.to(g.dtype), g)
+        w = torch.bmm(gg.transpose(1, 2), ug)  # (B·G, C_out/G, C_in/G·Πkernel)
+        out = {
+            "weight": w.reshape(b, *m.weight.shape),
+            "bias": g.reshape(b, g.shape[1], -1).sum(2),
+        }
+    elif isinstance(m, (nn.GroupNorm, nn.LayerNorm, *_INSTANCE_NORMS)):
+        gw, gb = _norm_parts(m, a.to(g.dtype), g)
         out = {"weight": gw, "bias": gb}
     elif isinstance(m, nn.Embedding):
         idx = a.long().reshape(b, -1)
@@ -357,6 +551,74 @@ def layer_grad_samples(
             weight[:, m.padding_idx] = 0
         out = {"weight": weight}
     return {n: v for n, v in out.items() if n in trainable}
+
+
+# ------------------------------------------------- a layer called several times per pass
+# A layer applied k times in one forward pass (a recurrent cell's Linear at every time
+# step) has per-example gradient Σ_k g_ik, the sum of its per-call gradients; the norm
+# that clipping needs is of that sum. Linear and Embedding calls are stacked along the
+# sequence dimension (their formula is already a sum over positions: exact); other
+# layers materialize each call's per-example gradients and add them. `calls` is a list
+# of (input a, output gradient g), every g with the same batch size B in dim 0.
+
+
+def _merge_calls(module: nn.Module, calls: list[tuple]) -> tuple | None:
+    """One (a, g) equivalent to ``calls`` for Linear/Embedding formulas, else None."""
+    if len(calls) == 1:
+        a, g = calls[0]
+        return _as_args(a)[0], g
+    if not formula_supported(module) or not isinstance(module, (nn.Linear, nn.Embedding)):
+        return None
+    b = calls[0][1].shape[0]
+    if isinstance(module, nn.Linear):
+        xs = [_as_args(a)[0] for a, _ in calls]
+        a = torch.cat([x.reshape(b, -1, x.shape[-1]).to(xs[0].dtype) for x in xs], 1)
+    else:
+        a = torch.cat([_as_args(x)[0].reshape(b, -1) for x, _ in calls], 1)
+    gs = [g for _, g in calls]
+    dtype = torch.promote_types(gs[0].dtype, torch.float32)
+    g = torch.cat([x.reshape(b, -1, x.shape[-1]).to(dtype) for x in gs], 1)
+    return a, g
+
+
+def calls_sq_norms(module: nn.Module, calls: list[tuple]) -> torch.Tensor:
+    """:func:`layer_sq_norms` of the summed per-example gradient of several calls."""
+    merged = _merge_calls(module, calls)
+    if merged is not None:
+        return layer_sq_norms(module, *merged)
+    total = calls_grad_samples(module, calls)
+    b = calls[0][1].shape[0]
+    out = torch.zeros(b, device=calls[0][1].device, dtype=_wide(calls[0][1]).dtype)
+    for v in total.values():
+        out = out + v.reshape(b, -1).pow(2).sum(1).to(out.dtype)
+    return out
+
+
+def calls_clipped_sums(
+    module: nn.Module, calls: list[tuple], factors: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """:func:`layer_clipped_sums` of several calls: Σᵢ cᵢ Σ_k g_ik (linear in g, so the
+    per-call sums are added)."""
+    merged = _merge_calls(module, calls)
+    if merged is not None:
+        return layer_clipped_sums(module, *merged, factors)
+    out: dict[str, torch.Tensor] = {}
+    for a, g in calls:
+        for n, v in layer_clipped_sums(module, a, g, factors).items():
+            out[n] = v if n not in out else out[n] + v
+    return out
+
+
+def calls_grad_samples(module: nn.Module, calls: list[tuple]) -> dict[str, torch.Tensor]:
+    """:func:`layer_grad_samples` of several calls: Σ_k of each call's (B, *shape)."""
+    merged = _merge_calls(module, calls)
+    if merged is not None:
+        return layer_grad_samples(module, *merged)
+    out: dict[str, torch.Tensor] = {}
+    for a, g in calls:
+        for n, v in layer_grad_samples(module, a, g).items():
+            out[n] = v if n not in out else out[n] + v
+    return out
 
 
 class LayerwiseClipping:

@@ -1,0 +1,225 @@
+"""Per-layer formulas of labeldp.train.per_example for Conv1d/2d/3d (groups, stride,
+dilation, numeric and string padding, every padding mode), LayerNorm and InstanceNorm:
+materialized per-example gradients, squared norms and clipped sums against one backward
+pass per example (float64), and the registration decorator with a user-defined layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from labeldp.dpsgd import register_grad_sampler
+from labeldp.errors import ConfigError
+from labeldp.train.per_example import (
+    formula_supported,
+    layer_clipped_sums,
+    layer_grad_samples,
+    layer_sq_norms,
+    unfold2d,
+    unfold_nd,
+)
+
+FAST = settings(max_examples=15, deadline=None, derandomize=True)
+
+
+def micro_batch(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradient of <layer(x_i), g_i> for each example alone: name -> (B, *shape)."""
+    params = {n: p for n, p in layer.named_parameters() if p.requires_grad}
+    rows = []
+    for i in range(x.shape[0]):
+        out = layer(x[i : i + 1])
+        grads = torch.autograd.grad((out * g[i : i + 1]).sum(), list(params.values()))
+        rows.append(dict(zip(params, grads, strict=True)))
+    return {n: torch.stack([r[n] for r in rows]) for n in params}
+
+
+def check_layer(layer: nn.Module, x: torch.Tensor) -> None:
+    """grad samples, squared norms and clipped sums of ``layer`` equal micro-batching."""
+    layer = layer.double()
+    x = x.double()
+    with torch.no_grad():
+        out = layer(x)
+    g = torch.randn_like(out)
+    want = micro_batch(layer, x, g)
+    ours = layer_grad_samples(layer, x, g)
+    assert set(ours) == set(want)
+    for n in want:
+        torch.testing.assert_close(ours[n], want[n], rtol=1e-9, atol=1e-11)
+    sq = sum(v.flatten(1).pow(2).sum(1) for v in want.values())
+    torch.testing.assert_close(layer_sq_norms(layer, x, g), sq, rtol=1e-9, atol=1e-11)
+    factors = torch.rand(x.shape[0], dtype=torch.float64)
+    sums = layer_clipped_sums(layer, x, g, factors)
+    for n, v in want.items():
+        torch.testing.assert_close(
+            sums[n], torch.tensordot(factors, v, dims=1), rtol=1e-9, atol=1e-11
+        )
+
+
+@st.composite
+def conv_cases(draw):
+    n = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2]))
+    cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(n))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(n))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(n))
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    if stride == (1,) * n and draw(st.booleans()):
+        padding = draw(st.sampled_from(["same", "valid"]))
+    else:
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(n))
+    bias = draw(st.booleans())
+    size = 6 if n < 3 else 5
+    if mode in ("reflect", "circular") and not isinstance(padding, str):
+        padding = tuple(min(p, size - 1) for p in padding)
+    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
+    layer = cls(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation,
+                groups=groups, bias=bias, padding_mode=mode)
+    batch = draw(st.integers(1, 3))
+    return layer, (batch, cin, *([size] * n))
+
+
+@FAST
+@given(conv_cases(), st.integers(0, 2**16))
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_convolutions_equal_micro_batching(case, seed):
+    layer, shape = case
+    torch.manual_seed(seed)
+    assert formula_supported(layer)
+    try:
+        layer.double()(torch.randn(shape, dtype=torch.float64))
+    except RuntimeError:  # a window larger than the (padded) input: torch refuses too
+        return
+    check_layer(layer, torch.randn(shape))
+
+
+def test_unfold_nd_equals_unfold2d():
+    a = torch.randn(2, 3, 7, 6)
+    for args in [((3, 2), (1, 2), (1, 0), (2, 1)), ((1, 1), (1, 1), (0, 0), (1, 1))]:
+        torch.testing.assert_close(unfold_nd(a, *args), unfold2d(a, *args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.LayerNorm(5), (4, 5)),
+        (nn.LayerNorm(5), (3, 7, 5)),  # a sequence: Σ over positions
+        (nn.LayerNorm((3, 4)), (3, 2, 3, 4)),
+        (nn.LayerNorm(5, bias=False), (4, 5)),
+        (nn.InstanceNorm1d(3, affine=True), (4, 3, 6)),
+        (nn.InstanceNorm2d(3, affine=True), (2, 3, 4, 5)),
+        (nn.InstanceNorm3d(2, affine=True), (2, 2, 3, 3, 3)),
+        (nn.GroupNorm(2, 4), (3, 4, 5)),
+    ],
+)
+def test_norm_layers_equal_micro_batching(layer, shape):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    assert formula_supported(layer)
+    check_layer(layer, torch.randn(shape))
+
+
+def test_frozen_parameters_are_left_out():
+    torch.manual_seed(2)
+    layer = nn.Conv1d(4, 4, 3, groups=2, padding="same", padding_mode="reflect")
+    layer.bias.requires_grad_(False)
+    check_layer(layer, torch.randn(3, 4, 7))
+    norm = nn.LayerNorm(4)
+    norm.weight.requires_grad_(False)
+    check_layer(norm, torch.randn(3, 4))
+
+
+def test_running_statistics_instance_norm_has_no_formula():
+    assert not formula_supported(nn.InstanceNorm2d(3, affine=True, track_running_stats=True))
+
+
+# ------------------------------------------------------------- registered grad samplers
+class Gate(nn.Module):
+    """A user-defined layer: x * sigmoid(w) + b, elementwise over the last dim."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+        self.b = nn.Parameter(torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.w) + self.b
+
+
+CALLS = []
+
+
+@register_grad_sampler(Gate)
+def _gate_samples(layer: Gate, activations: tuple, grad: torch.Tensor) -> dict:
+    CALLS.append(type(layer).__name__)
+    (x,) = activations
+    s = torch.sigmoid(layer.w)
+    dims = tuple(range(1, x.dim() - 1))
+    w = (grad * x * s * (1 - s)).sum(dims) if dims else grad * x * s * (1 - s)
+    b = grad.sum(dims) if dims else grad
+    return {"w": w, layer.b: b}  # a name or the parameter itself
+
+
+def test_registered_grad_sampler_is_used_and_exact():
+    torch.manual_seed(3)
+    CALLS.clear()
+    check_layer(Gate(4), torch.randn(5, 3, 4))
+    assert CALLS and not formula_supported(Gate(4))
+
+
+def test_registered_grad_sampler_used_by_the_hooks_and_layerwise_clipping():
+    from contextlib import nullcontext
+
+    import torch.nn.functional as F
+
+    from labeldp.dpsgd import GradSampleHooks
+    from labeldp.train.per_example import LayerwiseClipping, per_example_gradients
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), Gate(4), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    want, _, _ = per_example_gradients(model, x, y)
+    CALLS.clear()
+    hooks = GradSampleHooks(model, "sum")
+    try:
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        got = hooks.per_example_gradients()
+    finally:
+        hooks.remove()
+    assert CALLS
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-12)
+    CALLS.clear()
+    lc = LayerwiseClipping(model)
+    lc.forward_backward(x, lambda _: y, nullcontext)
+    norms = sum(v.flatten(1).pow(2).sum(1) for v in want.values())
+    torch.testing.assert_close(lc.sq_norms(), norms, rtol=1e-9, atol=1e-12)
+    lc.clipped_sums(torch.ones(6, dtype=torch.float64))
+    assert CALLS
+
+
+def test_register_grad_sampler_checks_its_input_and_the_answer():
+    with pytest.raises(ConfigError, match="nn.Module subclasses"):
+        register_grad_sampler(int)
+    with pytest.raises(ConfigError, match="at least one layer type"):
+        register_grad_sampler()
+
+    class Bad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w
+
+    @register_grad_sampler(Bad)
+    def _bad(layer, activations, grad):
+        return {"w": grad.sum(0)}  # no batch dim
+
+    with pytest.raises(ConfigError, match=r"expected shape \(2, 3\)"):
+        layer_grad_samples(Bad(), torch.ones(2, 3), torch.ones(2, 3))
