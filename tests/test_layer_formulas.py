@@ -76,8 +76,17 @@ def conv_cases(draw):
     if mode in ("reflect", "circular") and not isinstance(padding, str):
         padding = tuple(min(p, size - 1) for p in padding)
     cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
-    layer = cls(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation,
-                groups=groups, bias=bias, padding_mode=mode)
+    layer = cls(
+        cin,
+        cout,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=mode,
+    )
     batch = draw(st.integers(1, 3))
     return layer, (batch, cin, *([size] * n))
 

@@ -28,11 +28,15 @@ the per-layer formulas of :mod:`labeldp.train.per_example`),
 :mod:`~labeldp.dpsgd.optimizer` (clip, sum, noise, ÷ q·N, the accountant's step count,
 budget, checkpoints), :mod:`~labeldp.dpsgd.loader` (Poisson sampling),
 :mod:`~labeldp.dpsgd.virtual` (virtual batches), :mod:`~labeldp.dpsgd.validation`
-(``validate``/``fix``), :mod:`~labeldp.dpsgd.checks` (argument checks).
+(``validate``/``fix``), :mod:`~labeldp.dpsgd.layers` (DPLSTM, DPGRU, DPRNN,
+DPMultiheadAttention: the torch layers rebuilt from Linears), :mod:`~labeldp.dpsgd.checks`
+(argument checks). ``register_grad_sampler`` (from :mod:`labeldp.train.per_example`)
+adds per-example gradients for a user-defined layer type.
 """
 
 from ..train.per_example import register_grad_sampler
 from .hooks import GradSampleHooks
+from .layers import DPGRU, DPLSTM, DPRNN, DPMultiheadAttention
 from .loader import PoissonBatchSampler, PoissonDataLoader
 from .make_private import make_private
 from .optimizer import BudgetExhausted, DPOptimizer
@@ -40,6 +44,10 @@ from .validation import fix, validate
 from .virtual import virtual_batches
 
 __all__ = [
+    "DPGRU",
+    "DPLSTM",
+    "DPMultiheadAttention",
+    "DPRNN",
     "BudgetExhausted",
     "DPOptimizer",
     "GradSampleHooks",

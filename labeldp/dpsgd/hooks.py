@@ -19,11 +19,17 @@ be detected from the gradients. What the first step with at least two examples d
 autograd left in ``.grad`` (times B for "mean"); a mismatch (a parameter used outside its
 module's forward, a layer that mixes examples) is a ConfigError.
 
-One forward and one backward per recorded batch: a module called twice before the step
-(a shared layer, a second forward pass) is refused by name — accumulate physical batches
-with :func:`labeldp.dpsgd.virtual_batches` instead, which steps between them. Forward
-calls under ``torch.no_grad()`` (evaluation) are not recorded. The batch is dim 0 of every
-recorded input and output.
+One forward and one backward per recorded batch. A module called several times within
+one call of the model (a recurrent cell's Linear at every time step, a layer applied to
+two inputs of the same example) contributes the sum of its per-call gradients per
+example, and the norm clipped is that of the sum (:func:`labeldp.train.per_example.
+calls_sq_norms`). Calls from two different forward passes of the model before one step
+(a second batch) are refused by name — accumulate physical batches with
+:func:`labeldp.dpsgd.virtual_batches` instead, which steps between them: summing
+"example i" of two batches would pair unrelated examples. Forward passes are told apart
+by hooks on the model itself; a layer called directly, outside the model's forward, may
+be recorded once. Forward calls under ``torch.no_grad()`` (evaluation) are not recorded.
+The batch is dim 0 of every recorded input and output.
 """
 
 from __future__ import annotations
@@ -36,10 +42,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..train.per_example import (
+    calls_clipped_sums,
+    calls_grad_samples,
+    calls_sq_norms,
     clip_factors,
-    layer_clipped_sums,
-    layer_grad_samples,
-    layer_sq_norms,
 )
 
 #: Models that already carry hooks (one make_private per model).
@@ -50,6 +56,7 @@ _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class _Call:
     args: tuple
     batch: int
+    forward: int  # the model forward pass it belongs to (-1: outside the model's forward)
     grad: torch.Tensor | None = None
 
 
@@ -89,8 +96,14 @@ class GradSampleHooks:
             for name, m in trainable_layers(model)
         ]
         self._paused = False
+        self._forwards = 0  # model forward passes started
+        self._current = -1  # the model forward pass under way (-1: none)
         self._handles = [
             layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self.layers
+        ]
+        self._handles += [
+            model.register_forward_pre_hook(self._model_enter),
+            model.register_forward_hook(self._model_exit, always_call=True),
         ]
         _HOOKED[model] = self
 
@@ -106,6 +119,14 @@ class GradSampleHooks:
         return [p for layer in self.layers for p in layer.params.values()]
 
     # ------------------------------------------------------------------ recording
+    def _model_enter(self, module: nn.Module, args: tuple) -> None:
+        if self._current < 0:
+            self._forwards += 1
+            self._current = self._forwards
+
+    def _model_exit(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._current = -1
+
     def _forward_hook(self, layer: _Layer):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if self._paused or not torch.is_grad_enabled():
@@ -126,6 +147,7 @@ class GradSampleHooks:
             call = _Call(
                 tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                 output.shape[0],
+                self._current,
             )
             layer.calls.append(call)
 
@@ -150,28 +172,43 @@ class GradSampleHooks:
         for layer in self.layers:
             layer.calls = [c for c in layer.calls if c.grad is None]
 
-    def _collect(self) -> tuple[list[tuple[_Layer, _Call]], int | None]:
-        """The recorded (layer, call) pairs whose backward has run, and the batch size."""
-        done: list[tuple[_Layer, _Call]] = []
+    def _collect(self) -> tuple[list[tuple[_Layer, list[tuple]]], int | None]:
+        """The recorded layers whose backward has run, each with its (inputs, output
+        gradient) calls, and the batch size."""
+        done: list[tuple[_Layer, list[tuple]]] = []
         batch = None
+        forwards = set()
         for layer in self.layers:
             calls = [c for c in layer.calls if c.grad is not None]
-            if len(calls) > 1:
+            ids = {c.forward for c in calls}
+            if len(calls) > 1 and (len(ids) > 1 or -1 in ids):
                 raise ConfigError(
                     f"layer {layer.name or '<model>'} ({type(layer.module).__name__}) ran "
-                    f"{len(calls)} times with a backward pass before the optimizer step: "
-                    "make_private supports one forward and one backward per step (a layer "
-                    "used twice in one forward is not supported; accumulate batches with "
+                    f"{len(calls)} times in {len(ids)} forward passes with a backward pass "
+                    "before the optimizer step: make_private supports one forward and one "
+                    "backward per step "
+                    "(a layer called several times within one call of the model is fine; "
+                    "accumulate batches with labeldp.dpsgd.virtual_batches)"
+                )
+            forwards |= ids - {-1}
+            if len(forwards) > 1:
+                raise ConfigError(
+                    f"layer {layer.name or '<model>'} ({type(layer.module).__name__}) was "
+                    "recorded in a different forward pass of the model than other layers, "
+                    "before one optimizer step: make_private supports one forward and one "
+                    "backward per step (accumulate batches with "
                     "labeldp.dpsgd.virtual_batches)"
                 )
-            if calls:
-                if batch is not None and calls[0].batch != batch:
+            for c in calls:
+                if batch is not None and c.batch != batch:
                     raise ConfigError(
-                        f"layer {layer.name} saw a batch of {calls[0].batch} examples, other "
-                        f"layers {batch}: every layer must map the batch row by row (dim 0)"
+                        f"layer {layer.name} saw a batch of {c.batch} examples, other "
+                        f"layers or calls {batch}: every layer must map the batch row by "
+                        "row (dim 0)"
                     )
-                batch = calls[0].batch
-                done.append((layer, calls[0]))
+                batch = c.batch
+            if calls:
+                done.append((layer, [(c.args, c.grad) for c in calls]))
         return done, batch
 
     # ------------------------------------------------------------------ results
@@ -182,8 +219,8 @@ class GradSampleHooks:
         done, _ = self._collect()
         out: dict[str, torch.Tensor] = {}
         with self._pause():
-            for layer, call in done:
-                for pname, v in layer_grad_samples(layer.module, call.args, call.grad).items():
+            for layer, calls in done:
+                for pname, v in calls_grad_samples(layer.module, calls).items():
                     out[_join(layer.name, pname)] = v
         return out
 
@@ -200,15 +237,15 @@ class GradSampleHooks:
             return {}, torch.zeros(0), 0
         with self._pause():
             sq = None
-            for layer, call in done:
-                part = layer_sq_norms(layer.module, call.args, call.grad)
+            for layer, calls in done:
+                part = calls_sq_norms(layer.module, calls)
                 sq = part if sq is None else sq + part.to(sq.device)
             norms = sq.clamp_min(0).sqrt()
             factors = clip_factors(norms, max_grad_norm)
             sums: dict[nn.Parameter, torch.Tensor] = {}
-            for layer, call in done:
-                f = factors.to(call.grad.device)
-                for pname, v in layer_clipped_sums(layer.module, call.args, call.grad, f).items():
+            for layer, calls in done:
+                f = factors.to(calls[0][1].device)
+                for pname, v in calls_clipped_sums(layer.module, calls, f).items():
                     sums[layer.params[pname]] = v
         self.clear()
         return sums, norms, batch
@@ -219,9 +256,9 @@ class GradSampleHooks:
         done, batch = self._collect()
         sums: dict[nn.Parameter, torch.Tensor] = {}
         with self._pause():
-            for layer, call in done:
-                ones = torch.ones(batch, device=call.grad.device)
-                parts = layer_clipped_sums(layer.module, call.args, call.grad, ones)
+            for layer, calls in done:
+                ones = torch.ones(batch, device=calls[0][1].device)
+                parts = calls_clipped_sums(layer.module, calls, ones)
                 for pname, v in parts.items():
                     sums[layer.params[pname]] = v
         return sums

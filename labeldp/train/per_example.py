@@ -238,9 +238,7 @@ def register_grad_sampler(*layer_types: type) -> Callable[[Callable], Callable]:
     its function; registering a built-in formula type overrides the formula."""
     for t in layer_types:
         if not isinstance(t, type) or not issubclass(t, nn.Module):
-            raise ConfigError(
-                f"register_grad_sampler takes nn.Module subclasses, got {t!r}"
-            )
+            raise ConfigError(f"register_grad_sampler takes nn.Module subclasses, got {t!r}")
     if not layer_types:
         raise ConfigError("register_grad_sampler needs at least one layer type")
 
