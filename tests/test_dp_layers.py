@@ -223,3 +223,79 @@ def test_bad_arguments_name_the_parameter():
     packed = nn.utils.rnn.pack_sequence([torch.randn(3, 2)])
     with pytest.raises(ConfigError, match="PackedSequence"):
         DPLSTM(2, 4)(packed)
+
+
+# ------------------------------------------------------------------------ validate / fix
+class Mixed(nn.Module):
+    """BatchNorm, LSTM, GRU and attention: everything fix replaces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm1d(4)
+        self.lstm = nn.LSTM(4, 4, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(8, 4, num_layers=2)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: (B, 3, T)
+        h = torch.tanh(self.bn(self.conv(x))).transpose(1, 2)  # (B, T, 4)
+        h, _ = self.lstm(h)
+        h, _ = self.gru(h.transpose(0, 1))
+        h = h.transpose(0, 1)
+        h, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(h.mean(1))
+
+
+def test_fix_replaces_recurrent_and_attention_layers_keeping_the_function():
+    from labeldp.dpsgd import fix, make_private, validate
+
+    torch.manual_seed(6)
+    model = Mixed()
+    model.gru.weight_hh_l1.requires_grad_(False)
+    problems = validate(model)
+    for name in ("bn", "lstm", "gru", "attn"):
+        assert any(line.startswith(f"{name} (") for line in problems), (name, problems)
+    x = torch.randn(6, 3, 5)
+    twin = Mixed()
+    twin.load_state_dict(model.state_dict())
+    fixed = fix(model)
+    assert fixed is model and validate(model) == []
+    assert isinstance(model.lstm, DPLSTM) and isinstance(model.gru, DPGRU)
+    assert isinstance(model.attn, DPMultiheadAttention) and isinstance(model.bn, nn.GroupNorm)
+    assert not model.gru.cells[1].hh.weight.requires_grad  # layer 1: hidden weights
+    # the recurrent and attention layers compute what they did (BatchNorm is replaced)
+    h = torch.randn(6, 5, 4)
+    twin.eval(), model.eval()
+    torch.testing.assert_close(model.lstm(h)[0], twin.lstm(h)[0], rtol=1e-5, atol=1e-6)
+    h8 = torch.randn(5, 6, 8)
+    torch.testing.assert_close(model.gru(h8)[1], twin.gru(h8)[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.attn(h, h, h)[0], twin.attn(h, h, h)[0], rtol=1e-5, atol=1e-6)
+    model.train()
+    # and the fixed model trains under make_private (the first step checks the hooks'
+    # per-example sum against autograd)
+    data = torch.utils.data.TensorDataset(x, torch.randint(0, 3, (6,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, loader = make_private(
+        model,
+        optimizer,
+        torch.utils.data.DataLoader(data, batch_size=3),
+        max_grad_norm=1.0,
+        noise_multiplier=0.5,
+        delta=1e-5,
+        seed=0,
+    )
+    for xb, yb in loader:
+        optimizer.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        optimizer.step()
+    assert optimizer.steps == len(loader)
+
+
+def test_lstm_with_projections_is_left_and_listed():
+    from labeldp.dpsgd import fix, validate
+
+    model = nn.Sequential(nn.LSTM(3, 4, proj_size=2))
+    fix(model)
+    assert isinstance(model[0], nn.LSTM) and any("LSTM" in line for line in validate(model))
+    assert isinstance(fix(nn.GRU(3, 4)), DPGRU)  # the model itself replaced

@@ -6,17 +6,21 @@ having per-example gradients through :mod:`labeldp.dpsgd`'s hooks:
 - layers with batch statistics (BatchNorm, SyncBatchNorm; InstanceNorm that normalizes by
   running statistics in training): one example's output depends on the others, so no
   per-example gradient exists — :func:`fix` replaces BatchNorm by GroupNorm;
-- layers whose output is not one tensor (RNN, LSTM, GRU, MultiheadAttention, Transformer
-  blocks with their own parameters): the hooks capture one output gradient per call;
+- PyTorch's fused recurrent layers and attention (RNN, LSTM, GRU, MultiheadAttention,
+  Transformer): their output is not one tensor and their weights sit in fused kernels —
+  :func:`fix` replaces nn.LSTM/GRU/RNN and nn.MultiheadAttention by
+  :mod:`labeldp.dpsgd.layers`' DPLSTM/DPGRU/DPRNN/DPMultiheadAttention (built from
+  Linears), copying the weights; LSTM with ``proj_size`` > 0 has no DP form;
 - a trainable parameter shared by two modules (tied weights): each module records its
   own use only.
 
-Every other module with trainable parameters is fine: Linear, Conv2d (groups 1, zero
-padding), GroupNorm and Embedding through closed-form per-layer formulas, anything else
-(LayerNorm, grouped convolutions, custom modules) through torch.func on that layer alone,
-which needs the layer to treat the rows of its input independently and draw no random
-numbers (checked at run time: the first step compares the per-example gradients' sum with
-autograd's gradient).
+Every other module with trainable parameters is fine: Linear, Conv1d/2d/3d, GroupNorm,
+LayerNorm, InstanceNorm and Embedding through closed-form per-layer formulas, layer types
+with a registered grad sampler (:func:`labeldp.dpsgd.register_grad_sampler`) through it,
+anything else (custom modules) through torch.func on that layer alone, which needs the
+layer to treat the rows of its input independently and draw no random numbers (checked
+at run time: the first step compares the per-example gradients' sum with autograd's
+gradient).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..errors import ConfigError
 from ..models.norm import convert_batchnorm_to_groupnorm
+from .layers import DPGRU, DPLSTM, DPRNN, DPMultiheadAttention
 
 #: Layers with parameters whose output is not a single tensor or mixes sequence steps in
 #: ways the hooks do not follow.
@@ -77,7 +82,82 @@ def check(model: nn.Module) -> None:
 
 def fix(model: nn.Module) -> nn.Module:
     """Replaces, in place, every BatchNorm layer by a GroupNorm of the same channels
-    (labeldp.models.convert_batchnorm_to_groupnorm); returns the model. Call it before
-    building the optimizer: the optimizer must hold the new layers' parameters. Problems
-    :func:`validate` reports that have no automatic fix are left (check it again)."""
-    return convert_batchnorm_to_groupnorm(model)
+    (labeldp.models.convert_batchnorm_to_groupnorm), and every nn.LSTM (proj_size 0),
+    nn.GRU, nn.RNN and nn.MultiheadAttention (exact types) by its DP form from
+    :mod:`labeldp.dpsgd.layers` with the same settings, weights, device, dtype,
+    requires_grad flags and training mode; returns the model (a new object only if
+    ``model`` itself was replaced). Call it before building the optimizer: the optimizer
+    must hold the new layers' parameters. Problems :func:`validate` reports that have no
+    automatic fix are left (check it again)."""
+    model = convert_batchnorm_to_groupnorm(model)
+    replaced = _dp_form(model)
+    if replaced is not None:
+        return replaced
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = _dp_form(child)
+            if new is not None:
+                setattr(parent, name, new)
+    return model
+
+
+def _dp_form(module: nn.Module) -> nn.Module | None:
+    """The DP form of ``module`` with its weights, or None if it has none."""
+    kind = type(module)
+    if kind in (nn.LSTM, nn.GRU, nn.RNN):
+        if getattr(module, "proj_size", 0):
+            return None
+        cls = {nn.LSTM: DPLSTM, nn.GRU: DPGRU, nn.RNN: DPRNN}[kind]
+        extra = {"nonlinearity": module.nonlinearity} if kind is nn.RNN else {}
+        new: nn.Module = cls(
+            module.input_size,
+            module.hidden_size,
+            num_layers=module.num_layers,
+            bias=module.bias,
+            batch_first=module.batch_first,
+            dropout=float(module.dropout),
+            bidirectional=module.bidirectional,
+            **extra,
+        )
+        frozen = {
+            ours
+            for theirs, ours in new._torch_names().items()
+            if not getattr(module, theirs).requires_grad
+        }
+    elif kind is nn.MultiheadAttention:
+        new = DPMultiheadAttention(
+            module.embed_dim,
+            module.num_heads,
+            dropout=float(module.dropout),
+            bias=module.out_proj.bias is not None,
+            add_bias_kv=module.bias_k is not None,
+            add_zero_attn=module.add_zero_attn,
+            kdim=module.kdim,
+            vdim=module.vdim,
+            batch_first=module.batch_first,
+        )
+        frozen = set()
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                frozen |= _MHA_NAMES.get(name, {name})
+    else:
+        return None
+    reference = next(module.parameters(), None)
+    if reference is not None:
+        new.to(device=reference.device, dtype=reference.dtype)
+    new.load_state_dict(module.state_dict())
+    for name, p in new.named_parameters():
+        p.requires_grad_(name not in frozen)
+    return new.train(module.training)
+
+
+#: nn.MultiheadAttention parameter -> DPMultiheadAttention's.
+_MHA_NAMES = {
+    "in_proj_weight": {"q_proj.weight", "k_proj.weight", "v_proj.weight"},
+    "in_proj_bias": {"q_proj.bias", "k_proj.bias", "v_proj.bias"},
+    "q_proj_weight": {"q_proj.weight"},
+    "k_proj_weight": {"k_proj.weight"},
+    "v_proj_weight": {"v_proj.weight"},
+    "bias_k": {"bias_k.bias"},
+    "bias_v": {"bias_v.bias"},
+}
