@@ -232,3 +232,53 @@ def test_register_grad_sampler_checks_its_input_and_the_answer():
 
     with pytest.raises(ConfigError, match=r"expected shape \(2, 3\)"):
         layer_grad_samples(Bad(), torch.ones(2, 3), torch.ones(2, 3))
+
+
+# ------------------------------------------------------------ DPSGDStep: one machinery
+class Custom(nn.Module):
+    """No formula, no registered sampler: torch.func on this layer alone."""
+
+    def __init__(self, d: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(torch.tanh(x * self.w), self.dropout) + x
+
+
+def _net(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(7)
+    return nn.Sequential(
+        nn.Conv1d(2, 4, 3, groups=2, padding="same", padding_mode="reflect"),
+        nn.Flatten(),
+        nn.LayerNorm(48),
+        Custom(48, dropout),
+        nn.Linear(48, 3),
+    ).double()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_dpsgd_step_takes_the_layerwise_path_with_the_per_layer_fallback(dropout):
+    """Models with layers beyond the original formula set (grouped reflect-padded conv,
+    LayerNorm, a custom layer) go layer-wise in DPSGDStep; the noiseless update equals
+    the clipped average of whole-model torch.func gradients. A layer drawing random
+    numbers makes the per-layer torch.func fail: the step falls back to whole-model."""
+    from contextlib import nullcontext
+
+    from labeldp.train import HardLabels
+    from labeldp.train.dpsgd import DPSGDStep
+    from labeldp.train.per_example import clip_factors, gradient_norms, per_example_gradients
+
+    model = _net(dropout)
+    x, y = torch.randn(10, 2, 12, dtype=torch.float64), torch.randint(0, 3, (10,))
+    step = DPSGDStep(0.5, 0.0, expected_batch_size=10.0, physical_batch_size=4)
+    step(model, x, torch.arange(10), HardLabels(y), nullcontext)
+    assert (id(model) in step._fallback) == (dropout > 0)
+    if dropout:
+        return
+    grads, _, _ = per_example_gradients(model, x, y)
+    factors = clip_factors(gradient_norms(grads), 0.5)
+    for name, p in model.named_parameters():
+        expected = torch.tensordot(factors, grads[name], dims=1) / 10
+        torch.testing.assert_close(p.grad, expected, rtol=1e-8, atol=1e-10)

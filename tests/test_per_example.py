@@ -16,6 +16,7 @@ from labeldp.train.per_example import (
     LayerwiseClipping,
     LayerwiseUnsupported,
     clip_factors,
+    formula_supported,
     gradient_norms,
     layerwise_supported,
     per_example_gradients,
@@ -177,14 +178,17 @@ def test_layerwise_refuses_forward_passes_it_cannot_follow(model):
 
 
 def test_unsupported_layers_are_detected():
-    assert not layerwise_supported(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
-    assert not layerwise_supported(nn.Conv2d(4, 4, 3, groups=2))
+    """Formulas for exact layer types only; any other layer takes torch.func on itself
+    (still layer-wise); shared parameters are refused."""
+    assert layerwise_supported(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+    assert formula_supported(nn.LayerNorm(3)) and formula_supported(nn.Conv2d(4, 4, 3, groups=2))
     assert layerwise_supported(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
 
     class Standardized(nn.Linear):  # a subclass may compute something else
         pass
 
-    assert not layerwise_supported(nn.Sequential(Standardized(3, 3)))
+    assert not formula_supported(Standardized(3, 3))
+    assert layerwise_supported(nn.Sequential(Standardized(3, 3)))  # torch.func on the layer
     tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     tied[1].weight = tied[0].weight
     assert not layerwise_supported(tied)

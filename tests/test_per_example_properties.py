@@ -3,9 +3,8 @@ that hand-picked cases miss: ``unfold2d`` against ``F.unfold``; the layer-wise n
 clipped sums of :class:`LayerwiseClipping` against torch.func's per-example gradients for
 convolutions (kernel sizes, strides, dilations, paddings, bias, frozen parameters) and
 linear layers over sequences; and, for the convolution settings the layer-wise path does
-not follow (groups > 1, non-zero padding modes, string paddings), that
-:func:`layerwise_supported` refuses them and the torch.func path it falls back to is
-right.
+once did not follow (groups > 1, non-zero padding modes, string paddings), that the
+layer-wise path now takes them too and agrees with torch.func and micro-batching.
 
 Examples are derandomized so that the suite is reproducible; drop ``derandomize`` (or
 raise ``max_examples``) locally to explore further."""
@@ -24,6 +23,7 @@ from torch import nn
 from labeldp.train.per_example import (
     LayerwiseClipping,
     clip_factors,
+    formula_supported,
     gradient_norms,
     layerwise_supported,
     per_example_gradients,
@@ -195,15 +195,14 @@ def _conv_supported(conv: dict) -> bool:
 @FAST
 @given(conv_cases(supported_only=False))
 @pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
-def test_conv_settings_the_layerwise_path_refuses_fall_back_to_correct_gradients(case):
-    """layerwise_supported accepts exactly groups 1, zero padding and numeric paddings
-    (DP-SGD then takes the layer-wise path, verified above); whatever it refuses goes to
-    per_example_gradients, which must equal one backward pass per example."""
+def test_every_conv_setting_takes_the_layerwise_path_and_equals_micro_batching(case):
+    """Every convolution has a formula now (groups, padding modes, string paddings by
+    explicit padding of the recorded input): the layer-wise norms and clipped sums equal
+    torch.func's, which equal one backward pass per example."""
     model, x, y = _conv_model(case)
-    trainable = any(p.requires_grad for p in model.conv.parameters())
-    supported = _conv_supported(case["conv"]) or not trainable  # frozen layers are not read
-    assert layerwise_supported(model) == supported, case["conv"]
-    if supported:
+    assert layerwise_supported(model) and formula_supported(model.conv), case["conv"]
+    _assert_layerwise_equals_torch_func(model, x, y)
+    if _conv_supported(case["conv"]):
         return
     grads, _, _ = per_example_gradients(model, x, y)
     for i in range(len(y)):

@@ -12,8 +12,10 @@ Two ways to the same numbers:
   keeping" of Bu et al. 2023; per layer the cheaper of a materialized product and a
   "ghost" norm via Gram matrices, Li et al. 2022). The clipped sum of a convolution is one
   weight-gradient convolution on the scaled output gradient. Faster and lighter than
-  materializing; used whenever every parameter of the model sits in one of those layers,
-  each called once per forward. :func:`clipped_sum` picks the path.
+  materializing. Layers without a formula get torch.func on that layer alone. Used
+  whenever no parameter is shared and each layer is called once per forward, with one
+  tensor input (DPSGDStep checks this at run time and falls back to
+  :func:`per_example_gradients`).
 
 The per-layer formulas are module functions (:func:`layer_sq_norms`,
 :func:`layer_clipped_sums`, :func:`layer_grad_samples`, from one layer's input and output
@@ -24,8 +26,8 @@ statistics) and Embedding (:func:`formula_supported`); a layer type with a funct
 registered by :func:`register_grad_sampler` uses that; any other layer with parameters
 falls back to torch.func on that layer alone (:func:`functional_grad_samples`). A layer
 called several times in one pass (a recurrent cell) contributes the sum of its per-call
-gradients (:func:`calls_sq_norms` and friends). :class:`LayerwiseClipping` itself still
-accepts only the layers of :func:`layerwise_supported`.
+gradients (:func:`calls_sq_norms` and friends; :mod:`labeldp.dpsgd`'s hooks use them,
+:class:`LayerwiseClipping` refuses a layer called twice).
 
 Both are tested against Opacus (grad samples) and against each other.
 """
@@ -107,7 +109,6 @@ class LayerwiseUnsupported(Exception):
     called twice, an output changed in place); use :func:`per_example_gradients`."""
 
 
-_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.Embedding)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 #: Exact types with a closed-form per-example gradient (see formula_supported).
@@ -116,22 +117,6 @@ FORMULA_LAYERS = (nn.Linear, *_CONVS, nn.GroupNorm, nn.LayerNorm, *_INSTANCE_NOR
 
 def _own_names(module: nn.Module) -> set[str]:
     return {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-
-
-def _supported(module: nn.Module) -> bool:
-    """The layers LayerwiseClipping (DPSGDStep) has accepted from the start: Linear, Conv2d
-    with groups 1 and numeric zero padding, GroupNorm, plain Embedding."""
-    # Exact types only: a subclass may override forward (e.g. weight standardization), and
-    # the per-layer formulas would then describe a different function.
-    if type(module) not in _LAYERS or not _own_names(module) <= {"weight", "bias"}:
-        return False
-    if type(module) is nn.Conv2d:
-        return (
-            module.groups == 1
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        )
-    return _formula_type_ok(module)
 
 
 def _formula_type_ok(module: nn.Module) -> bool:
@@ -144,18 +129,18 @@ def _formula_type_ok(module: nn.Module) -> bool:
 
 
 def layerwise_supported(model: nn.Module) -> bool:
-    """True if every trainable parameter is the weight or bias of exactly one layer of an
-    exactly supported type (Linear, Conv2d with groups 1 and zero padding, GroupNorm,
-    Embedding without max_norm, frequency scaling or sparse gradients) and no parameter is
-    shared between layers. The forward pass is checked further at run time (see
-    :class:`LayerwiseClipping`)."""
+    """True if no trainable parameter is shared between modules: then every parameter
+    belongs to exactly one layer, whose per-example gradients come from its formula
+    (:func:`formula_supported`), its registered grad sampler, or torch.func on that layer
+    alone. The forward pass is checked further at run time (see
+    :class:`LayerwiseClipping`: each layer called once, with one tensor input, mapping
+    the batch row by row); DPSGDStep also compares the norms once with whole-model
+    torch.func."""
     owners: dict[int, int] = {}
     for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own and not (_supported(module) or registered_grad_sampler(module)):
-            return False
-        for p in own:
-            owners[id(p)] = owners.get(id(p), 0) + 1
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                owners[id(p)] = owners.get(id(p), 0) + 1
     return all(count == 1 for count in owners.values())
 
 
@@ -440,7 +425,7 @@ def layer_sq_norms(module: nn.Module, a: torch.Tensor | tuple, g: torch.Tensor) 
             ug, gg = _conv_groups(m, a.to(g.dtype), g)
             out += _sq_norm_product(ug, gg).reshape(b, m.groups).sum(1)
         if _trainable(m, "bias"):
-            out += g.reshape(b, g.shape[1], -1).sum(2).pow(2).sum(1)
+            out += g.flatten(2).sum(2).pow(2).sum(1)
     elif isinstance(m, (nn.GroupNorm, nn.LayerNorm, *_INSTANCE_NORMS)):
         gw, gb = _norm_parts(m, a.to(g.dtype), g)
         if _trainable(m, "weight"):
@@ -496,7 +481,7 @@ def _formula_sums(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
         weight = _CONV_WEIGHT[len(m.kernel_size)](
             padded, m.weight.shape, g, m.stride, pad, m.dilation, m.groups
         )
-        return {"weight": weight, "bias": g.reshape(g.shape[0], g.shape[1], -1).sum((0, 2))}
+        return {"weight": weight, "bias": g.sum((0, *range(2, g.dim())))}
     if isinstance(m, (nn.GroupNorm, nn.LayerNorm, *_INSTANCE_NORMS)):
         gw, gb = _norm_parts(m, a, g)
         return {"weight": gw.sum(0), "bias": gb.sum(0)}
@@ -535,7 +520,7 @@ def layer_grad_samples(
         w = torch.bmm(gg.transpose(1, 2), ug)  # (B·G, C_out/G, C_in/G·Πkernel)
         out = {
             "weight": w.reshape(b, *m.weight.shape),
-            "bias": g.reshape(b, g.shape[1], -1).sum(2),
+            "bias": g.sum(tuple(range(2, g.dim()))),
         }
     elif isinstance(m, (nn.GroupNorm, nn.LayerNorm, *_INSTANCE_NORMS)):
         gw, gb = _norm_parts(m, a.to(g.dtype), g)
@@ -626,16 +611,18 @@ class LayerwiseClipping:
     Usage: ``losses, logits = lc.forward_backward(inputs, targets)``; then
     ``lc.sq_norms()`` (B,) and ``lc.clipped_sums(factors)`` (name -> tensor like the
     parameter). Inputs and output gradients of each layer are kept only until then.
+    Each layer's part comes from the shared per-layer functions (formula, registered
+    sampler, or torch.func on that layer).
     """
 
     def __init__(self, model: nn.Module) -> None:
         if not layerwise_supported(model):
-            # its formulas would give wrong norms (e.g. grouped or reflect-padded
-            # convolutions), and clipping by a wrong norm breaks the sensitivity bound
+            # a shared parameter's hooks would each see one use of it: wrong norms, and
+            # clipping by a wrong norm breaks the sensitivity bound
             raise ConfigError(
-                "LayerwiseClipping needs a model that layerwise_supported accepts (Linear, "
-                "Conv2d with groups 1 and zero padding, GroupNorm, plain Embedding, no "
-                "shared parameters); use per_example_gradients for this model"
+                "LayerwiseClipping needs a model that layerwise_supported accepts (no "
+                "trainable parameter shared between modules); use per_example_gradients "
+                "for this model"
             )
         self.model = model
         self.layers = [
@@ -706,7 +693,7 @@ class LayerwiseClipping:
         for name, module in self.layers:
             if name not in self._grads:  # a layer that did not influence the loss
                 continue
-            part = layer_sq_norms(module, self._inputs[name][0], self._grads[name])
+            part = _followed(layer_sq_norms, module, self._inputs[name][0], self._grads[name])
             total = part if total is None else total + part
         if total is None:
             raise RuntimeError("no layer with parameters took part in the forward pass")
@@ -724,10 +711,24 @@ class LayerwiseClipping:
                         sums[_join(name, pname)] = torch.zeros_like(p, dtype=_wide(p).dtype)
                 continue
             a, g = self._inputs[name][0], self._grads[name]
-            for pname, value in layer_clipped_sums(m, a, g, factors).items():
+            for pname, value in _followed(layer_clipped_sums, m, a, g, factors).items():
                 sums[_join(name, pname)] = value
         self._inputs, self._grads = {}, {}
         return sums
+
+
+def _followed(fn: Callable, module: nn.Module, *args: object):
+    """``fn(module, *args)``; an error of the torch.func fallback on a layer without a
+    formula (a layer drawing random numbers, mixed dtypes under autocast) becomes
+    LayerwiseUnsupported, so that DPSGDStep falls back to whole-model torch.func."""
+    if formula_supported(module) or registered_grad_sampler(module) is not None:
+        return fn(module, *args)
+    try:
+        return fn(module, *args)
+    except RuntimeError as err:
+        raise LayerwiseUnsupported(
+            f"torch.func on the layer {type(module).__name__} failed: {err}"
+        ) from err
 
 
 def _join(prefix: str, name: str) -> str:
