@@ -158,7 +158,7 @@ def test_user_loop_update_equals_micro_batch_reference(kind):
         steps += 1
         for k, p in model.named_parameters():
             torch.testing.assert_close(p.detach().double(), expected[k], atol=2e-5, rtol=1e-4)
-    assert steps == len(loader) == round(n / batch_size) == optimizer.steps
+    assert steps == len(loader) == -(-n // batch_size) == optimizer.steps
     assert clipped_and_not == [True, True]
 
 
@@ -453,7 +453,7 @@ def test_poisson_batch_sizes_are_binomial():
     loader = PoissonDataLoader(
         TensorDataset(torch.arange(n)), batch_size / n, generator=torch.Generator().manual_seed(0)
     )
-    assert len(loader) == round(n / batch_size)
+    assert len(loader) == -(-n // batch_size)
     sizes = []
     members = torch.zeros(n)
     while len(sizes) < draws:
@@ -632,3 +632,14 @@ def test_readme_example_runs():
     optimizer = namespace["optimizer"]
     assert isinstance(optimizer, DPOptimizer) and optimizer.steps > 0
     assert 0 < optimizer.epsilon(1e-5) < 10
+
+
+@pytest.mark.parametrize("n, batch_size", [(1000, 30), (1000, 50), (999, 100), (7, 7), (10, 3)])
+def test_an_epoch_is_the_same_number_of_steps_as_labeldp_trains(n, batch_size):
+    from labeldp.dpsgd.loader import steps_per_epoch
+    from labeldp.train.sampling import PoissonBatches
+
+    expected = PoissonBatches(batch_size).steps_per_epoch(n)
+    assert steps_per_epoch(batch_size / n) == expected == -(-n // batch_size)
+    loader = PoissonDataLoader(TensorDataset(torch.arange(n)), batch_size / n)
+    assert len(loader) == expected

@@ -17,7 +17,7 @@
 ...     loss = F.cross_entropy(model(x), y)
 ...     loss.backward()
 ...     optimizer.step()
->>> optimizer.steps, len(loader)  # one epoch: round(1/q) = 10 Poisson batches
+>>> optimizer.steps, len(loader)  # one epoch: ceil(1/q) = 10 Poisson batches
 (10, 10)
 >>> 0 < optimizer.epsilon(1e-5) < 3
 True

@@ -3,10 +3,10 @@
 :class:`PoissonDataLoader` is a ``torch.utils.data.DataLoader`` over the user's map-style
 dataset whose batch sampler (:class:`PoissonBatchSampler`) includes every example
 independently with probability q = expected_batch_size / N in every step, so a batch has
-Binomial(N, q) examples (possibly none). One epoch is ``round(1/q)`` steps (at least 1):
-in expectation each example is seen once. (labeldp's own trainer, through
-:class:`labeldp.train.sampling.PoissonBatches`, takes ceil(N / expected batch size) steps;
-the two differ by at most one step per epoch, and each step is accounted either way.)
+Binomial(N, q) examples (possibly none). One epoch is ``ceil(1/q)`` steps (= ceil(N / B)
+for the expected batch size B = q·N): in expectation each example is seen about once, and
+the epoch is the one of labeldp's own trainer (:class:`labeldp.train.sampling.
+PoissonBatches`), so ``epochs`` means the same number of steps on both paths.
 
 Empty batches (as Opacus does): the user's ``collate_fn`` is applied to the first example
 of the dataset once, and an empty draw is returned as that batch with every tensor cut to
@@ -21,6 +21,7 @@ with ``secure=True``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -32,8 +33,10 @@ from ..mechanisms.randomness import uniform
 
 
 def steps_per_epoch(sample_rate: float) -> int:
-    """round(1/q), at least 1: the steps of one epoch at sample rate q in (0, 1]."""
-    return max(1, round(1 / sample_rate))
+    """ceil(1/q), at least 1: the steps of one epoch at sample rate q in (0, 1] (ceil(N/B)
+    for q = B/N, as :meth:`labeldp.train.sampling.PoissonBatches.steps_per_epoch`; the
+    1e-9 keeps 1/q = 10.000000000000002 from rounding up to 11)."""
+    return max(1, math.ceil(1 / sample_rate - 1e-9))
 
 
 class PoissonBatchSampler:

@@ -74,7 +74,7 @@ def make_private(
     noise_multiplier: σ ≥ 0 (noise std σ·C per coordinate of the summed gradient, per
         step), or target_epsilon: ε > 0 to reach after ``epochs`` epochs (σ calibrated by
         labeldp.privacy.dpsgd_accounting.calibrate_dpsgd_noise); exactly one of the two.
-    delta: δ in (0, 1). epochs: ≥ 1 (needed with target_epsilon; an epoch is round(1/q)
+    delta: δ in (0, 1). epochs: ≥ 1 (needed with target_epsilon; an epoch is ceil(1/q)
         steps). accountant: "pld" (default) or "rdp".
     poisson_sampling: True (default): the returned loader samples each example with rate
         q = loader.batch_size / N per step. False keeps ``loader`` as it is; ε is then
@@ -116,7 +116,7 @@ def make_private(
         if epochs is None:
             raise ConfigError(
                 "target_epsilon needs epochs (an integer ≥ 1): the noise is calibrated for "
-                "that many epochs of round(1/q) steps"
+                "that many epochs of ceil(1/q) steps"
             )
     if max_epsilon is not None:
         max_epsilon = check_positive("max_epsilon", max_epsilon)
