@@ -282,3 +282,33 @@ def test_dpsgd_step_takes_the_layerwise_path_with_the_per_layer_fallback(dropout
     for name, p in model.named_parameters():
         expected = torch.tensordot(factors, grads[name], dims=1) / 10
         torch.testing.assert_close(p.grad, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["lstm-rows", "vit-patches"])
+def test_dpsgd_step_runs_the_sequence_models_layer_wise(name):
+    """The zoo's LSTM (a recurrent cell's Linear called at every time step) and patch
+    transformer (attention from Linears, a position Embedding) go layer-wise in DPSGDStep,
+    and the noiseless update equals the clipped average of whole-model torch.func
+    gradients."""
+    from contextlib import nullcontext
+
+    from labeldp.models import build_model
+    from labeldp.train import HardLabels
+    from labeldp.train.dpsgd import DPSGDStep
+    from labeldp.train.per_example import clip_factors, gradient_norms, per_example_gradients
+
+    torch.manual_seed(3)
+    model = build_model(name, num_classes=4, in_channels=1, image_size=14, norm="group")
+    if name == "vit-patches":  # 14 = 2 patches of 7 per side
+        assert model.tokens == 4
+    model = model.double()
+    x, y = torch.randn(9, 1, 14, 14, dtype=torch.float64), torch.randint(0, 4, (9,))
+    step = DPSGDStep(0.3, 0.0, expected_batch_size=9.0, physical_batch_size=5)
+    step(model, x, torch.arange(9), HardLabels(y), nullcontext)
+    assert id(model) not in step._fallback
+    grads, _, _ = per_example_gradients(model, x, y)
+    factors = clip_factors(gradient_norms(grads), 0.3)
+    assert (factors < 1).any()
+    for pname, p in model.named_parameters():
+        expected = torch.tensordot(factors, grads[pname], dims=1) / 9
+        torch.testing.assert_close(p.grad, expected, rtol=1e-8, atol=1e-10)

@@ -643,3 +643,114 @@ def test_an_epoch_is_the_same_number_of_steps_as_labeldp_trains(n, batch_size):
     assert steps_per_epoch(batch_size / n) == expected == -(-n // batch_size)
     loader = PoissonDataLoader(TensorDataset(torch.arange(n)), batch_size / n)
     assert len(loader) == expected
+
+
+# ------------------------------------------------ the two-line API vs labeldp's own trainer
+def test_user_loop_equals_labeldp_train_dp_sgd_for_the_same_randomness():
+    """``make_private`` on a plain user loop trains the same parameters as the training
+    core behind ``labeldp train --method dp-sgd`` (:class:`DPSGDMethod.run` on a
+    ``RunContext``, which is what the CLI calls: Trainer, PoissonBatches, DPSGDStep, the
+    SGD of TrainConfig), when both are fed the same randomness.
+
+    The two paths derive their generators from a seed differently: the core reseeds, at
+    the start of every epoch e, the Poisson coins' generator with
+    ``derive_seed(seed, EPOCH_BATCHES, e, key=noise_key)`` and the noise generator with
+    ``derive_seed(ctx.noise_seed(DPSGD_NOISE), DPSGD_NOISE, e)``; make_private seeds one
+    generator of each kind once. So before each epoch of the user's loop the test reseeds
+    make_private's two generators through their public attributes
+    (``loader.poisson_sampler.generator`` and ``optimizer.noise_generator``) with the core's
+    seeds of that epoch. Same randomness in, same parameters out: the Poisson batches
+    (torch.rand(N, float64) < q per step), the per-example clipping (core: layer-wise
+    clipping from one backward; make_private: hooks on the user's backward), the noise
+    (σ·C per coordinate, drawn parameter by parameter in the same order), the division by
+    q·N and the SGD step (momentum, Nesterov, weight decay, constant learning rate) are one
+    computation. The step counts agree with what each side's accountant composed, and so
+    does ε (the core's count is the ledger's, which DPSGDMethod.run checks against the
+    steps its DPSGDStep took).
+
+    The core's DPSGDStep is built inside DPSGDMethod.run, so its generators are not
+    reachable; their seeds are, through public functions (``ctx.noise_seed`` and
+    ``labeldp.seeding.derive_seed``), and reseeding make_private's generators with
+    ``manual_seed`` gives the very generators the core builds (torch.Generator().manual_seed).
+
+    The only departure from the CLI: the model and its inputs are float64 (``normalize``
+    is the run's Normalize followed by ``.double()``), so that the comparison can be
+    tight — the two paths sum per-example terms in different orders.
+    """
+    import dataclasses
+
+    from labeldp.augment import Normalize
+    from labeldp.data import DeviceDataset
+    from labeldp.data.sources import DATASETS
+    from labeldp.methods.base import RunContext
+    from labeldp.methods.dpsgd import DPSGDMethod
+    from labeldp.seeding import Stream, config_key, derive_seed
+    from labeldp.train import TrainConfig
+
+    # C = 2 is about the median per-example gradient norm at initialisation (0.9 to 9):
+    # both branches of the clip factor min(1, C / ‖g‖) are taken.
+    n, batch, epochs, seed, clip, sigma, lr = 40, 8, 2, 7, 2.0, 1.0, 0.3
+    info = dataclasses.replace(DATASETS["fashion-mnist"], num_classes=3, image_size=4)
+    g = torch.Generator().manual_seed(11)
+    images = torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    test = DeviceDataset(images[:10].clone(), labels[:10].clone(), info)
+    pixels = Normalize((0.4,), (0.3,))
+
+    def normalize(uint8: torch.Tensor) -> torch.Tensor:
+        return pixels(uint8).double()
+
+    torch.manual_seed(3)
+    initial = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 6), nn.GroupNorm(2, 6), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch, lr=lr, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, schedule="constant", seed=seed, precision="fp32",
+    )  # fmt: skip
+    key = config_key({"method": "dp-sgd", "test": "make_private"})
+
+    # --- the training core, as `labeldp train --method dp-sgd` runs it
+    method = DPSGDMethod(epsilon=20.0, noise_multiplier=sigma, max_grad_norm=clip, accountant="rdp")
+    ctx = RunContext(
+        train=DeviceDataset(images, labels, info), test=test,
+        build_model=lambda: copy.deepcopy(initial), config=config, normalize=normalize,
+        augment=None, progress=False, noise_key=key,
+    )  # fmt: skip
+    result = method.run(ctx)
+    assert not result.fit.diverged and len(result.fit.history) == epochs
+    core = dict(result.fit.eval_model.named_parameters())
+    (entry,) = result.ledger.entries
+    core_steps = entry.details["event"]["self_composed"]
+
+    # --- the two-line API on the user's own loop, fed the core's randomness per epoch
+    model = copy.deepcopy(initial)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
+    data = TensorDataset(normalize(images), labels)
+    model, optimizer, loader = make_private(
+        model, optimizer, DataLoader(data, batch_size=batch), max_grad_norm=clip,
+        noise_multiplier=sigma, delta=method.delta, accountant="rdp", seed=seed,
+    )  # fmt: skip
+    noise_seed = ctx.noise_seed(Stream.DPSGD_NOISE)  # the seed DPSGDMethod gives its step
+    for epoch in range(epochs):
+        batches = derive_seed(seed, Stream.EPOCH_BATCHES, epoch, key=key)
+        loader.poisson_sampler.generator.manual_seed(batches)
+        optimizer.noise_generator.manual_seed(derive_seed(noise_seed, Stream.DPSGD_NOISE, epoch))
+        for x, y in loader:  # the user's loop, unchanged
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    assert optimizer.steps == core_steps == epochs * math.ceil(n / batch)
+    assert optimizer.epsilon() == pytest.approx(entry.epsilon, rel=1e-12)
+    user = dict(model.named_parameters())
+    assert user.keys() == core.keys()
+    start = dict(initial.named_parameters())
+    moved = 0.0
+    for name, p in user.items():
+        assert p.dtype == core[name].dtype == torch.float64
+        torch.testing.assert_close(p, core[name], rtol=1e-12, atol=1e-13, msg=name)
+        moved = max(moved, float((p - start[name]).detach().abs().max()))
+    assert moved > 1e-3  # the parameters did move: the comparison is not of two copies

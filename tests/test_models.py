@@ -223,3 +223,49 @@ def test_bad_norm_kind(name):
 )
 def test_bad_sizes(kwargs, parameter):
     assert parameter in _config_error(build_model, "cnn", **kwargs)
+
+
+# ---- sequence models ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lstm-rows", "vit-patches"])
+def test_sequence_models_forward_backward_and_batch_independence(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=7, in_channels=2, image_size=14, norm="group")
+    assert not has_batch_statistics(model)
+    x = torch.randn(3, 2, 14, 14)
+    logits = model(x)
+    assert logits.shape == (3, 7)
+    nn.functional.cross_entropy(logits, torch.tensor([0, 3, 6])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # one example's output does not depend on the others in its batch
+    torch.testing.assert_close(model(x[:1]), logits[:1].detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", ["RowLSTM", "PatchTransformer"])
+def test_sequence_models_dp_form_equals_the_fused_one(cls):
+    """The default (DP-layer) form computes the same function as the fused torch layers:
+    labeldp.dpsgd.fix turns the fused model into the DP form with the same weights."""
+    import labeldp.models as zoo
+    from labeldp.dpsgd import DPLSTM, DPMultiheadAttention, fix, validate
+
+    torch.manual_seed(0)
+    fused = getattr(zoo, cls)(5, in_channels=1, image_size=14, fused=True)
+    assert validate(fused)  # torch's LSTM / attention: not DP-ready
+    dp = fix(fused)
+    assert validate(dp) == []
+    assert any(isinstance(m, (DPLSTM, DPMultiheadAttention)) for m in dp.modules())
+    torch.manual_seed(0)
+    fused = getattr(zoo, cls)(5, in_channels=1, image_size=14, fused=True).eval()
+    x = torch.randn(4, 1, 14, 14)
+    torch.testing.assert_close(dp.eval()(x), fused(x), rtol=1e-5, atol=1e-5)
+    default = getattr(zoo, cls)(5, in_channels=1, image_size=14)
+    assert validate(default) == []
+
+
+def test_sequence_model_bad_sizes():
+    from labeldp.models import PatchTransformer, RowLSTM
+
+    assert "multiple of patch" in _config_error(PatchTransformer, 10, image_size=30, patch=7)
+    assert "heads" in _config_error(PatchTransformer, 10, dim=30, heads=4)
+    assert "hidden" in _config_error(RowLSTM, 10, hidden=0)

@@ -56,6 +56,35 @@ class OddConv(nn.Module):
         return self.head(self.norm(h.mean(1)))
 
 
+class Repeated(nn.Module):
+    """One Linear and one GroupNorm each applied twice per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.norm = nn.GroupNorm(2, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.a(x)))
+        return self.b(torch.tanh(self.norm(self.a(h))))
+
+
+class RowLSTM(nn.Module):
+    """DPLSTM over (B, T, 3) sequences, the last hidden state to a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from labeldp.dpsgd import DPLSTM
+
+        self.lstm = DPLSTM(3, 5, batch_first=True)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
 def _cases():
     torch.manual_seed(0)
     cnn = SmallCNN(num_classes=10, in_channels=1, image_size=28, norm="group", width=4)
@@ -72,10 +101,14 @@ def _cases():
             torch.randint(0, 4, (8,)),
         ),
         "odd-conv": (OddConv(), torch.randn(5, 2, 12, 11), torch.randint(0, 3, (5,))),
+        # layers called several times in one pass: the per-example gradient is the sum
+        # over the calls (a Linear twice, a GroupNorm twice; a recurrent cell 6 times)
+        "repeated": (Repeated(), torch.randn(6, 4), torch.randint(0, 2, (6,))),
+        "dplstm": (RowLSTM(), torch.randn(5, 6, 3), torch.randint(0, 4, (5,))),
     }
 
 
-CASES = ["cnn", "mlp", "embedding", "odd-conv"]
+CASES = ["cnn", "mlp", "embedding", "odd-conv", "repeated", "dplstm"]
 
 
 def _case(name: str):
@@ -150,16 +183,6 @@ def test_unfold2d_equals_torch_unfold():
         )
 
 
-class Shared(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
-
-
 class InPlace(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -170,7 +193,17 @@ class InPlace(nn.Module):
         return self.b(torch.relu_(self.a(x)))
 
 
-@pytest.mark.parametrize("model", [Shared(), InPlace()])
+class Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):  # b's weight used outside its forward: out of the hooks' sight
+        return F.linear(torch.tanh(self.a(x)), self.b.weight)
+
+
+@pytest.mark.parametrize("model", [Unused(), InPlace()])
 def test_layerwise_refuses_forward_passes_it_cannot_follow(model):
     lc = LayerwiseClipping(model)
     with pytest.raises(LayerwiseUnsupported):

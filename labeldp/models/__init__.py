@@ -1,4 +1,5 @@
-"""The model zoo: small CNN, the DP-SGD tanh CNN, ResNet-18 and Wide ResNets, by name.
+"""The model zoo: small CNN, the DP-SGD tanh CNN, ResNet-18, Wide ResNets, an LSTM over image
+rows and a transformer over image patches, by name.
 
 ``build_model("wrn28-2", num_classes=10, in_channels=3, image_size=32, norm="group")``
 returns a ready model. :data:`MODELS` maps each listed name to its builder; besides those,
@@ -25,6 +26,7 @@ from labeldp.models.norm import (
     make_norm,
 )
 from labeldp.models.resnet import ResNet18
+from labeldp.models.sequence import PatchTransformer, RowLSTM
 from labeldp.models.tanh_cnn import TanhCNN
 from labeldp.models.wrn import WideResNet
 
@@ -32,7 +34,9 @@ __all__ = [
     "MODELS",
     "NORM_KINDS",
     "ModelBuilder",
+    "PatchTransformer",
     "ResNet18",
+    "RowLSTM",
     "SmallCNN",
     "TanhCNN",
     "WideResNet",
@@ -68,6 +72,16 @@ def _build_resnet18(*, num_classes: int, in_channels: int, image_size: int, norm
     return ResNet18(num_classes, in_channels=in_channels, norm=norm)
 
 
+def _build_row_lstm(*, num_classes: int, in_channels: int, image_size: int, norm: str) -> nn.Module:
+    return RowLSTM(num_classes, in_channels=in_channels, image_size=image_size)
+
+
+def _build_patch_transformer(
+    *, num_classes: int, in_channels: int, image_size: int, norm: str
+) -> nn.Module:
+    return PatchTransformer(num_classes, in_channels=in_channels, image_size=image_size)
+
+
 def _build_wrn(
     *, depth: int, width: int, num_classes: int, in_channels: int, image_size: int, norm: str
 ) -> nn.Module:
@@ -96,6 +110,8 @@ MODELS: dict[str, ModelBuilder] = {
     "cnn": _build_cnn,
     "cnn-tanh": _build_tanh_cnn,
     "resnet18": _build_resnet18,
+    "lstm-rows": _build_row_lstm,
+    "vit-patches": _build_patch_transformer,
     **{f"wrn28-{k}": _wrn_builder(f"wrn28-{k}") for k in (2, 4, 8, 10)},
 }
 

@@ -612,7 +612,10 @@ class LayerwiseClipping:
     ``lc.sq_norms()`` (B,) and ``lc.clipped_sums(factors)`` (name -> tensor like the
     parameter). Inputs and output gradients of each layer are kept only until then.
     Each layer's part comes from the shared per-layer functions (formula, registered
-    sampler, or torch.func on that layer).
+    sampler, or torch.func on that layer). A layer called several times in one pass (the
+    Linears of a recurrent cell at every time step, :mod:`labeldp.dpsgd.layers`)
+    contributes the sum of its calls' per-example gradients (:func:`calls_sq_norms`), as
+    under :func:`labeldp.dpsgd.make_private`'s hooks.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -632,7 +635,8 @@ class LayerwiseClipping:
         ]
         self._inputs: dict[str, list[torch.Tensor]] = {}
         self._outputs: dict[str, list[tuple[torch.Tensor, int]]] = {}
-        self._grads: dict[str, torch.Tensor] = {}
+        #: layer name -> [(input, output gradient)] per call of the layer in the pass
+        self._grads: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def forward_backward(
         self,
@@ -656,24 +660,31 @@ class LayerwiseClipping:
         batch = inputs.shape[0]
         for name, _ in self.layers:
             outs = self._outputs.get(name, [])
-            if len(outs) != 1:
-                # 0 calls: its parameters may be used functionally, out of the hooks' sight
-                raise LayerwiseUnsupported(f"layer {name} ran {len(outs)} times in one pass")
-            output, version = outs[0]
-            if output._version != version:
-                raise LayerwiseUnsupported(f"the output of layer {name} was modified in place")
-            layer_input = self._inputs[name][0]
-            if layer_input.shape[:1] != (batch,) or output.shape[:1] != (batch,):
-                raise LayerwiseUnsupported(
-                    f"layer {name} does not map the batch row by row (input "
-                    f"{tuple(layer_input.shape)}, output {tuple(output.shape)}, batch {batch})"
-                )
+            if not outs:
+                # its parameters may be used functionally, out of the hooks' sight
+                raise LayerwiseUnsupported(f"layer {name} did not run in the forward pass")
+            for (output, version), layer_input in zip(outs, self._inputs[name], strict=True):
+                if output._version != version:
+                    raise LayerwiseUnsupported(f"the output of layer {name} was modified in place")
+                if layer_input.shape[:1] != (batch,) or output.shape[:1] != (batch,):
+                    raise LayerwiseUnsupported(
+                        f"layer {name} does not map the batch row by row (input "
+                        f"{tuple(layer_input.shape)}, output {tuple(output.shape)}, "
+                        f"batch {batch})"
+                    )
         batch_targets = targets(logits.detach())
         losses = target_loss(logits, batch_targets, reduction="none")
         names = list(self._outputs)
-        grads = torch.autograd.grad(losses.sum(), [self._outputs[n][0][0] for n in names])
-        self._grads = dict(zip(names, grads, strict=True))
-        self._outputs = {}
+        flat = [output for n in names for output, _ in self._outputs[n]]
+        grads = iter(torch.autograd.grad(losses.sum(), flat, allow_unused=True))
+        self._grads = {}
+        for n in names:
+            calls = [(a, next(grads)) for a in self._inputs[n]]
+            # a call whose output did not reach the loss contributes nothing
+            calls = [(a, g) for a, g in calls if g is not None]
+            if calls:
+                self._grads[n] = calls
+        self._outputs, self._inputs = {}, {}
         return losses.detach(), logits.detach().float(), batch_targets
 
     def _recorder(self, name: str):
@@ -693,7 +704,7 @@ class LayerwiseClipping:
         for name, module in self.layers:
             if name not in self._grads:  # a layer that did not influence the loss
                 continue
-            part = _followed(layer_sq_norms, module, self._inputs[name][0], self._grads[name])
+            part = _followed(calls_sq_norms, module, self._grads[name])
             total = part if total is None else total + part
         if total is None:
             raise RuntimeError("no layer with parameters took part in the forward pass")
@@ -710,10 +721,10 @@ class LayerwiseClipping:
                     if p.requires_grad:
                         sums[_join(name, pname)] = torch.zeros_like(p, dtype=_wide(p).dtype)
                 continue
-            a, g = self._inputs[name][0], self._grads[name]
-            for pname, value in _followed(layer_clipped_sums, m, a, g, factors).items():
+            calls = self._grads[name]
+            for pname, value in _followed(calls_clipped_sums, m, calls, factors).items():
                 sums[_join(name, pname)] = value
-        self._inputs, self._grads = {}, {}
+        self._grads = {}
         return sums
 
 
