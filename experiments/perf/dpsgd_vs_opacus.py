@@ -34,8 +34,10 @@ Peak memory (the median over three steps): on CUDA, ``torch.cuda.max_memory_allo
 over one step, minus what was allocated before it. On CPU there is no allocator counter,
 so the peak resident set is read from the kernel: /proc/self/clear_refs resets VmHWM, one
 step runs, and the peak is VmHWM minus the resident size before the step. glibc would
-otherwise keep freed blocks and hide re-use, so the script re-executes itself with
-MALLOC_MMAP_THRESHOLD_=65536 (every tensor above 64 KiB is mapped and unmapped on its own).
+otherwise keep freed blocks and hide re-use, so memory is measured in a child process
+started with MALLOC_MMAP_THRESHOLD_=65536 (every tensor above 64 KiB is mapped and
+unmapped on its own), one contender alive at a time; the step times are taken in the
+parent with glibc's usual allocator (forced mmaps would charge page faults to every step).
 
     python experiments/perf/dpsgd_vs_opacus.py
 writes results/perf/dpsgd_vs_opacus-<device>.{json,md}.
@@ -45,9 +47,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -249,6 +254,44 @@ def peak_bytes(run, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> i
     return (_status_kib("VmHWM") - before) * 1024
 
 
+def batch(case: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    x = torch.randn(case["batch"], *case["shape"], device=device).contiguous(
+        memory_format=_memory_format(case)
+    )
+    return x, torch.randint(0, 10, (case["batch"],), device=device)
+
+
+def measure_memory(case: dict, device: torch.device) -> dict[str, float]:
+    """Peak extra bytes of one step per contender: the median of three steps, after two
+    warm-up steps (on CPU only in a process started with MALLOC_MMAP_THRESHOLD_)."""
+    if device.type == "cpu" and os.environ.get(MMAP_ENV) != "65536":
+        raise RuntimeError(f"CPU peak memory needs {MMAP_ENV}=65536 (see the docstring)")
+    x, y = batch(case, device)
+    peaks: dict[str, float] = {}
+    for k in CONTENDERS:
+        run = BUILDERS[k](case, device)
+        run(x, y)
+        run(x, y)
+        peaks[k] = statistics.median(peak_bytes(run, x, y, device) for _ in range(3))
+        del run
+    return peaks
+
+
+def memory_in_child(names: list[str], device: str) -> dict[str, dict[str, float]]:
+    """Runs this script with ``--memory-json`` under MALLOC_MMAP_THRESHOLD_=65536 and
+    returns its peaks; the timing stays in this process, with glibc's usual allocator."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "memory.json"
+        command = [sys.executable, __file__, "--cases", ",".join(names), "--device", device]
+        subprocess.run(
+            [*command, "--memory-json", str(out)],
+            env={**os.environ, MMAP_ENV: "65536"},
+            check=True,
+        )
+        return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds")
@@ -256,30 +299,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out-dir", default="results/perf")
     parser.add_argument("--cases", default=None, help="comma-separated case names (default all)")
+    parser.add_argument("--memory-json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    if device.type == "cpu" and os.environ.get(MMAP_ENV) != "65536":
-        env = {**os.environ, MMAP_ENV: "65536"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-    results: dict[str, dict] = {}
     selected = cases(device)
     if args.cases:
         selected = {k: v for k, v in selected.items() if k in args.cases.split(",")}
+    if args.memory_json:  # the child process that measures peak memory on CPU
+        peaks = {name: measure_memory(case, device) for name, case in selected.items()}
+        Path(args.memory_json).write_text(json.dumps(peaks))
+        return 0
+    cpu_peaks: dict[str, dict[str, float]] = {}
+    if device.type == "cpu":
+        cpu_peaks = memory_in_child(list(selected), args.device)
+
+    results: dict[str, dict] = {}
     for name, case in selected.items():
-        torch.manual_seed(1)
-        x = torch.randn(case["batch"], *case["shape"], device=device).contiguous(
-            memory_format=_memory_format(case)
-        )
-        y = torch.randint(0, 10, (case["batch"],), device=device)
+        x, y = batch(case, device)
         runners = {k: BUILDERS[k](case, device) for k in CONTENDERS}
         for run in runners.values():  # warm-up
             run(x, y)
             run(x, y)
-        memory = {  # the median of three one-step peaks
-            k: statistics.median(peak_bytes(run, x, y, device) for _ in range(3))
-            for k, run in runners.items()
-        }
+        memory = cpu_peaks[name] if device.type == "cpu" else measure_memory(case, device)
         times: dict[str, list[float]] = {k: [] for k in runners}
         for r in range(args.rounds):
             order = list(runners) if r % 2 == 0 else list(reversed(runners))
