@@ -312,3 +312,25 @@ def test_dpsgd_step_runs_the_sequence_models_layer_wise(name):
     for pname, p in model.named_parameters():
         expected = torch.tensordot(factors, grads[pname], dims=1) / 9
         torch.testing.assert_close(p.grad, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [1, 50, 1 << 22])
+def test_norms_in_chunks_of_examples_equal_the_whole_batch(monkeypatch, chunk):
+    """Per-example norms are computed in chunks of examples (bounded temporaries); any chunk
+    size gives the norms of the materialized per-example gradients."""
+    import labeldp.train.per_example as pe
+
+    monkeypatch.setattr(pe, "NORM_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(5)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
+    seq = nn.Linear(5, 3).double()
+    for layer, a, g in [
+        (conv, torch.randn(7, 4, 6, 5, dtype=torch.float64), torch.randn(7, 6, 6, 5).double()),
+        # 2x2 outputs: T² = 16 ≤ p·d = 54, the ghost (Gram) norm
+        (conv, torch.randn(7, 4, 2, 2, dtype=torch.float64), torch.randn(7, 6, 2, 2).double()),
+        (seq, torch.randn(7, 9, 5, dtype=torch.float64), torch.randn(7, 9, 3).double()),
+        (seq, torch.randn(7, 2, 5, dtype=torch.float64), torch.randn(7, 2, 3).double()),
+    ]:
+        grads = pe.layer_grad_samples(layer, a, g)
+        expected = sum(v.reshape(7, -1).pow(2).sum(1) for v in grads.values())
+        torch.testing.assert_close(pe.layer_sq_norms(layer, a, g), expected, rtol=1e-10, atol=0)

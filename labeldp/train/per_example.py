@@ -161,15 +161,36 @@ def unfold2d(
     return windows.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kh * kw, ho * wo)
 
 
+#: Elements of the temporaries one chunk of examples may hold while per-example norms are
+#: computed (2^22 floats = 16 MiB in float32): the norms of a batch are computed in chunks
+#: of examples, so that peak memory stays near the non-private step's whatever B.
+NORM_CHUNK_ELEMENTS = 1 << 22
+
+
+def _example_chunks(batch: int, per_example: int) -> list[slice]:
+    """Slices of the batch holding at most NORM_CHUNK_ELEMENTS temporaries (≥ 1 example)."""
+    size = max(1, NORM_CHUNK_ELEMENTS // max(1, per_example))
+    return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
+
+
 def _sq_norm_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-example ‖Σ_t g_t a_tᵀ‖²_F for a (B, T, d), g (B, T, p): materialized (B·p·d) or
-    ghost (B·T², ‖·‖² = Σ_{t,s} ⟨a_t, a_s⟩⟨g_t, g_s⟩), whichever is smaller."""
-    t, d, p = a.shape[1], a.shape[2], g.shape[2]
+    ghost (B·T², ‖·‖² = Σ_{t,s} ⟨a_t, a_s⟩⟨g_t, g_s⟩), whichever is smaller, in chunks of
+    examples (NORM_CHUNK_ELEMENTS)."""
+    b, t, d, p = a.shape[0], a.shape[1], a.shape[2], g.shape[2]
     if t == 1:
         return a.squeeze(1).pow(2).sum(1) * g.squeeze(1).pow(2).sum(1)
-    if t * t <= p * d:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-    return torch.linalg.vector_norm(torch.bmm(g.transpose(1, 2), a).flatten(1), dim=1).pow(2)
+    ghost = t * t <= p * d
+    parts = []
+    for c in _example_chunks(b, 2 * t * t if ghost else p * d):
+        ac, gc = a[c], g[c]
+        if ghost:
+            gram = torch.bmm(ac, ac.transpose(1, 2)) * torch.bmm(gc, gc.transpose(1, 2))
+            parts.append(gram.sum((1, 2)))
+        else:
+            product = torch.bmm(gc.transpose(1, 2), ac).flatten(1)
+            parts.append(torch.linalg.vector_norm(product, dim=1).pow(2))
+    return torch.cat(parts)
 
 
 # ------------------------------------------------------------ per-layer formulas
@@ -422,8 +443,12 @@ def layer_sq_norms(module: nn.Module, a: torch.Tensor | tuple, g: torch.Tensor) 
             out += g3.sum(1).pow(2).sum(1)
     elif isinstance(m, _CONVS):
         if _trainable(m, "weight"):
-            ug, gg = _conv_groups(m, a.to(g.dtype), g)
-            out += _sq_norm_product(ug, gg).reshape(b, m.groups).sum(1)
+            # the unfolded input (C_in·Πkernel·T per example) is built chunk by chunk
+            a, positions = a.to(g.dtype), math.prod(g.shape[2:])
+            unfolded = a.shape[1] * math.prod(m.kernel_size) * positions
+            for c in _example_chunks(b, unfolded):
+                ug, gg = _conv_groups(m, a[c], g[c])
+                out[c] += _sq_norm_product(ug, gg).reshape(-1, m.groups).sum(1)
         if _trainable(m, "bias"):
             out += g.flatten(2).sum(2).pow(2).sum(1)
     elif isinstance(m, (nn.GroupNorm, nn.LayerNorm, *_INSTANCE_NORMS)):
