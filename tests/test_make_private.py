@@ -754,3 +754,37 @@ def test_user_loop_equals_labeldp_train_dp_sgd_for_the_same_randomness():
         torch.testing.assert_close(p, core[name], rtol=1e-12, atol=1e-13, msg=name)
         moved = max(moved, float((p - start[name]).detach().abs().max()))
     assert moved > 1e-3  # the parameters did move: the comparison is not of two copies
+
+
+def test_hooks_compact_small_layers_during_backward_and_match_micro_batching():
+    """A layer with fewer parameters per example than its input + output gradient (a
+    GroupNorm on a large activation) is turned into per-example gradients as soon as its
+    output gradient arrives, releasing (a, g); a large Linear keeps (a, g) for the ghost
+    norms. The per-example gradients equal one backward per example either way; a second
+    backward through the same forward is refused by name."""
+    from labeldp.dpsgd import GradSampleHooks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 36, 3)
+    ).double()
+    x, y = torch.randn(5, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    hooks = GradSampleHooks(model, loss_reduction="sum")
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    calls = {layer.name: layer.calls[0] for layer in hooks.layers}
+    assert calls["1"].samples is not None and calls["1"].args is None  # GroupNorm: 8 < 288
+    assert calls["3"].samples is None and calls["3"].args is not None  # Linear: 435 > 147
+    ours = hooks.per_example_gradients()
+    hooks.remove()
+    for i in range(5):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(ours[name][i], p.grad, rtol=1e-10, atol=1e-12)
+
+    hooks = GradSampleHooks(model, loss_reduction="sum")
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    loss.backward(retain_graph=True)
+    with pytest.raises(ConfigError, match="second backward pass reached layer 1"):
+        loss.backward()
+    hooks.remove()

@@ -46,6 +46,7 @@ from ..train.per_example import (
     calls_grad_samples,
     calls_sq_norms,
     clip_factors,
+    formula_supported,
 )
 
 #: Models that already carry hooks (one make_private per model).
@@ -54,10 +55,18 @@ _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @dataclass
 class _Call:
-    args: tuple
+    args: tuple | None
     batch: int
     forward: int  # the model forward pass it belongs to (-1: outside the model's forward)
     grad: torch.Tensor | None = None
+    #: the call's per-example gradients, computed when its output gradient arrived (then
+    #: ``args`` and ``grad`` are released; see GradSampleHooks._compact)
+    samples: dict[str, torch.Tensor] | None = None
+
+    @property
+    def done(self) -> bool:
+        """Its backward pass has run."""
+        return self.grad is not None or self.samples is not None
 
 
 @dataclass
@@ -152,14 +161,39 @@ class GradSampleHooks:
             layer.calls.append(call)
 
             def on_grad(g: torch.Tensor) -> None:
+                if call.samples is not None:
+                    raise ConfigError(
+                        f"a second backward pass reached layer {layer.name or '<model>'} "
+                        "through the same forward pass before the optimizer step: "
+                        "make_private supports one backward per forward (sum the losses "
+                        "and call backward once)"
+                    )
                 g = g.detach()
                 if self.loss_reduction == "mean":
                     g = g * call.batch
                 call.grad = g if call.grad is None else call.grad + g
+                self._compact(layer, call)
 
             output.register_hook(on_grad)
 
         return hook
+
+    def _compact(self, layer: _Layer, call: _Call) -> None:
+        """Memory: when a formula layer's per-example gradients are smaller than the input
+        and output gradient they come from (norm layers, early convolutions: few
+        parameters, large activations), they are computed as soon as the output gradient
+        arrives and (input, output gradient) are released, during the backward pass.
+        Larger layers keep (a, g) for the norms without materializing (ghost norms)."""
+        if not formula_supported(layer.module) or isinstance(layer.module, nn.Embedding):
+            return
+        g = call.grad
+        per_example = sum(p.numel() for p in layer.params.values())
+        a = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else None
+        if a is None or per_example * call.batch >= a.numel() + g.numel():
+            return
+        with self._pause():
+            call.samples = calls_grad_samples(layer.module, [(call.args, g)])
+        call.args, call.grad = None, None
 
     def clear(self) -> None:
         """Forgets every recorded call."""
@@ -170,16 +204,16 @@ class GradSampleHooks:
         """Forgets the calls whose backward has run (``zero_grad``); calls still waiting for
         their backward pass are kept."""
         for layer in self.layers:
-            layer.calls = [c for c in layer.calls if c.grad is None]
+            layer.calls = [c for c in layer.calls if not c.done]
 
-    def _collect(self) -> tuple[list[tuple[_Layer, list[tuple]]], int | None]:
-        """The recorded layers whose backward has run, each with its (inputs, output
-        gradient) calls, and the batch size."""
-        done: list[tuple[_Layer, list[tuple]]] = []
+    def _collect(self) -> tuple[list[tuple[_Layer, _Parts]], int | None]:
+        """The recorded layers whose backward has run, each with its parts (see _Parts),
+        and the batch size."""
+        done: list[tuple[_Layer, _Parts]] = []
         batch = None
         forwards = set()
         for layer in self.layers:
-            calls = [c for c in layer.calls if c.grad is not None]
+            calls = [c for c in layer.calls if c.done]
             ids = {c.forward for c in calls}
             if len(calls) > 1 and (len(ids) > 1 or -1 in ids):
                 raise ConfigError(
@@ -208,7 +242,9 @@ class GradSampleHooks:
                     )
                 batch = c.batch
             if calls:
-                done.append((layer, [(c.args, c.grad) for c in calls]))
+                raw = [(c.args, c.grad) for c in calls if c.samples is None]
+                dense = [c.samples for c in calls if c.samples is not None]
+                done.append((layer, _Parts(layer.module, raw, dense)))
         return done, batch
 
     # ------------------------------------------------------------------ results
@@ -219,8 +255,8 @@ class GradSampleHooks:
         done, _ = self._collect()
         out: dict[str, torch.Tensor] = {}
         with self._pause():
-            for layer, calls in done:
-                for pname, v in calls_grad_samples(layer.module, calls).items():
+            for layer, parts in done:
+                for pname, v in parts.grad_samples().items():
                     out[_join(layer.name, pname)] = v
         return out
 
@@ -237,15 +273,14 @@ class GradSampleHooks:
             return {}, torch.zeros(0), 0
         with self._pause():
             sq = None
-            for layer, calls in done:
-                part = calls_sq_norms(layer.module, calls)
+            for _, parts in done:
+                part = parts.sq_norms()
                 sq = part if sq is None else sq + part.to(sq.device)
             norms = sq.clamp_min(0).sqrt()
             factors = clip_factors(norms, max_grad_norm)
             sums: dict[nn.Parameter, torch.Tensor] = {}
-            for layer, calls in done:
-                f = factors.to(calls[0][1].device)
-                for pname, v in calls_clipped_sums(layer.module, calls, f).items():
+            for layer, parts in done:
+                for pname, v in parts.clipped_sums(factors).items():
                     sums[layer.params[pname]] = v
         self.clear()
         return sums, norms, batch
@@ -256,10 +291,8 @@ class GradSampleHooks:
         done, batch = self._collect()
         sums: dict[nn.Parameter, torch.Tensor] = {}
         with self._pause():
-            for layer, calls in done:
-                ones = torch.ones(batch, device=calls[0][1].device)
-                parts = calls_clipped_sums(layer.module, calls, ones)
-                for pname, v in parts.items():
+            for layer, parts in done:
+                for pname, v in parts.clipped_sums(torch.ones(batch)).items():
                     sums[layer.params[pname]] = v
         return sums
 
@@ -278,6 +311,43 @@ class GradSampleHooks:
                 hooks._paused = False
 
         return _Paused()
+
+
+class _Parts:
+    """One layer's recorded calls of a batch: ``raw`` (inputs, output gradient) pairs and
+    ``dense`` per-example gradients of compacted calls; the layer's per-example gradient
+    is the sum over all of them."""
+
+    def __init__(self, module: nn.Module, raw: list[tuple], dense: list[dict]) -> None:
+        self.module, self.raw, self.dense = module, raw, dense
+
+    def grad_samples(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for samples in [
+            *self.dense,
+            *([calls_grad_samples(self.module, self.raw)] if self.raw else []),
+        ]:
+            for n, v in samples.items():
+                out[n] = v if n not in out else out[n] + v
+        return out
+
+    def sq_norms(self) -> torch.Tensor:
+        if not self.dense:
+            return calls_sq_norms(self.module, self.raw)
+        grads = self.grad_samples()
+        first = next(iter(grads.values()))
+        out = torch.zeros(first.shape[0], device=first.device, dtype=first.dtype)
+        for v in grads.values():
+            out = out + v.reshape(v.shape[0], -1).pow(2).sum(1)
+        return out
+
+    def clipped_sums(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.dense:
+            return calls_clipped_sums(self.module, self.raw, factors.to(self.raw[0][1].device))
+        return {
+            n: torch.tensordot(factors.to(v.device, v.dtype), v, dims=1)
+            for n, v in self.grad_samples().items()
+        }
 
 
 def _join(prefix: str, name: str) -> str:

@@ -161,6 +161,8 @@ class DPOptimizer(Optimizer):
         batch's; returns the number of examples added."""
         if not self._checked and self.hooks.recorded_batch() >= 2:
             self._check_against_autograd()
+        for p in self.params:  # autograd's batch gradient is replaced by the noisy one:
+            p.grad = None  # free it before the clipped sums are built (peak memory)
         sums, _, batch = self.hooks.clipped_sums(self.max_grad_norm)
         for p, value in sums.items():
             if p in self._accumulated:
@@ -210,7 +212,8 @@ class DPOptimizer(Optimizer):
                 secure=self.secure_noise,
                 device=p.device,
             ).to(summed.dtype)
-            p.grad = ((summed + std * noise) / self.expected_batch_size).to(p.dtype)
+            # in place: the accumulated sum is not used again (peak memory)
+            p.grad = summed.add_(noise, alpha=std).div_(self.expected_batch_size).to(p.dtype)
         self._accumulated = {}
         self._chunks = 0
 
