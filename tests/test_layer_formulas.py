@@ -314,7 +314,7 @@ def test_dpsgd_step_runs_the_sequence_models_layer_wise(name):
         torch.testing.assert_close(p.grad, expected, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("chunk", [1, 50, 1 << 22])
+@pytest.mark.parametrize("chunk", [1, 50, 2500, 1 << 22])  # 2500: 2 conv examples per chunk
 def test_norms_in_chunks_of_examples_equal_the_whole_batch(monkeypatch, chunk):
     """Per-example norms are computed in chunks of examples (bounded temporaries); any chunk
     size gives the norms of the materialized per-example gradients."""

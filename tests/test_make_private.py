@@ -785,6 +785,55 @@ def test_hooks_compact_small_layers_during_backward_and_match_micro_batching():
     hooks = GradSampleHooks(model, loss_reduction="sum")
     loss = F.cross_entropy(model(x), y, reduction="sum")
     loss.backward(retain_graph=True)
-    with pytest.raises(ConfigError, match="second backward pass reached layer 1"):
+    with pytest.raises(ConfigError, match="second backward pass reached layer 3"):
         loss.backward()
+    hooks.remove()
+
+
+class _TwoScales(nn.Module):
+    """One Conv2d applied to the image (6x6: compacted, its per-example gradient is smaller
+    than its input + output gradient) and to a pooled 1x1 copy (kept raw)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        big = self.conv(x).mean((2, 3))
+        small = self.conv(F.adaptive_avg_pool2d(x, 1)).flatten(1)
+        return self.head(torch.tanh(big + small))
+
+
+def test_a_layer_with_compacted_and_raw_calls_clips_the_sum_of_its_calls():
+    """A layer called twice, one call compacted and one not: its per-example gradient, norm
+    and clipped sum are those of the sum over both calls (micro-batching reference)."""
+    from labeldp.dpsgd import GradSampleHooks
+
+    torch.manual_seed(2)
+    model = _TwoScales().double()
+    plain = copy.deepcopy(model)  # the micro-batching reference, without hooks
+    x, y = torch.randn(6, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    hooks = GradSampleHooks(model, loss_reduction="mean")
+    F.cross_entropy(model(x), y).backward()
+    conv = next(layer for layer in hooks.layers if layer.name == "conv")
+    assert [c.samples is not None for c in conv.calls] == [True, False]
+    ours = hooks.per_example_gradients()
+    reference = {}
+    for i in range(6):
+        plain.zero_grad()
+        F.cross_entropy(plain(x[i : i + 1]), y[i : i + 1]).backward()
+        for name, p in plain.named_parameters():
+            reference.setdefault(name, []).append(p.grad.clone())
+    reference = {k: torch.stack(v) for k, v in reference.items()}
+    norms = torch.cat([v.reshape(6, -1) for v in reference.values()], 1).pow(2).sum(1).sqrt()
+    c = float(norms.median())
+    sums, got_norms, batch = hooks.clipped_sums(c)
+    assert batch == 6
+    torch.testing.assert_close(got_norms.double(), norms, rtol=1e-10, atol=0)
+    factors = torch.clamp(c / (norms + 1e-6), max=1.0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-10, atol=1e-12)
+        expected = torch.tensordot(factors, reference[name], dims=1)
+        torch.testing.assert_close(sums[p].double(), expected, rtol=1e-10, atol=1e-12)
     hooks.remove()

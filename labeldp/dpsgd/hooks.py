@@ -46,6 +46,7 @@ from ..train.per_example import (
     calls_grad_samples,
     calls_sq_norms,
     clip_factors,
+    exact_float32,
     formula_supported,
 )
 
@@ -161,17 +162,16 @@ class GradSampleHooks:
             layer.calls.append(call)
 
             def on_grad(g: torch.Tensor) -> None:
-                if call.samples is not None:
+                if call.done:
                     raise ConfigError(
                         f"a second backward pass reached layer {layer.name or '<model>'} "
-                        "through the same forward pass before the optimizer step: "
-                        "make_private supports one backward per forward (sum the losses "
-                        "and call backward once)"
+                        "through the same forward pass: make_private supports one "
+                        "backward per forward (sum the losses and call backward once)"
                     )
                 g = g.detach()
                 if self.loss_reduction == "mean":
                     g = g * call.batch
-                call.grad = g if call.grad is None else call.grad + g
+                call.grad = g
                 self._compact(layer, call)
 
             output.register_hook(on_grad)
@@ -320,16 +320,20 @@ class _Parts:
 
     def __init__(self, module: nn.Module, raw: list[tuple], dense: list[dict]) -> None:
         self.module, self.raw, self.dense = module, raw, dense
+        self._summed: dict[str, torch.Tensor] | None = None
 
     def grad_samples(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for samples in [
-            *self.dense,
-            *([calls_grad_samples(self.module, self.raw)] if self.raw else []),
-        ]:
-            for n, v in samples.items():
-                out[n] = v if n not in out else out[n] + v
-        return out
+        """The layer's per-example gradients (new tensors: the record is not exposed)."""
+        if self._summed is None:  # materialized once per batch
+            out: dict[str, torch.Tensor] = {}
+            for samples in [
+                *self.dense,
+                *([calls_grad_samples(self.module, self.raw)] if self.raw else []),
+            ]:
+                for n, v in samples.items():
+                    out[n] = v.clone() if n not in out else out[n] + v
+            self._summed = out
+        return dict(self._summed)
 
     def sq_norms(self) -> torch.Tensor:
         if not self.dense:
@@ -344,10 +348,11 @@ class _Parts:
     def clipped_sums(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.dense:
             return calls_clipped_sums(self.module, self.raw, factors.to(self.raw[0][1].device))
-        return {
-            n: torch.tensordot(factors.to(v.device, v.dtype), v, dims=1)
-            for n, v in self.grad_samples().items()
-        }
+        with exact_float32():  # TF32 would blur cᵢ·gᵢ past the clipping bound
+            return {
+                n: torch.tensordot(factors.to(v.device, v.dtype), v, dims=1)
+                for n, v in self.grad_samples().items()
+            }
 
 
 def _join(prefix: str, name: str) -> str:

@@ -161,9 +161,9 @@ class DPOptimizer(Optimizer):
         batch's; returns the number of examples added."""
         if not self._checked and self.hooks.recorded_batch() >= 2:
             self._check_against_autograd()
-        for p in self.params:  # autograd's batch gradient is replaced by the noisy one:
-            p.grad = None  # free it before the clipped sums are built (peak memory)
         sums, _, batch = self.hooks.clipped_sums(self.max_grad_norm)
+        for p in self.params:  # autograd's batch gradient is replaced by the noisy one:
+            p.grad = None  # free it now (peak memory of the noise step)
         for p, value in sums.items():
             if p in self._accumulated:
                 self._accumulated[p] = self._accumulated[p] + value

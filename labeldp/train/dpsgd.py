@@ -34,6 +34,7 @@ from .per_example import (
     LayerwiseClipping,
     LayerwiseUnsupported,
     clip_factors,
+    exact_float32,
     gradient_norms,
     layerwise_supported,
     per_example_gradients,
@@ -156,13 +157,14 @@ class DPSGDStep(GradientStep):
         t = targets(idx, current)
         with autocast():
             grads, loss, out = per_example_gradients(model, x, t)
-        factors = clip_factors(gradient_norms(grads), self.max_grad_norm)
-        sums = {
-            k: torch.tensordot(
-                factors.to(_accumulator(g.dtype)), g.to(_accumulator(g.dtype)), dims=1
-            )
-            for k, g in grads.items()
-        }
+        with exact_float32():  # TF32 would blur cᵢ·gᵢ past the clipping bound
+            factors = clip_factors(gradient_norms(grads), self.max_grad_norm)
+            sums = {
+                k: torch.tensordot(
+                    factors.to(_accumulator(g.dtype)), g.to(_accumulator(g.dtype)), dims=1
+                )
+                for k, g in grads.items()
+            }
         return sums, loss, out, t
 
     def __call__(

@@ -13,9 +13,9 @@ Two ways to the same numbers:
   "ghost" norm via Gram matrices, Li et al. 2022). The clipped sum of a convolution is one
   weight-gradient convolution on the scaled output gradient. Faster and lighter than
   materializing. Layers without a formula get torch.func on that layer alone. Used
-  whenever no parameter is shared and each layer is called once per forward, with one
-  tensor input (DPSGDStep checks this at run time and falls back to
-  :func:`per_example_gradients`).
+  whenever no parameter is shared and every layer call takes one tensor input (a layer
+  called several times contributes the sum of its calls; DPSGDStep checks the pass at run
+  time and falls back to :func:`per_example_gradients`).
 
 The per-layer formulas are module functions (:func:`layer_sq_norms`,
 :func:`layer_clipped_sums`, :func:`layer_grad_samples`, from one layer's input and output
@@ -26,8 +26,8 @@ statistics) and Embedding (:func:`formula_supported`); a layer type with a funct
 registered by :func:`register_grad_sampler` uses that; any other layer with parameters
 falls back to torch.func on that layer alone (:func:`functional_grad_samples`). A layer
 called several times in one pass (a recurrent cell) contributes the sum of its per-call
-gradients (:func:`calls_sq_norms` and friends; :mod:`labeldp.dpsgd`'s hooks use them,
-:class:`LayerwiseClipping` refuses a layer called twice).
+gradients (:func:`calls_sq_norms` and friends, used by :mod:`labeldp.dpsgd`'s hooks and
+by :class:`LayerwiseClipping`).
 
 Both are tested against Opacus (grad samples) and against each other.
 """
@@ -92,6 +92,10 @@ class _exact_float32(contextlib.ContextDecorator):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved
 
 
+#: The same, public: ``with exact_float32(): ...`` around any other clipped-sum product.
+exact_float32 = _exact_float32
+
+
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     """Per-example scale min(1, C / (‖g‖₂ + 1e-6)) for per-example norms (B,)."""
     return (max_grad_norm / (norms + NORM_EPS)).clamp(max=1.0)
@@ -106,7 +110,8 @@ def gradient_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------- layer-wise path
 class LayerwiseUnsupported(Exception):
     """The model's forward pass does something the layer-wise path cannot follow (a layer
-    called twice, an output changed in place); use :func:`per_example_gradients`."""
+    that did not run, an output changed in place, a call with several inputs); use
+    :func:`per_example_gradients`."""
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -133,8 +138,8 @@ def layerwise_supported(model: nn.Module) -> bool:
     belongs to exactly one layer, whose per-example gradients come from its formula
     (:func:`formula_supported`), its registered grad sampler, or torch.func on that layer
     alone. The forward pass is checked further at run time (see
-    :class:`LayerwiseClipping`: each layer called once, with one tensor input, mapping
-    the batch row by row); DPSGDStep also compares the norms once with whole-model
+    :class:`LayerwiseClipping`: each layer call with one tensor input, mapping the batch
+    row by row); DPSGDStep also compares the norms once with whole-model
     torch.func."""
     owners: dict[int, int] = {}
     for module in model.modules():
