@@ -116,6 +116,19 @@ def opacus_model(case: dict, device: torch.device) -> torch.nn.Module:
     return model.to(device, memory_format=_memory_format(case))
 
 
+def user_loop_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """One step of a plain user loop: cross-entropy, backward, step; zero_grad after it
+    too, so that gradients (and Opacus' grad samples) are freed before the next step."""
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
 def ours(case: dict, device: torch.device):
     model = ours_model(case, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
@@ -131,13 +144,7 @@ def ours(case: dict, device: torch.device):
     )
     assert optimizer.expected_batch_size == case["batch"]  # q·N of the dummy: the timed batch
 
-    def run(x: torch.Tensor, y: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return run
+    return user_loop_step(model, optimizer)
 
 
 def ours_core(case: dict, device: torch.device):
@@ -167,14 +174,7 @@ def opacus(case: dict, device: torch.device):
         expected_batch_size=case["batch"],
     )
 
-    def run(x: torch.Tensor, y: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # frees the grad samples before the next step
-
-    return run
+    return user_loop_step(model, optimizer)
 
 
 def opacus_ghost(case: dict, device: torch.device):
@@ -209,13 +209,7 @@ def non_private(case: dict, device: torch.device):
     model = plain_model(case, device).to(memory_format=_memory_format(case))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
 
-    def run(x: torch.Tensor, y: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return run
+    return user_loop_step(model, optimizer)
 
 
 BUILDERS = {

@@ -24,6 +24,11 @@ from labeldp.errors import ConfigError
 from labeldp.models.norm import check_positive_int
 
 
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        check_positive_int(name, value)
+
+
 def _lstm(fused: bool, input_size: int, hidden: int, layers: int) -> nn.Module:
     if fused:
         return nn.LSTM(input_size, hidden, num_layers=layers, batch_first=True)
@@ -57,14 +62,13 @@ class RowLSTM(nn.Module):
         fused: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in [
-            ("num_classes", num_classes),
-            ("in_channels", in_channels),
-            ("image_size", image_size),
-            ("hidden", hidden),
-            ("layers", layers),
-        ]:
-            check_positive_int(name, value)
+        _check_sizes(
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            hidden=hidden,
+            layers=layers,
+        )
         self.lstm = _lstm(fused, in_channels * image_size, hidden, layers)
         self.head = nn.Linear(hidden, num_classes)
 
@@ -114,17 +118,16 @@ class PatchTransformer(nn.Module):
         fused: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in [
-            ("num_classes", num_classes),
-            ("in_channels", in_channels),
-            ("image_size", image_size),
-            ("patch", patch),
-            ("dim", dim),
-            ("depth", depth),
-            ("heads", heads),
-            ("mlp", mlp),
-        ]:
-            check_positive_int(name, value)
+        _check_sizes(
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            patch=patch,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            mlp=mlp,
+        )
         if image_size % patch:
             raise ConfigError(
                 f"image_size ({image_size}) must be a multiple of patch ({patch}) for the "
