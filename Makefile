@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv test lint reproduce data clean-venv
+.PHONY: venv test test-ray lint reproduce data clean-venv
 
 venv: $(STAMP)
 
@@ -28,7 +28,14 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(PY) -m ruff check labeldp attacks experiments tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not ray"
+
+# The Ray backend's tests (tests/test_ray.py): installs the optional extra labeldp[ray]
+# into the venv, starts a local two-CPU cluster on 127.0.0.1 and stops it (CI runs this
+# after `make test`).
+test-ray: venv
+	$(PY) -m pip install --quiet -e ".[dev,ray]"
+	$(PY) -m pytest -q -m ray
 
 lint: venv
 	$(PY) -m ruff check labeldp attacks experiments tests

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from . import experiments as packaged
+from .backends import BACKENDS, RUN_FOLDERS
 from .data import DATASETS, fetch
 from .errors import ConfigError, DataError
 from .io import DiskFullError, read_json
@@ -592,8 +593,37 @@ def _add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
     running.add_argument(
         "--workers",
         type=_number(int, 1),
+        default=None,
+        help="runs at once (default 1; each gets an equal share of the CPU threads); "
+        "with --backend ray and no --address: the runs at once on the Ray instance "
+        "started here (default: as many as its CPUs allow)",
+    )
+    running.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="where runs execute: local (this machine) or ray (a Ray cluster; the optional "
+        "extra labeldp[ray]); README: 'Sweeps on a Ray cluster'",
+    )
+    running.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="with --backend ray: the cluster to join ('auto' or HOST:PORT; default: start "
+        "Ray on this machine)",
+    )
+    running.add_argument(
+        "--run-folders",
+        choices=RUN_FOLDERS,
+        default="shared",
+        help="with --backend ray: 'shared' (RUNS_DIR is the same path on every node) or "
+        "'return' (runs train in node-local scratch and their folders come back)",
+    )
+    running.add_argument(
+        "--cpus-per-run",
+        type=_number(int, 1),
         default=1,
-        help="runs at once (each gets an equal share of the CPU threads)",
+        help="with --backend ray: CPUs (and torch threads) each run asks for",
     )
     running.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     running.add_argument(
@@ -693,10 +723,35 @@ def _sweep(args: argparse.Namespace) -> int:
         from .store import ResultsStore
 
         run_study(study, ResultsStore(args.store), args.runs_dir, args.data_dir, args.device,
-                  progress=not args.quiet, only=args.only)  # fmt: skip
+                  progress=not args.quiet, only=args.only, backend=_backend(args))  # fmt: skip
         return 0
     _run_sweep(args, SweepSpec.load(packaged.resolve(args.sweep_file)))
     return 0
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    """The backend (labeldp.backends) that --backend, --workers, --address,
+    --run-folders and --cpus-per-run describe."""
+    from .backends import LocalBackend, RayBackend
+
+    if args.backend == "local":
+        for flag, given in (("--address", args.address), ("--run-folders",
+                            args.run_folders != "shared"), ("--cpus-per-run",
+                            args.cpus_per_run != 1)):  # fmt: skip
+            if given:
+                raise ConfigError(f"{flag} applies to --backend ray only")
+        return LocalBackend(args.workers or 1)
+    if args.address is not None and args.workers is not None:
+        raise ConfigError(
+            "--workers applies to the Ray instance started here; with --address the "
+            "cluster's resources decide how many runs go at once"
+        )
+    return RayBackend(
+        address=args.address,
+        num_cpus=None if args.workers is None else args.workers * args.cpus_per_run,
+        cpus_per_run=args.cpus_per_run,
+        run_folders=args.run_folders,
+    )
 
 
 def _run_sweep(args: argparse.Namespace, spec: Any) -> None:
@@ -709,7 +764,7 @@ def _run_sweep(args: argparse.Namespace, spec: Any) -> None:
         ResultsStore(args.store),
         args.runs_dir,
         env,
-        workers=args.workers,
+        backend=_backend(args),
         only=args.only,
         allow_mixed_numerics=getattr(args, "allow_mixed_numerics", False),
     )
@@ -842,6 +897,30 @@ def _add_fl_parser(sub: argparse._SubParsersAction) -> None:
         "--data-dir", default=None, metavar="DIR", help="where datasets are looked for first"
     )
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="who trains each server version's trips: local (this process) or ray (Ray "
+        "actors, the optional extra labeldp[ray]; bit-identical to local at the same "
+        "torch thread count per process)",
+    )
+    p.add_argument(
+        "--actors", type=_number(int, 1), default=2, help="with --backend ray: actors (≥ 1)"
+    )
+    p.add_argument(
+        "--cpus-per-actor",
+        type=_number(int, 1),
+        default=1,
+        help="with --backend ray: CPUs (and torch threads) of each actor",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="with --backend ray: the cluster to join ('auto' or HOST:PORT; default: start "
+        "Ray on this machine)",
+    )
     group = p.add_argument_group("federation options (docs/FL_OPTIONS.md)")
     for flag in flags([("fl", FederationOptions)]):
         parsing = flag.kind.argparse_options()
@@ -860,8 +939,15 @@ def _fl(args: argparse.Namespace) -> int:
 
     given = {k[3:]: v for k, v in vars(args).items() if k.startswith("fl_")}
     options = FederationOptions(**given)
+    replay = None
+    if args.backend == "ray":
+        from .fl.ray_replay import RayReplay
+
+        replay = RayReplay(args.actors, args.cpus_per_actor, args.address)
+    elif args.address is not None:
+        raise ConfigError("--address applies to --backend ray only")
     record = run_folder(options, args.seed, args.out, args.dataset, args.data_dir, args.device,
-                        progress=not args.quiet)  # fmt: skip
+                        progress=not args.quiet, replay=replay)  # fmt: skip
     last = record.history[-1]
     print(
         f"{options.algorithm}: {record.evaluation_split} accuracy {100 * last['accuracy']:.2f} "

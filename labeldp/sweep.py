@@ -18,19 +18,12 @@ different ones unless ``allow_mixed_numerics``.
 
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
 import fnmatch
 import itertools
 import json
-import os
-import signal
 import sys
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +35,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from .backends import LocalBackend, RayBackend
 from .errors import ConfigError
 from .locking import FolderLocked, folder_lock
 from .methods import METHODS, method_parameters
@@ -459,10 +453,27 @@ def _check_grid(path: Path, data: dict[str, Any]) -> None:
             )
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a grid point's task sends back to the driver: the run's record and attack
+    (None when skipped, with ``busy`` the reason), the Ray node it ran on (None off
+    Ray) and, in Ray's "return" mode, the run folder's files as a tar archive."""
+
+    name: str
+    config: dict[str, Any]
+    run_dir: str
+    metrics: Any = None
+    attack: Any = None
+    busy: str | None = None
+    node: str | None = None
+    archive: bytes | None = None
+
+
 def _execute(
     name: str, config: dict[str, Any], run_dir: str, env: dict[str, Any], threads: int | None
-):
-    """Runs one grid point (in this process or a worker): train, attack, report back.
+) -> RunOutcome:
+    """Runs one grid point (in this process, a worker or a Ray task): train, attack,
+    report back.
 
     The run folder stays locked from training to the attack; a grid point another
     process holds (a second copy of the sweep, a ``labeldp train`` into the folder) is
@@ -471,42 +482,53 @@ def _execute(
         torch.set_num_threads(threads)
     from attacks.harness import attack_run
 
+    from .backends import current_node
+
     run_config = RunConfig.from_dict(config)
+    node = current_node()
     try:
         with folder_lock(run_dir):
             metrics = train_run(run_config, run_dir, Environment(**env), resume=True)
             audited = run_config.canaries or run_config.audit_canaries
             attack = attack_run(run_dir) if audited else None
     except FolderLocked as exc:
-        return name, config, run_dir, None, None, f"in use by another process (pid {exc.holder})"
-    return name, config, run_dir, metrics, attack, None
+        busy = f"in use by another process (pid {exc.holder})"
+        return RunOutcome(name, config, run_dir, busy=busy, node=node)
+    return RunOutcome(name, config, run_dir, metrics, attack, node=node)
 
 
-def _worker_init(parent: int) -> None:
-    """Ties a sweep worker's life to the sweep process ``parent``: the kernel kills the
-    worker when its parent dies (Linux ``PR_SET_PDEATHSIG``), and a watcher thread does
-    the same wherever the parent's pid changes (the fallback, e.g. off Linux). Otherwise a
-    ``kill -9`` of the sweep would leave workers training grid points whose results
-    nothing stores. (The death signal follows the thread that started the worker; the
-    pool starts its workers from the thread that submits, the sweep's main thread.)"""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:  # the parent died before the line above
-        os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+def _execute_returning(
+    name: str, config: dict[str, Any], run_dir: str, env: dict[str, Any], threads: int | None,
+    scratch: str | None, sweep: str,
+) -> RunOutcome:  # fmt: skip
+    """Ray's "return" mode: runs the grid point in a node-local scratch folder (shared
+    results, e.g. PATE's votes, node-local too) and sends the finished folder back."""
+    from .backends import pack_folder, scratch_root
+
+    local = scratch_root(scratch) / sweep
+    env = {**env, "shared_dir": str(local / "shared")}
+    outcome = _execute(name, config, str(local / name), env, threads)
+    if outcome.metrics is None:
+        return replace(outcome, run_dir=run_dir)
+    return replace(outcome, run_dir=run_dir, archive=pack_folder(local / name))
 
 
-_PR_SET_PDEATHSIG = 1
+def share_group(config: dict[str, Any]) -> str | None:
+    """The key of the runs that share an intermediate result with this one (e.g. PATE's
+    teacher votes, the same for every ε of a seed), or None when it shares nothing. Runs
+    of one group are scheduled after the first of them, which computes the shared part
+    once; the others then find it (see RunContext.shared_folder)."""
+    independent = getattr(METHODS[config["method"]], "shared_independent_options", None)
+    if independent is None:
+        return None
+    options = {k: v for k, v in config["method_options"].items() if k not in independent}
+    return json.dumps({**config, "method_options": options}, sort_keys=True, default=str)
 
 
-def _watch_parent(parent: int, every: float = 0.5) -> None:
-    while os.getppid() == parent:
-        time.sleep(every)
-    os.kill(os.getpid(), signal.SIGKILL)
+def _numerics_of(device: str | None, threads: int | None) -> dict[str, Any]:
+    """The numerics settings of runs on ``device`` with ``threads`` where this runs (a
+    Ray task: the cluster's)."""
+    return _expected_numerics(Environment(device=device), threads)
 
 
 def _expected_numerics(env: Environment, threads: int | None) -> dict[str, Any]:
@@ -560,27 +582,40 @@ def run_sweep(
     store: ResultsStore,
     runs_root: str | Path = "runs",
     env: Environment | None = None,
-    workers: int = 1,
+    backend: LocalBackend | RayBackend | None = None,
     only: str | None = None,
     allow_mixed_numerics: bool = False,
 ) -> int:
     """Runs every grid point of ``spec`` not yet in ``store``; returns how many it ran.
 
-    workers: runs at once (≥ 1); each worker process gets an equal share of the CPU
-    threads. only: a shell-style pattern over run names (e.g. ``"pate-fm-*-seed0"``):
-    run just the matching points (an error when none matches). Progress shows as one bar
-    over the grid and a line per finished run.
+    backend: where the runs execute (labeldp.backends): LocalBackend(workers) (the
+    default, one at a time in this process; with several workers each gets an equal share
+    of the CPU threads) or RayBackend. Either way this process alone writes the store, a
+    row per finished run, as soon as it finishes. only: a shell-style pattern over run
+    names (e.g. ``"pate-fm-*-seed0"``): run just the matching points (an error when none
+    matches). Progress shows as one bar over the grid and a line per finished run.
+
+    Runs sharing an intermediate result (:func:`share_group`, e.g. PATE-FM's teachers
+    for every ε of a seed) start after the first of their group has finished, so the
+    shared part is computed once whatever the parallelism.
 
     The thread count, torch version and device change a result's floating-point
     arithmetic (see labeldp.provenance.numerics): a sweep whose stored runs were made under
     other settings than its new runs would get is refused unless
     ``allow_mixed_numerics``. Grid points another process is training are skipped (a
     line says so); the count returned excludes them."""
-    if workers < 1:
-        raise ConfigError(f"workers must be an integer ≥ 1, got {workers}")
+    from .backends import drive, unpack_folder
+
+    backend = backend if backend is not None else LocalBackend()
+    if not isinstance(backend, (LocalBackend, RayBackend)):
+        raise ConfigError(f"backend must be a LocalBackend or a RayBackend, got {backend!r}")
     env = env or Environment()
-    folder = Path(runs_root) / spec.name
-    inner = asdict(env) | {"progress": env.progress and workers == 1}
+    # absolute paths: Ray tasks do not run in this directory
+    folder = Path(runs_root).resolve() / spec.name
+    parallel = isinstance(backend, RayBackend) or backend.workers > 1
+    inner = asdict(env) | {"progress": env.progress and not parallel}
+    if inner["data_dir"] is not None:
+        inner["data_dir"] = str(Path(inner["data_dir"]).resolve())
     if inner["shared_dir"] is None:  # e.g. PATE's teachers, trained once per seed
         inner["shared_dir"] = str(folder / "shared")
     done = store.finished_keys(spec.name)
@@ -589,10 +624,22 @@ def run_sweep(
         names = ", ".join(n for n, _ in spec.runs())
         raise ConfigError(f"only: {only!r} matches no run of {spec.name}; runs: {names}")
     todo = [(n, c.to_dict()) for n, c in grid if run_key(c.to_dict()) not in done]
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
-    expected = _expected_numerics(env, threads) if todo else {}
+    threads = backend.threads
+    ray = isinstance(backend, RayBackend)
+    if not todo:
+        executor, expected = None, {}
+    elif ray:
+        executor = backend.executor(env.device)
+        # what the cluster's runs will record (their device may not be this machine's)
+        expected = executor.submit(_numerics_of, env.device, threads).result()
+    else:
+        executor, expected = backend.executor(), _expected_numerics(env, threads)
     if todo:
-        _check_numerics(spec, store, expected, allow_mixed_numerics)
+        try:
+            _check_numerics(spec, store, expected, allow_mixed_numerics)
+        except ConfigError:
+            executor.shutdown()
+            raise
     skipped: list[str] = []
     refused: list[str] = []
     bar = tqdm(
@@ -604,10 +651,13 @@ def run_sweep(
         dynamic_ncols=True,
     )
 
-    def finish(name, config, run_dir, metrics, attack, busy) -> None:
-        if busy is not None:
+    def finish(outcome: RunOutcome) -> None:
+        name, config, run_dir, metrics, attack = (
+            outcome.name, outcome.config, outcome.run_dir, outcome.metrics, outcome.attack,
+        )  # fmt: skip
+        if outcome.busy is not None:
             skipped.append(name)
-            bar.write(f"{name}: skipped, {run_dir} is {busy}; it is not trained twice")
+            bar.write(f"{name}: skipped, {run_dir} is {outcome.busy}; it is not trained twice")
             return
         made = metrics.numerics
         if made and made != expected and not allow_mixed_numerics:
@@ -619,6 +669,8 @@ def run_sweep(
                 "pass --allow-mixed-numerics to store it"
             )
             return
+        if outcome.archive is not None:  # Ray's "return" mode: the folder comes back first
+            unpack_folder(outcome.archive, run_dir)
         # When the run itself finished (its provenance date), not when it was stored.
         stamp = metrics.date or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         store.record(spec.name, name, config, run_dir, metrics, attack, stamp)
@@ -634,21 +686,20 @@ def run_sweep(
             f"ε = {format_epsilon(metrics.epsilon)}{bound}"
         )
 
-    if workers == 1:
-        for name, config in todo:
-            finish(*_execute(name, config, str(folder / name), inner, None))
+    if ray and backend.run_folders == "return":
+        task, extra = _execute_returning, (backend.scratch_dir, spec.name)
     else:
-        with ProcessPoolExecutor(
-            workers,
-            mp_context=get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(os.getpid(),),
-        ) as pool:
-            futures = [
-                pool.submit(_execute, n, c, str(folder / n), inner, threads) for n, c in todo
-            ]
-            for future in as_completed(futures):
-                finish(*future.result())
+        task, extra = _execute, ()
+    if todo:
+        drive(
+            executor,
+            todo,
+            task,
+            lambda item: (item[0], item[1], str(folder / item[0]), inner, threads, *extra),
+            finish,
+            capacity=len(todo) if ray else backend.workers,
+            group=lambda item: share_group(item[1]),
+        )
     bar.close()
     new = len(todo) - len(skipped) - len(refused)
     if env.progress:

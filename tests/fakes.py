@@ -152,3 +152,13 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str = "privati
 
     monkeypatch.setattr(cls, name, counted)
     return calls
+
+
+def finished_runs(folder: Path) -> dict[str, int]:
+    """name → metrics.json's mtime (ns) of every finished run folder under ``folder``
+    (a sweep's runs): to check that a rerun redoes none of them."""
+    return {
+        run.name: (run / "metrics.json").stat().st_mtime_ns
+        for run in sorted(folder.iterdir())
+        if (run / "metrics.json").exists()
+    }

@@ -195,7 +195,7 @@ def test_sweep_workers_die_with_the_sweep(tmp_path, monkeypatch):
 
 def test_the_parent_watcher_kills_a_worker_whose_parent_is_gone():
     """The fallback where PR_SET_PDEATHSIG is unavailable: a changed parent pid."""
-    code = "from labeldp.sweep import _watch_parent; _watch_parent(-1); print('alive')"
+    code = "from labeldp.backends import _watch_parent; _watch_parent(-1); print('alive')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert done.returncode == -signal.SIGKILL and b"alive" not in done.stdout
 

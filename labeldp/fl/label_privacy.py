@@ -118,6 +118,12 @@ class ClientLabels:
         self.released[fresh] = True
         return len(fresh)
 
+    def apply(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Records labels released elsewhere (e.g. by the simulation's driver, for a
+        replica in a Ray actor): ``values`` become the released labels of ``indices``."""
+        self.noisy[indices] = values.to(self.noisy.device)
+        self.released[indices] = True
+
     def targets(self) -> TargetFn:
         """What the clients' loss reads: released hard labels, or ALIBI's posterior."""
         if self.kind == "none":

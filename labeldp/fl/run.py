@@ -55,7 +55,7 @@ from ..train.device import resolve_device
 from .clients import unflatten
 from .options import FederationOptions, build_population
 from .schedule import Schedule
-from .simulator import FederationResult, run_federation
+from .simulator import FederationResult, Replay, run_federation
 
 #: Staleness histogram bins: τ = 0 … STALENESS_BINS − 2, and one bin for all larger.
 STALENESS_BINS = 64
@@ -199,9 +199,11 @@ def run_folder(
     data_dir: str | None = None,
     device: str = "auto",
     progress: bool = True,
+    replay: Replay | None = None,
 ) -> FederationRecord:
     """Runs (or resumes, or reads back when finished) the federation ``options`` with
-    ``seed`` in folder ``out``; returns its record."""
+    ``seed`` in folder ``out``; returns its record. replay: who trains the trips
+    (:func:`~labeldp.fl.simulator.run_federation`; None: this process)."""
     out = Path(out)
     config = {"kind": "federation", "dataset": dataset, "seed": seed, "options": options.to_dict()}
     with folder_lock(out):
@@ -232,7 +234,8 @@ def run_folder(
         if canaries is not None:
             canaries.save(diagnostics_dir(out) / "canaries.pt")
         result = run_federation(
-            options.config(seed), train, test, population, out / "checkpoint.pt", progress
+            options.config(seed), train, test, population, out / "checkpoint.pt", progress,
+            replay,
         )
         record = federation_record(options, seed, dataset, result)
         record = FederationRecord(**{**asdict(record), "provenance": {

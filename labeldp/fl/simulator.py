@@ -234,10 +234,16 @@ def run_federation(
     population: Population,
     checkpoint_path: str | Path | None = None,
     progress: bool = True,
+    replay: Replay | None = None,
 ) -> FederationResult:
     """Simulates ``config`` on the clients of ``population`` (indices into ``train``) and
     evaluates the global model on ``test``. Resumes from ``checkpoint_path`` when it
-    exists (written by the same configuration; refused otherwise)."""
+    exists (written by the same configuration; refused otherwise).
+
+    replay: who trains each version's trips (:class:`LocalReplay`, the default: this
+    process; :class:`labeldp.fl.ray_replay.RayReplay`: Ray actors). The fixed-point
+    buffer makes the result bit-identical under either, given the same per-process
+    torch thread count (the float arithmetic of each chunk of trips)."""
     began = time.perf_counter()
     if population.num_examples != len(train):
         raise ConfigError(
@@ -265,7 +271,6 @@ def run_federation(
     )  # fmt: skip
     fixed = FixedPoint(frac_bits=config.frac_bits, total_bits=62)
     K = config.schedule.aggregation_size
-    participation = schedule.participation
     aggregated = np.flatnonzero(schedule.aggregated)
     by_version = aggregated[np.argsort(schedule.version[aggregated], kind="stable")]
     version_starts = np.searchsorted(
@@ -306,7 +311,6 @@ def run_federation(
         stopped = state.get("stopped", False)
     label_ledger = labels.ledger()
     user_ledger = _user_ledger(config)
-    targets = labels.targets()
     eval_model = build_model(
         config.model, num_classes=info.num_classes, in_channels=info.channels,
         image_size=info.image_size, norm=config.norm,
@@ -317,42 +321,30 @@ def run_federation(
         desc=config.algorithm,
         disable=not progress,
     )
+    trainer = TripTrainer(
+        config, model, normalize, train.images, labels, population, schedule, weights, fixed
+    )
+    engine = replay if replay is not None else LocalReplay()
+    engine.start(trainer)
     for v in range(start_version, schedule.server_steps):
         if stopped:
             break
-        params = unflatten(x.float(), like)
         trips = by_version[version_starts[v] : version_starts[v + 1]]
-        for chunk in range(0, len(trips), config.chunk_size):
-            rows = trips[chunk : chunk + config.chunk_size]
-            examples = [
-                torch.tensor(population.client(int(c)), device=device)
-                for c in schedule.client[rows]
-            ]
-            keys = [(int(schedule.client[t]), int(participation[t])) for t in rows]
-            if labels.needs_prior:
-                _release(labels, model, params, train, normalize, examples, keys, config.seed)
-            generators = [_generator(config.seed, Stream.FL_TRIP, c, p) for c, p in keys]
-            deltas = train_trips(
-                model,
-                params,
-                train.images,
-                targets,
-                examples,
-                generators,
-                config.local,
-                normalize,
-                forward=config.forward,
-            ).double()
-            if config.clip is not None:
-                deltas, _ = clip_updates(deltas, config.clip)
-            deltas = deltas * torch.from_numpy(weights[rows]).to(deltas)[:, None]
-            flushes = schedule.flush[rows]
-            for f in np.unique(flushes):
-                if int(f) not in pending:
-                    pending[int(f)] = FixedPointBuffer(
-                        size, fixed, _capacity(schedule, int(f)), device
-                    )
-                pending[int(f)].add(deltas[torch.from_numpy(flushes == f)])
+        chunks = [trips[i : i + config.chunk_size] for i in range(0, len(trips), config.chunk_size)]
+        if labels.needs_prior:
+            # each trip's client releases its new labels with the downloaded model first
+            before = labels.released.clone()
+            params = unflatten(x.float(), like)
+            for rows in chunks:
+                examples = trainer.examples(rows)
+                _release(labels, model, params, train, normalize, examples,
+                         trainer.keys(rows), config.seed)  # fmt: skip
+            fresh = torch.nonzero(labels.released & ~before).flatten()
+            engine.update_labels(fresh, labels.noisy[fresh])
+        for f, partial in engine.train_version(x.float(), chunks).items():
+            if f not in pending:
+                pending[f] = FixedPointBuffer(size, fixed, _capacity(schedule, f), device)
+            pending[f].merge(partial)
         buf = pending.pop(v, None)
         total = buf.total() if buf is not None else torch.zeros(size, dtype=torch.float64)
         if buf is not None:
@@ -397,6 +389,7 @@ def run_federation(
             })  # fmt: skip
         bar.update(1)
     bar.close()
+    engine.stop()
     return FederationResult(
         history,
         x.float(),
@@ -406,6 +399,104 @@ def run_federation(
         overflows,
         time.perf_counter() - began,
     )
+
+
+class TripTrainer:
+    """Trains chunks of one server version's trips and returns their contributions:
+    each update clipped (user-level DP only), weighted by s(τ) and added, in fixed point,
+    to a partial buffer of the flush it lands in. Holds what that needs (the images, the
+    clients' targets, the population and the schedule's trip arrays) so that it can live
+    in another process (a Ray actor) as well as here."""
+
+    def __init__(
+        self,
+        config: FederatedConfig,
+        model: torch.nn.Module,
+        normalize: Normalize,
+        images: torch.Tensor,
+        labels: ClientLabels,
+        population: Population,
+        schedule: Schedule,
+        weights: np.ndarray,
+        fixed: FixedPoint,
+    ) -> None:
+        self.config, self.model, self.normalize = config, model, normalize
+        self.images, self.labels, self.population = images, labels, population
+        self.targets = labels.targets()
+        self.weights, self.fixed = weights, fixed
+        self.device = images.device
+        self.size = sum(p.numel() for p in model.parameters())
+        self.client = schedule.client
+        self.participation = schedule.participation
+        self.flush = schedule.flush
+        self.flush_count = schedule.flush_count
+
+    def examples(self, rows: np.ndarray) -> list[torch.Tensor]:
+        return [
+            torch.tensor(self.population.client(int(c)), device=self.device)
+            for c in self.client[rows]
+        ]
+
+    def keys(self, rows: np.ndarray) -> list[tuple[int, int]]:
+        """(client, participation number) of each trip: its randomness' key."""
+        return [(int(self.client[t]), int(self.participation[t])) for t in rows]
+
+    def train(self, x: torch.Tensor, chunks: list[np.ndarray]) -> dict[int, FixedPointBuffer]:
+        """The partial buffers, by flush, of the trips ``chunks`` (each trained in one
+        vectorized call) starting from the flat float32 parameters ``x``."""
+        config = self.config
+        like = {k: v.detach() for k, v in self.model.named_parameters()}
+        params = unflatten(x.to(self.device), like)
+        partial: dict[int, FixedPointBuffer] = {}
+        for rows in chunks:
+            generators = [
+                _generator(config.seed, Stream.FL_TRIP, c, p) for c, p in self.keys(rows)
+            ]
+            deltas = train_trips(
+                self.model, params, self.images, self.targets, self.examples(rows), generators,
+                config.local, self.normalize, forward=config.forward,
+            ).double()  # fmt: skip
+            if config.clip is not None:
+                deltas, _ = clip_updates(deltas, config.clip)
+            deltas = deltas * torch.from_numpy(self.weights[rows]).to(deltas)[:, None]
+            flushes = self.flush[rows]
+            for f in np.unique(flushes):
+                f = int(f)
+                if f not in partial:
+                    capacity = max(1, int(self.flush_count[f]))
+                    partial[f] = FixedPointBuffer(self.size, self.fixed, capacity, self.device)
+                partial[f].add(deltas[torch.from_numpy(flushes == f)])
+        return partial
+
+
+class Replay:
+    """Who trains each server version's trips (see :func:`run_federation`)."""
+
+    def start(self, trainer: TripTrainer) -> None:
+        raise NotImplementedError
+
+    def update_labels(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Labels released this version (RRWithPrior), before the trips train."""
+
+    def train_version(
+        self, x: torch.Tensor, chunks: list[np.ndarray]
+    ) -> dict[int, FixedPointBuffer]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Releases what :meth:`start` took."""
+
+
+class LocalReplay(Replay):
+    """Every chunk of trips in this process, one after another."""
+
+    def start(self, trainer: TripTrainer) -> None:
+        self.trainer = trainer
+
+    def train_version(
+        self, x: torch.Tensor, chunks: list[np.ndarray]
+    ) -> dict[int, FixedPointBuffer]:
+        return self.trainer.train(x, chunks)
 
 
 def _capacity(schedule: Schedule, flush: int) -> int:

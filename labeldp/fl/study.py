@@ -175,6 +175,37 @@ def _variant(chosen: dict[str, Any]) -> str:
     return "-".join(parts) or "base"
 
 
+@dataclass(frozen=True)
+class PointOutcome:
+    """What a study point's task sends back: its record, the Ray node it ran on (None
+    off Ray) and, in Ray's "return" mode, its run folder as a tar archive."""
+
+    point: StudyPoint
+    record: Any
+    node: str | None = None
+    archive: bytes | None = None
+
+
+def _run_point(
+    point: StudyPoint, folder: str, dataset: str, data_dir: str | None, device: str,
+    progress: bool, threads: int | None, scratch: tuple[str | None, str] | None = None,
+) -> PointOutcome:  # fmt: skip
+    """Runs one study point (in this process, a worker process or a Ray task); with
+    ``scratch`` (Ray's "return" mode: (scratch_dir, sweep name)) in a node-local folder
+    whose files come back."""
+    import torch
+
+    from ..backends import current_node, pack_folder, scratch_root
+    from .run import run_folder
+
+    if threads:
+        torch.set_num_threads(threads)
+    where = Path(folder) if scratch is None else scratch_root(scratch[0]) / scratch[1] / point.name
+    record = run_folder(point.options, point.seed, where, dataset, data_dir, device, progress)
+    archive = pack_folder(where) if scratch is not None else None
+    return PointOutcome(point, record, current_node(), archive)
+
+
 def run_study(
     spec: FederatedSweep,
     store: Any,
@@ -183,29 +214,51 @@ def run_study(
     device: str = "auto",
     progress: bool = True,
     only: str | None = None,
+    backend: Any = None,
 ) -> int:
     """Runs every point of ``spec`` the store does not hold (matching ``only``); returns
-    how many ran. Each finished point is stored at once."""
+    how many ran. backend: where the points run (labeldp.backends: LocalBackend(workers),
+    the default one at a time here, or RayBackend); this process alone writes the store,
+    each point's row as soon as it finishes."""
     import datetime
 
+    from ..backends import LocalBackend, RayBackend, drive, unpack_folder
     from ..store import run_key
-    from .run import run_folder
 
+    backend = backend if backend is not None else LocalBackend()
     points = spec.matching(only)
     if not points:
         raise ConfigError(f"--only {only!r} matches no point of {spec.name}")
     done = store.finished_federated_keys(spec.name)
     todo = [p for p in points if run_key(p.config) not in done]
-    for i, point in enumerate(todo):
+    root = Path(runs_dir).resolve() / spec.name  # absolute: Ray tasks run elsewhere
+    data_dir = str(Path(data_dir).resolve()) if data_dir is not None else None
+    ray = isinstance(backend, RayBackend)
+    serial = not ray and backend.workers == 1
+    scratch = (backend.scratch_dir, spec.name) if ray and backend.run_folders == "return" else None
+    finished = 0
+
+    def arguments(point: StudyPoint) -> tuple[Any, ...]:
         if progress:
-            print(
-                f"{spec.name}: {point.name} ({i + 1}/{len(todo)}; {len(points) - len(todo)} stored)"
-            )
-        folder = Path(runs_dir) / spec.name / point.name
-        record = run_folder(point.options, point.seed, folder, spec.dataset, data_dir, device,
-                            progress)  # fmt: skip
+            print(f"{spec.name}: {point.name} started ({len(points) - len(todo)} stored before)")
+        return (point, str(root / point.name), spec.dataset, data_dir, device,
+                progress and serial, backend.threads, scratch)  # fmt: skip
+
+    def finish(outcome: PointOutcome) -> None:
+        nonlocal finished
+        folder = root / outcome.point.name
+        if outcome.archive is not None:
+            unpack_folder(outcome.archive, folder)
         stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        point = outcome.point
         store.record_federation(
-            spec.name, point.name, point.variant, point.config, folder, record, stamp
+            spec.name, point.name, point.variant, point.config, folder, outcome.record, stamp
         )
+        finished += 1
+        if progress:
+            print(f"{spec.name}: {point.name} stored ({finished}/{len(todo)})")
+
+    executor = backend.executor(device) if ray else backend.executor()
+    drive(executor, todo, _run_point, arguments, finish,
+          capacity=len(todo) if ray else backend.workers)  # fmt: skip
     return len(todo)

@@ -235,6 +235,10 @@ class Method:
 
     epsilon_meaning: what the method's ε protects, when it is not the plain label-DP ε
     of "replace one label" (the report prints it under the tables); None by default.
+    shared_independent_options: the method options that the intermediate results it
+    shares between runs (:meth:`RunContext.shared_folder`) do not depend on; runs differing
+    only in those share the results, and a sweep schedules them after the first of them
+    (:func:`labeldp.sweep.share_group`); None (the default): the method shares nothing.
     check(run): refuses (ConfigError) a run the method cannot carry out, before anything
     is written (see :func:`check_method`); the default refuses nothing.
     """
@@ -242,6 +246,7 @@ class Method:
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = NoOptions
     epsilon_meaning: ClassVar[str | None] = None
+    shared_independent_options: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, *args: Any, **options: Any) -> None:
         self.opts = build_options(self.Options, args, options, self.name)

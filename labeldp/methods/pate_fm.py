@@ -198,6 +198,7 @@ class PateFM(Method):
 
     name: ClassVar[str] = "pate-fm"
     Options: ClassVar[type[MethodOptions]] = PateFMOptions
+    shared_independent_options: ClassVar[tuple[str, ...] | None] = VOTE_INDEPENDENT_OPTIONS
     epsilon_meaning: ClassVar[str] = (
         "ε is the guarantee of a Rényi filter on the data-independent cost of "
         "Confident-GNMax (replace one label); the smaller data-dependent ε is a "
