@@ -54,6 +54,7 @@ class Stream(IntEnum):
     FL_LABEL_NOISE = 162  # clients' label randomization, per example
     FL_USER_NOISE = 163  # user-level DP noise, per flush
     FL_POPULATION = 164  # how the examples are dealt to the clients
+    LABELDP_PRO_PROJECTION = 170  # LabelDP-Pro's projection batches (features only), per epoch
 
 
 def derive_seed(seed: int, stream: Stream, *index: int, key: Sequence[int] = ()) -> int:

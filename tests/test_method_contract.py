@@ -50,6 +50,17 @@ TINY: dict[str, dict] = {
         },
         "run": {"norm": "group"},  # no batch statistics under per-example clipping
     },
+    "labeldp-pro": {
+        "options": {
+            "epsilon": 50.0,
+            "noise_multiplier": 2.0,
+            "max_grad_norm": 0.5,
+            "physical_batch_size": 7,
+            "projection_batch": 4,
+            "projection_steps": 5,
+        },
+        "run": {"norm": "group"},
+    },
     "pate-fm": {
         "options": {
             "epsilon": 50.0,

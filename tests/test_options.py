@@ -39,6 +39,7 @@ REQUIRED = {
     "lp-mst": {"epsilon": 1.0},
     "alibi": {"epsilon": 1.0},
     "dp-sgd": {"epsilon": 1.0},
+    "labeldp-pro": {"epsilon": 1.0},
     "pate-fm": {"epsilon": 1.0, "teachers": 4, "queries": 10, "threshold": 3.0,
                 "sigma1": 1.0, "sigma2": 1.0},  # fmt: skip
 }

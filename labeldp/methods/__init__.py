@@ -9,6 +9,7 @@ from ..options import OptionSpec, specs
 from .alibi import AlibiMethod
 from .base import Method, MethodResult, RunContext
 from .dpsgd import DPSGDMethod
+from .labeldp_pro import LabelDPPro
 from .lp_mst import LP2ST, LPMST
 from .none import NonPrivate
 from .pate_fm import PateFM
@@ -23,6 +24,7 @@ METHODS: dict[str, type[Method]] = {
         LPMST,
         AlibiMethod,
         DPSGDMethod,
+        LabelDPPro,
         PateFM,
     )
 }
@@ -58,6 +60,7 @@ __all__ = [
     "METHODS",
     "AlibiMethod",
     "DPSGDMethod",
+    "LabelDPPro",
     "Method",
     "MethodResult",
     "NonPrivate",

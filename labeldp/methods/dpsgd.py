@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from ..options import DELTA, EPSILON, POSITIVE, SWITCH, Choice, MethodOptions, Number, option
-from ..privacy import LedgerEntry, PrivacyLedger
+from ..privacy import LedgerEntry, Neighbouring, PrivacyLedger
 from ..privacy.dpsgd_accounting import (
     ACCOUNTANTS,
     RELATION,
@@ -24,6 +24,7 @@ from ..seeding import Stream
 from ..train import HardLabels
 from ..train.dpsgd import DPSGDStep, check_per_example_model
 from ..train.sampling import PoissonBatches
+from ..train.steps import GradientStep
 from .base import Method, MethodResult, RunCheck, RunContext
 
 
@@ -115,6 +116,9 @@ class DPSGDMethod(Method):
         "for changing one label it implies (2ε, (1 + e^ε)·δ) by group privacy"
     )
 
+    #: The relation the run's ε is stated for (labeldp.privacy.dpsgd_accounting.RELATIONS).
+    _relation: ClassVar[Neighbouring] = RELATION
+
     def __init__(self, *args: Any, **options: Any) -> None:
         super().__init__(*args, **options)
         self._plans: dict[tuple[int, int, int], DPSGDPlan] = {}
@@ -136,9 +140,12 @@ class DPSGDMethod(Method):
             raise ConfigError(f"batch_size: {exc}") from None
         steps = epochs * sampler.steps_per_epoch(num_examples)
         sigma = self.noise_multiplier
+        relation = self._relation
         if sigma is None:
-            sigma = calibrate_dpsgd_noise(self.epsilon, self.delta, q, steps, self.accountant)
-        epsilon = dpsgd_epsilon(sigma, q, steps, self.delta, self.accountant)
+            sigma = calibrate_dpsgd_noise(
+                self.epsilon, self.delta, q, steps, self.accountant, relation=relation
+            )
+        epsilon = dpsgd_epsilon(sigma, q, steps, self.delta, self.accountant, relation)
         if epsilon > self.epsilon and self.noise_multiplier is None:
             # Calibration promises ε ≤ the budget; should an accountant still disagree,
             # say what the user can change (they already left the noise to calibration).
@@ -178,14 +185,7 @@ class DPSGDMethod(Method):
             raise RuntimeError("DP-SGD: images and labels disagree on the number of examples")
         plan = self.plan(n, ctx.config.batch_size, ctx.config.epochs)
         sampler = PoissonBatches(ctx.config.batch_size, secure=self.secure_noise)
-        step = DPSGDStep(
-            self.max_grad_norm,
-            plan.noise_multiplier,
-            expected_batch_size=ctx.config.batch_size,
-            physical_batch_size=self.physical_batch_size,
-            secure_noise=self.secure_noise,
-            seed=ctx.noise_seed(Stream.DPSGD_NOISE),
-        )
+        step = self._gradient_step(ctx, plan)
         if self.secure_noise and ctx.checkpoint_every != 1:
             # Secure noise cannot be replayed: epochs after the last checkpoint would be
             # redone with fresh noise on resume, and anything they reported (test
@@ -201,17 +201,16 @@ class DPSGDMethod(Method):
             raise RuntimeError(
                 f"DP-SGD took {earlier + step.steps_taken} steps, accounted {plan.steps}"
             )
-        eps_replace, delta_replace = replace_one_bound(plan.epsilon, self.delta)
         ledger = PrivacyLedger()
         ledger.record(
             LedgerEntry(
-                mechanism="dp-sgd",
+                mechanism=self.name,
                 epsilon=plan.epsilon,
                 delta=self.delta,
                 examples=n,
                 details={
                     "accountant": self.accountant,
-                    "neighboring_relation": "add or remove one example",
+                    "neighboring_relation": self._relation.value,
                     "event": {
                         "self_composed": plan.steps,
                         "poisson_sampled": plan.sample_rate,
@@ -220,17 +219,36 @@ class DPSGDMethod(Method):
                     "max_grad_norm": self.max_grad_norm,
                     "expected_batch_size": ctx.config.batch_size,
                     "epsilon_budget": self.epsilon,
-                    "replace_one_bound": {"epsilon": eps_replace, "delta": delta_replace},
-                    "protects": "features and labels",
+                    **self._ledger_details(plan),
                     "secure_noise": self.secure_noise,
                     "noise_source": "os entropy (noise and sampling)"
                     if self.secure_noise
                     else "seeded from the run seed and configuration",
                 },
-                relation=RELATION,
+                relation=self._relation,
                 event=dpsgd_event(plan.noise_multiplier, plan.sample_rate, plan.steps),
                 event_note="exact: the Poisson-sampled Gaussian mechanism composed over the "
                 "planned steps (ε is accounted from this event)",
             )
         )
         return MethodResult(fit=fit, ledger=ledger)
+
+    def _gradient_step(self, ctx: RunContext, plan: DPSGDPlan) -> GradientStep:
+        """The run's gradient step (DP-SGD's; subclasses wrap it)."""
+        return DPSGDStep(
+            self.max_grad_norm,
+            plan.noise_multiplier,
+            expected_batch_size=ctx.config.batch_size,
+            physical_batch_size=self.physical_batch_size,
+            secure_noise=self.secure_noise,
+            seed=ctx.noise_seed(Stream.DPSGD_NOISE),
+        )
+
+    def _ledger_details(self, plan: DPSGDPlan) -> dict[str, Any]:
+        """What the ledger entry says besides the event: DP-SGD's replace-one-label bound
+        by group privacy, and what it protects."""
+        eps_replace, delta_replace = replace_one_bound(plan.epsilon, self.delta)
+        return {
+            "replace_one_bound": {"epsilon": eps_replace, "delta": delta_replace},
+            "protects": "features and labels",
+        }

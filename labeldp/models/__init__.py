@@ -1,5 +1,5 @@
-"""The model zoo: small CNN, the DP-SGD tanh CNN, ResNet-18, Wide ResNets, an LSTM over image
-rows and a transformer over image patches, by name.
+"""The model zoo: small CNN, the DP-SGD tanh CNN, LabelDP-Pro's tiny CNN, ResNet-18, Wide
+ResNets, an LSTM over image rows and a transformer over image patches, by name.
 
 ``build_model("wrn28-2", num_classes=10, in_channels=3, image_size=32, norm="group")``
 returns a ready model. :data:`MODELS` maps each listed name to its builder; besides those,
@@ -28,6 +28,7 @@ from labeldp.models.norm import (
 from labeldp.models.resnet import ResNet18
 from labeldp.models.sequence import PatchTransformer, RowLSTM
 from labeldp.models.tanh_cnn import TanhCNN
+from labeldp.models.tiny_cnn import TinyCNN
 from labeldp.models.wrn import WideResNet
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "RowLSTM",
     "SmallCNN",
     "TanhCNN",
+    "TinyCNN",
     "WideResNet",
     "build_model",
     "convert_batchnorm_to_groupnorm",
@@ -66,6 +68,10 @@ def _build_cnn(*, num_classes: int, in_channels: int, image_size: int, norm: str
 
 def _build_tanh_cnn(*, num_classes: int, in_channels: int, image_size: int, norm: str) -> nn.Module:
     return TanhCNN(num_classes, in_channels=in_channels, image_size=image_size, norm=norm)
+
+
+def _build_tiny_cnn(*, num_classes: int, in_channels: int, image_size: int, norm: str) -> nn.Module:
+    return TinyCNN(num_classes, in_channels=in_channels, image_size=image_size, norm=norm)
 
 
 def _build_resnet18(*, num_classes: int, in_channels: int, image_size: int, norm: str) -> nn.Module:
@@ -109,6 +115,7 @@ def _wrn_builder(name: str) -> ModelBuilder:
 MODELS: dict[str, ModelBuilder] = {
     "cnn": _build_cnn,
     "cnn-tanh": _build_tanh_cnn,
+    "cnn-tiny": _build_tiny_cnn,
     "resnet18": _build_resnet18,
     "lstm-rows": _build_row_lstm,
     "vit-patches": _build_patch_transformer,

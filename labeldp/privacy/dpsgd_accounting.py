@@ -69,12 +69,34 @@ def _check(noise_multiplier: float | None, sample_rate: float, steps: int, delta
         raise ConfigError(f"delta must be in (0, 1), got {delta}")
 
 
-def _accountant(accountant: str, discretization: float = PLD_DISCRETIZATION) -> Accountant:
-    """An empty accountant of DP-SGD's relation (ConfigError for an unknown kind)."""
-    return Accountant(RELATION, accountant, discretization)
+#: The relations DP-SGD's event may be accounted under: add/remove one example (DP-SGD), or
+#: replace one label (LabelDP-Pro: the same noisy clipped sum, but neighbouring datasets
+#: differ in one example's label, so its clipped gradient moves anywhere in the ball of
+#: radius C: the output's mean moves by up to 2C, dp-accounting's REPLACE_ONE reading).
+RELATIONS = (Neighbouring.ADD_REMOVE_ONE_EXAMPLE, Neighbouring.REPLACE_ONE_LABEL)
 
 
-def pld_discretization(noise_multiplier: float, sample_rate: float, steps: int) -> float:
+def _accountant(
+    accountant: str, discretization: float = PLD_DISCRETIZATION, relation: Neighbouring = RELATION
+) -> Accountant:
+    """An empty accountant of ``relation`` (ConfigError for an unknown kind)."""
+    if relation not in RELATIONS:
+        raise ConfigError(
+            f"relation must be one of {', '.join(repr(r.value) for r in RELATIONS)}, "
+            f"got {relation!r}"
+        )
+    if relation is Neighbouring.REPLACE_ONE_LABEL and accountant != "pld":
+        raise ConfigError(
+            "the Gaussian mechanism under 'replace one label' is accounted by PLD only "
+            "(dp-accounting's RDP reads a replacement as a move of C, not 2C); use "
+            "accountant 'pld'"
+        )
+    return Accountant(relation, accountant, discretization)
+
+
+def pld_discretization(
+    noise_multiplier: float, sample_rate: float, steps: int, relation: Neighbouring = RELATION
+) -> float:
     """The PLD discretization interval (nats) :func:`dpsgd_epsilon` uses: PLD_DISCRETIZATION,
     or a coarser one where that grid would exceed PLD_MAX_POINTS points (one step's grid,
     PLD_MAX_STEP_POINTS); ``math.inf`` where it would have to be coarser than
@@ -92,10 +114,16 @@ def pld_discretization(noise_multiplier: float, sample_rate: float, steps: int) 
         sigma, count = noise_multiplier / math.sqrt(steps), 1
     else:
         sigma, count = noise_multiplier, steps
+    replace = relation is Neighbouring.REPLACE_ONE_LABEL
+    adjacencies = (
+        (mechanism.AdjacencyType.REPLACE,)
+        if replace
+        else (mechanism.AdjacencyType.REMOVE, mechanism.AdjacencyType.ADD)
+    )
     widths = []
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        for adjacency in (mechanism.AdjacencyType.REMOVE, mechanism.AdjacencyType.ADD):
+        for adjacency in adjacencies:
             bounds = mechanism.GaussianPrivacyLoss(
                 sigma, sampling_prob=sample_rate, adjacency_type=adjacency
             ).connect_dots_bounds()
@@ -107,7 +135,8 @@ def pld_discretization(noise_multiplier: float, sample_rate: float, steps: int) 
             probe = width / 4000
             try:  # dp-accounting's own truncation of the composition, on the coarse grid
                 pld = pld_lib.from_gaussian_mechanism(
-                    sigma, value_discretization_interval=probe, sampling_prob=sample_rate
+                    sigma, value_discretization_interval=probe, sampling_prob=sample_rate,
+                    neighboring_relation=relation.dp_accounting_relation,
                 )
                 for pmf in (pld._pmf_remove, pld._pmf_add):
                     probs = pmf.to_dense_pmf()._probs
@@ -145,8 +174,10 @@ def dpsgd_epsilon(
     steps: int,
     delta: float,
     accountant: str = "pld",
+    relation: Neighbouring = RELATION,
 ) -> float:
-    """ε (add/remove one example) of DP-SGD after ``steps`` steps.
+    """ε of DP-SGD's event after ``steps`` steps, under ``relation``: add/remove one
+    example (DP-SGD, the default) or replace one label (LabelDP-Pro; PLD only).
 
     noise_multiplier: σ ≥ MIN_NOISE_MULTIPLIER (0.01), noise standard deviation per step
         divided by the clipping norm C. sample_rate: q in (0, 1], the Poisson sampling
@@ -159,17 +190,20 @@ def dpsgd_epsilon(
     of that and RDP's ε; where even PLD_MAX_DISCRETIZATION would not fit, RDP's ε.
     """
     _check(noise_multiplier, sample_rate, steps, delta)
-    acc = _accountant(accountant)
+    acc = _accountant(accountant, relation=relation)
+    replace = relation is Neighbouring.REPLACE_ONE_LABEL
     interval = PLD_DISCRETIZATION
     if accountant == "pld":
-        interval = pld_discretization(noise_multiplier, sample_rate, steps)
+        interval = pld_discretization(noise_multiplier, sample_rate, steps, relation)
         if math.isfinite(interval):
-            acc = _accountant("pld", interval)
+            acc = _accountant("pld", interval, relation)
+        elif replace:  # no RDP fallback under this relation: ε is astronomically large
+            return math.inf
         else:  # a grid too coarse to be worth it: ε is enormous, RDP bounds it
             acc = _accountant("rdp")
     event = dpsgd_event(noise_multiplier, sample_rate, steps)
     epsilon = acc.compose(event).epsilon(delta)
-    if interval != PLD_DISCRETIZATION and math.isfinite(interval):
+    if interval != PLD_DISCRETIZATION and math.isfinite(interval) and not replace:
         # A coarse (pessimistic) PLD is still an upper bound, but a loose one; so is
         # RDP's, and the smaller of two upper bounds is one too.
         epsilon = min(epsilon, _accountant("rdp").compose(event).epsilon(delta))
@@ -196,12 +230,13 @@ def calibrate_dpsgd_noise(
     steps: int,
     accountant: str = "pld",
     rel_tol: float = 1e-3,
+    relation: Neighbouring = RELATION,
 ) -> float:
     """The smallest noise multiplier σ (to within ``rel_tol`` in ε) whose DP-SGD ε is at
     most ``target_epsilon``: the result's ε lies in [(1 − rel_tol)·target, target].
 
-    target_epsilon: ε > 0 (add/remove one example). Other arguments as in
-    :func:`dpsgd_epsilon`. False position on σ (ε is decreasing in σ), over σ ≥
+    target_epsilon: ε > 0 under ``relation`` (add/remove one example by default). Other
+    arguments as in :func:`dpsgd_epsilon`. False position on σ (ε is decreasing in σ), over σ ≥
     MIN_NOISE_MULTIPLIER; each evaluation is bounded as in :func:`dpsgd_epsilon`. A target
     that no σ in range meets within that promise is a ConfigError saying what to change.
     """
@@ -213,17 +248,18 @@ def calibrate_dpsgd_noise(
     floor = MIN_NOISE_MULTIPLIER
 
     def eps(sigma: float) -> float:
-        return dpsgd_epsilon(sigma, sample_rate, steps, delta, accountant)
+        return dpsgd_epsilon(sigma, sample_rate, steps, delta, accountant, relation)
 
     # A bracket low < high with eps(high) ≤ target < eps(low). For PLD, the RDP
-    # calibration is a cheap upper end (RDP's ε is hardly ever below PLD's).
-    if accountant == "pld":
+    # calibration is a cheap upper end (RDP's ε is hardly ever below PLD's); there is none
+    # under "replace one label", where the doubling below finds it.
+    if accountant == "pld" and relation is RELATION:
         try:
             high = calibrate_dpsgd_noise(target_epsilon, delta, sample_rate, steps, "rdp", rel_tol)
         except _AboveFloor:  # then PLD's ε at the floor is below the target too
             raise _AboveFloor.at(target_epsilon, eps(floor), steps, sample_rate) from None
     else:
-        _accountant(accountant)
+        _accountant(accountant, relation=relation)
         high = 1.0
         while eps(high) > target_epsilon:
             high *= 2

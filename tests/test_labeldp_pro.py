@@ -1,0 +1,177 @@
+"""LabelDP-Pro against independent computations: the simplex projection and the hull
+projection against scipy's constrained solver, the class gradients against one autograd
+call per (example, class), zero noise giving back the ordinary gradient, the run's ε
+against dp-accounting applied directly, and the sensitivity of a label change."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize
+from torch import nn
+
+from labeldp.errors import ConfigError
+from labeldp.methods import build_method
+from labeldp.privacy import Neighbouring
+from labeldp.privacy.dpsgd_accounting import calibrate_dpsgd_noise, dpsgd_epsilon
+from labeldp.train.dpsgd import DPSGDStep
+from labeldp.train.labeldp_pro import (
+    LabelDPProStep,
+    ProjectionBatches,
+    class_gradients,
+    project_onto_hull,
+    simplex_projection,
+)
+from labeldp.train.targets import HardLabels
+
+
+def _scipy_simplex_ls(V: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """min ‖αᵀV − g‖² over the simplex, by SLSQP (an independent solver)."""
+    m = V.shape[0]
+    result = minimize(
+        lambda a: float(np.sum((a @ V - g) ** 2)),
+        np.full(m, 1 / m),
+        jac=lambda a: 2 * V @ (a @ V - g),
+        bounds=[(0, 1)] * m,
+        constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1, "jac": lambda a: np.ones(m)}],
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 2000},
+    )
+    return result.x
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=1, max_size=12))
+def test_the_simplex_projection_is_the_closest_point_of_the_simplex(values):
+    v = torch.tensor(values, dtype=torch.float64)
+    p = simplex_projection(v)
+    assert bool((p >= 0).all()) and abs(float(p.sum()) - 1) < 1e-12
+    reference = _scipy_simplex_ls(np.eye(len(values)), np.array(values))
+    assert float(torch.linalg.vector_norm(p - v)) <= np.linalg.norm(reference - values) + 1e-7
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_hull_projection_equals_a_constrained_least_squares_solve(seed):
+    rng = np.random.default_rng(seed)
+    m, d = int(rng.integers(3, 12)), int(rng.integers(2, 20))
+    V = rng.normal(size=(m, d))
+    g = rng.normal(size=d) * 2  # mostly outside the hull
+    alpha = project_onto_hull(torch.from_numpy(V), torch.from_numpy(g), steps=3000).numpy()
+    reference = _scipy_simplex_ls(V, g)
+    ours, theirs = np.sum((alpha @ V - g) ** 2), np.sum((reference @ V - g) ** 2)
+    assert alpha.min() >= 0 and abs(alpha.sum() - 1) < 1e-9
+    assert ours <= theirs + 1e-6 * max(1.0, theirs)
+    # the hull point is unique even when the weights are not
+    np.testing.assert_allclose(alpha @ V, reference @ V, atol=1e-4)
+
+
+def _linear(d_in: int = 5, k: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, 4), nn.Tanh(), nn.Linear(4, k))
+
+
+def test_class_gradients_equal_one_backward_per_example_and_class():
+    model, x = _linear(), torch.randn(4, 5)
+    rows = class_gradients(model, x, num_classes=3, chunk=5)
+    assert rows.shape == (12, sum(p.numel() for p in model.parameters()))
+    for i in range(4):
+        for k in range(3):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x[i : i + 1]), torch.tensor([k])).backward()
+            expected = torch.cat([p.grad.flatten() for p in model.parameters()])
+            torch.testing.assert_close(rows[i * 3 + k], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_without_noise_or_clipping_the_step_is_the_ordinary_gradient():
+    # The whole dataset as the private batch and as the projection batch: the true labels'
+    # mean gradient is the hull point with weight 1/N on each (example, true label).
+    model, x, y = _linear(seed=1), torch.randn(8, 5), torch.randint(0, 3, (8,))
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()])
+    dpsgd = DPSGDStep(max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=8)
+    step = LabelDPProStep(
+        dpsgd, ProjectionBatches(8, 8, lambda idx: x[idx], seed=0), num_classes=3,
+        smoothing=1.0, projection_steps=5000,
+    )  # fmt: skip
+    model.zero_grad()
+    step(model, x, torch.arange(8), HardLabels(y), contextlib.nullcontext)
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-3)
+    assert step.last_projection["distance"] < 2e-4 * max(1.0, float(expected.norm()))
+
+
+def test_smoothing_pulls_towards_the_uniform_weights():
+    model, x = _linear(seed=2), torch.randn(6, 5)
+    vertices = class_gradients(model, x, 3)
+    target = vertices[0] * 3  # outside the hull
+    alpha = project_onto_hull(vertices, target, steps=500)
+    smoothed = 0.75 * alpha + 0.25 / alpha.numel()
+    assert abs(float(smoothed.sum()) - 1) < 1e-9 and float(smoothed.min()) >= 0.25 / 18 - 1e-12
+
+
+def test_the_projection_batches_read_no_label_and_repeat_per_epoch():
+    seen = []
+    batches = ProjectionBatches(100, 10, lambda idx: seen.append(idx.clone()) or idx, seed=3)
+    batches.start_epoch(2)
+    first = [batches.draw() for _ in range(3)]
+    batches.start_epoch(2)
+    again = [batches.draw() for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert all(len(set(b.tolist())) == 10 for b in first)  # without replacement
+    with pytest.raises(ConfigError, match="projection_batch must be an integer in 1..100"):
+        ProjectionBatches(100, 101, lambda idx: idx, seed=0)
+
+
+@pytest.mark.parametrize("sigma, q, steps", [(1.2, 0.02, 50), (3.0, 0.05, 200), (0.9, 1.0, 5)])
+def test_the_replace_one_label_epsilon_is_dp_accountings(sigma, q, steps):
+    gaussian = dp_accounting.GaussianDpEvent(sigma)
+    event = gaussian if q == 1 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
+    direct = dp_accounting.pld.PLDAccountant(
+        dp_accounting.NeighboringRelation.REPLACE_ONE, value_discretization_interval=1e-4
+    )
+    direct.compose(event, steps)
+    ours = dpsgd_epsilon(sigma, q, steps, 1e-5, relation=Neighbouring.REPLACE_ONE_LABEL)
+    assert ours == pytest.approx(direct.get_epsilon(1e-5), rel=1e-6)
+    # a replacement costs more than an addition or removal at the same noise
+    assert ours > dpsgd_epsilon(sigma, q, steps, 1e-5)
+
+
+def test_a_labeldp_pro_plan_keeps_its_label_budget_and_is_refused_under_rdp():
+    method = build_method("labeldp-pro", {"epsilon": 1.0})
+    plan = method.plan(60000, 1024, 2)
+    assert 0.99 <= plan.epsilon <= 1.0
+    again = dpsgd_epsilon(plan.noise_multiplier, plan.sample_rate, plan.steps, 1e-5,
+                          relation=Neighbouring.REPLACE_ONE_LABEL)  # fmt: skip
+    assert again == pytest.approx(plan.epsilon)
+    sigma = calibrate_dpsgd_noise(1.0, 1e-5, 1024 / 60000, plan.steps)
+    assert plan.noise_multiplier > sigma  # a replacement needs more noise than a removal
+    with pytest.raises(ConfigError, match="accountant must be 'pld' for labeldp-pro"):
+        build_method("labeldp-pro", {"epsilon": 1.0, "accountant": "rdp"})
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.05, 3.0))
+def test_changing_one_label_moves_the_clipped_sum_by_at_most_2c(seed, clip):
+    torch.manual_seed(seed)
+    model, x = _linear(seed=seed % 7), torch.randn(6, 5) * 3
+    y = torch.randint(0, 3, (6,))
+    changed = y.clone()
+    changed[seed % 6] = (y[seed % 6] + 1 + seed % 2) % 3
+
+    def clipped_sum(labels):
+        step = DPSGDStep(max_grad_norm=clip, noise_multiplier=0.0, expected_batch_size=1.0)
+        model.zero_grad()
+        step(model, x, torch.arange(6), HardLabels(labels), contextlib.nullcontext)
+        return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+
+    moved = float(torch.linalg.vector_norm(clipped_sum(changed) - clipped_sum(y)))
+    assert moved <= 2 * clip * (1 + 1e-5)
+    assert math.isfinite(moved)
