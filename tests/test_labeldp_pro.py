@@ -77,7 +77,12 @@ def _linear(d_in: int = 5, k: int = 3, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, 4), nn.Tanh(), nn.Linear(4, k))
 
 
-def test_class_gradients_equal_one_backward_per_example_and_class():
+@pytest.mark.parametrize("layerwise", [True, False], ids=["formulas", "torch.func"])
+def test_class_gradients_equal_one_backward_per_example_and_class(layerwise, monkeypatch):
+    from labeldp.train import labeldp_pro
+
+    if not layerwise:
+        monkeypatch.setattr(labeldp_pro, "layerwise_supported", lambda model: False)
     model, x = _linear(), torch.randn(4, 5)
     rows = class_gradients(model, x, num_classes=3, chunk=5)
     assert rows.shape == (12, sum(p.numel() for p in model.parameters()))
@@ -175,3 +180,18 @@ def test_changing_one_label_moves_the_clipped_sum_by_at_most_2c(seed, clip):
     moved = float(torch.linalg.vector_norm(clipped_sum(changed) - clipped_sum(y)))
     assert moved <= 2 * clip * (1 + 1e-5)
     assert math.isfinite(moved)
+
+
+def test_the_jacobian_products_equal_the_materialised_vertices():
+    from labeldp.train.labeldp_pro import ClassGradients, hull_weights
+
+    model, x = _linear(seed=4), torch.randn(5, 5)
+    V = class_gradients(model, x, 3).double()
+    operator = ClassGradients(model, x)
+    a, v = torch.rand(15, dtype=torch.float64), torch.randn(V.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(operator.combine(a), a @ V, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(operator.correlate(v), V @ v, atol=1e-5, rtol=1e-4)
+    g = V[2] * 3
+    ours = operator.combine(hull_weights(operator.combine, operator.correlate, 15, g, 2000))
+    reference = torch.from_numpy(_scipy_simplex_ls(V.numpy(), g.numpy())) @ V
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-3)

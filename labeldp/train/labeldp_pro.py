@@ -25,31 +25,42 @@ reading of the Poisson-subsampled Gaussian (labeldp.privacy.dpsgd_accounting wit
 ``relation`` "replace one label"). Units: C in the gradient's L2 norm; σ per step,
 relative to C; n₂ examples.
 
-Cost: the vertices are materialised, (n₂·K) × P floats for P parameters (per-example
-gradients of n₂·K (example, class) pairs through :func:`~labeldp.train.per_example.
-per_example_gradients`, in chunks), then each projection iteration is two products with
-that matrix. For the small models LabelDP-Pro targets (tens of thousands of parameters;
-convolutions cost hundreds of multiply-adds per parameter) this is cheaper than the
-paper's Jacobian-vector / vector-Jacobian products, which run the network twice per
-iteration.
+Cost: for small models the vertices are materialised, n₂·K rows of P floats (one forward
+and backward pass per class with per-example gradients by layer formulas,
+:func:`class_gradients`), and each projection iteration is two products with that
+matrix. Beyond :data:`MAX_MATERIALISED` coordinates, as in the paper's appendix, G's two
+products are a vector-Jacobian and a Jacobian-vector product of the logits over the n₂
+projection examples (:class:`ClassGradients`): about one backward and one forward-mode
+pass per iteration, no memory beyond the network's.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ..errors import ConfigError
 from ..seeding import Stream, derive_seed
 from .dpsgd import DPSGDStep
-from .per_example import exact_float32, per_example_gradients
+from .per_example import (
+    LayerwiseClipping,
+    LayerwiseUnsupported,
+    exact_float32,
+    layerwise_supported,
+    per_example_gradients,
+)
 from .steps import GradientStep, StepOutput
 from .targets import TargetFn
+
+#: Most vertex coordinates (n₂·K·P floats, 512 MiB in float32) materialised for the
+#: projection; beyond it :class:`ClassGradients` computes G's products without G.
+MAX_MATERIALISED = 2**27
 
 
 def simplex_projection(v: torch.Tensor) -> torch.Tensor:
@@ -69,38 +80,96 @@ def project_onto_hull(
     vertices: torch.Tensor, target: torch.Tensor, steps: int = 100
 ) -> torch.Tensor:
     """The weights α (m,) on the simplex minimising ‖αᵀV − g‖² for the m vertices
-    ``vertices`` V (m, P) and the point ``target`` g (P,): accelerated projected gradient
-    (FISTA) for ``steps`` ≥ 1 iterations from the uniform weights, step 1/L with L = 2‖V‖₂²
-    from 30 power iterations (times 1.01). float64 inside."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps must be an integer ≥ 1, got {steps!r}")
+    ``vertices`` V (m, P) and the point ``target`` g (P,) (see :func:`hull_weights`), in
+    the vertices' floating-point type."""
     if vertices.dim() != 2 or target.shape != vertices.shape[1:]:
         raise ConfigError(
             f"vertices (m, P) and target (P,) disagree: {tuple(vertices.shape)}, "
             f"{tuple(target.shape)}"
         )
-    V = vertices.double()
-    g = target.to(V)
-    m = V.shape[0]
-    x = torch.randn(m, dtype=V.dtype, generator=torch.Generator().manual_seed(0)).to(V.device)
-    for _ in range(30):
-        x = V @ (V.T @ x)
+    V = vertices if vertices.is_floating_point() else vertices.double()
+    return hull_weights(lambda a: a @ V, lambda v: V @ v, V.shape[0], target.to(V), steps)
+
+
+def hull_weights(
+    combine: Callable[[torch.Tensor], torch.Tensor],
+    correlate: Callable[[torch.Tensor], torch.Tensor],
+    m: int,
+    target: torch.Tensor,
+    steps: int = 100,
+) -> torch.Tensor:
+    """The weights α (m,) on the simplex minimising ‖Gα − g‖² for the linear map
+    ``combine`` α ↦ Gα (m,) → (P,) and its transpose ``correlate`` v ↦ Gᵀv, and the point
+    ``target`` g (P,): accelerated projected gradient (FISTA) for ``steps`` ≥ 1 iterations
+    from the uniform weights, step 1/L with L = 2‖G‖₂² from 20 power iterations (× 1.05),
+    the simplex projection of :func:`simplex_projection`. G need not be materialised."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be an integer ≥ 1, got {steps!r}")
+    dtype, device = target.dtype, target.device
+    x = torch.randn(m, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
+    for _ in range(20):
+        x = correlate(combine(x))
         norm = torch.linalg.vector_norm(x)
         if norm == 0:
             break
         x = x / norm
-    lipschitz = 2 * float(torch.linalg.vector_norm(V.T @ x)) ** 2 * 1.01
-    alpha = torch.full((m,), 1.0 / m, dtype=V.dtype, device=V.device)
-    if lipschitz == 0:  # every vertex is 0: any weights are optimal
+    lipschitz = 2 * float(torch.linalg.vector_norm(combine(x))) ** 2 * 1.05
+    alpha = torch.full((m,), 1.0 / m, dtype=dtype, device=device)
+    if lipschitz == 0:  # G = 0: any weights are optimal
         return alpha
     y, t = alpha, 1.0
     for _ in range(steps):
-        gradient = 2 * (V @ (V.T @ y - g))
+        gradient = 2 * correlate(combine(y) - target)
         new = simplex_projection(y - gradient / lipschitz)
         t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
         y = new + ((t - 1) / t_next) * (new - alpha)
         alpha, t = new, t_next
     return alpha
+
+
+class ClassGradients:
+    """The linear map of the class gradients of ``inputs`` (n examples) without
+    materialising them: the columns are ∇θ ℓ(θ, (xᵢ, κ)) = Jᵢᵀ(pᵢ − e_κ) for every
+    example i and class κ (Jᵢ the Jacobian of the logits, pᵢ the softmax), flattened over
+    the trainable parameters; column i·K + κ. :meth:`combine` (α ↦ Gα) is one
+    vector-Jacobian product of the logits with cotangents sᵢpᵢ − αᵢ (sᵢ = Σ_κ α_iκ);
+    :meth:`correlate` (v ↦ Gᵀv) one Jacobian-vector product: (Gᵀv)_iκ = pᵢᵀJᵢv − (Jᵢv)_κ.
+    Reads no label. float32 inside; inputs and outputs of the maps float64."""
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor) -> None:
+        self.names = [k for k, p in model.named_parameters() if p.requires_grad]
+        self.params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        buffers = {k: b.detach() for k, b in model.named_buffers()}
+        self._logits_of = lambda params: functional_call(model, (params, buffers), (inputs,))
+        leaves = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
+        self._leaves = leaves
+        self._logits = self._logits_of(leaves).float()
+        self.probs = torch.softmax(self._logits.detach(), dim=1)
+        self.n, self.k = self.probs.shape
+        self.size = sum(v.numel() for v in self.params.values())
+
+    @property
+    def columns(self) -> int:
+        return self.n * self.k
+
+    def combine(self, alpha: torch.Tensor) -> torch.Tensor:
+        a = alpha.view(self.n, self.k).to(self.probs)
+        cotangent = a.sum(1, keepdim=True) * self.probs - a
+        grads = torch.autograd.grad(
+            self._logits, list(self._leaves.values()), grad_outputs=cotangent,
+            retain_graph=True,
+        )  # fmt: skip
+        return torch.cat([g.flatten() for g in grads]).to(alpha.dtype)
+
+    def correlate(self, v: torch.Tensor) -> torch.Tensor:
+        tangents, start = {}, 0
+        for k, p in self.params.items():
+            tangents[k] = v[start : start + p.numel()].view_as(p).to(p.dtype)
+            start += p.numel()
+        _, jv = torch.func.jvp(self._logits_of, (self.params,), (tangents,))
+        jv = jv.float()
+        out = (self.probs * jv).sum(1, keepdim=True) - jv
+        return out.flatten().to(v.dtype)
 
 
 def class_gradients(
@@ -109,8 +178,23 @@ def class_gradients(
     """The gradients ∇θ ℓ(θ, (xᵢ, κ)) of the cross-entropy for every example of
     ``inputs`` (n, ...) and every class κ < ``num_classes``, flattened over the trainable
     parameters in ``named_parameters`` order: (n·K, P) float32, row i·K + κ. Reads no
-    label. ``chunk``: (example, class) pairs per vmap call."""
+    label. One forward and backward pass per class with per-example gradients by layer
+    formulas (:class:`~labeldp.train.per_example.LayerwiseClipping`) where the model
+    allows, else torch.func over ``chunk`` (example, class) pairs at a time."""
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
     n = inputs.shape[0]
+    if layerwise_supported(model):
+        try:
+            clipping = LayerwiseClipping(model)
+            per_class = []
+            for k in range(num_classes):
+                labels = torch.full((n,), k, dtype=torch.int64, device=inputs.device)
+                clipping.forward_backward(inputs, lambda logits, y=labels: y, nullcontext)
+                samples = clipping.grad_samples()
+                per_class.append(torch.cat([samples[k].flatten(1).float() for k in names], 1))
+            return torch.stack(per_class, dim=1).reshape(n * num_classes, -1)
+        except LayerwiseUnsupported:
+            pass
     pairs = inputs.repeat_interleave(num_classes, dim=0)
     classes = torch.arange(num_classes, device=inputs.device).repeat(n)
     rows = []
@@ -118,7 +202,7 @@ def class_gradients(
         grads, _, _ = per_example_gradients(
             model, pairs[start : start + chunk], classes[start : start + chunk]
         )
-        rows.append(torch.cat([g.flatten(1).float() for g in grads.values()], dim=1))
+        rows.append(torch.cat([grads[k].flatten(1).float() for k in names], dim=1))
     return torch.cat(rows)
 
 
@@ -207,11 +291,19 @@ class LabelDPProStep(GradientStep):
         out = self.dpsgd(model, inputs, indices, targets, autocast)  # p.grad = g̃
         params = [p for _, p in model.named_parameters() if p.requires_grad]
         noisy = torch.cat([p.grad.flatten().float() for p in params])
+        inputs = self.projection.draw()
         with exact_float32():
-            vertices = class_gradients(model, self.projection.draw(), self.num_classes)
-            alpha = project_onto_hull(vertices, noisy, self.projection_steps)
-            alpha = self.smoothing * alpha + (1 - self.smoothing) / alpha.numel()
-            denoised = (alpha.to(vertices.dtype) @ vertices).to(noisy.dtype)
+            if inputs.shape[0] * self.num_classes * noisy.numel() <= MAX_MATERIALISED:
+                vertices = class_gradients(model, inputs, self.num_classes)
+                alpha = project_onto_hull(vertices, noisy, self.projection_steps)
+                alpha = self.smoothing * alpha + (1 - self.smoothing) / alpha.numel()
+                denoised = (alpha.to(vertices.dtype) @ vertices).to(noisy.dtype)
+            else:  # too large to hold: G's products as Jacobian products
+                operator = ClassGradients(model, inputs)
+                alpha = hull_weights(operator.combine, operator.correlate, operator.columns,
+                                     noisy.double(), self.projection_steps)  # fmt: skip
+                alpha = self.smoothing * alpha + (1 - self.smoothing) / alpha.numel()
+                denoised = operator.combine(alpha).to(noisy.dtype)
         self.last_projection = {
             "noisy_norm": float(torch.linalg.vector_norm(noisy)),
             "distance": float(torch.linalg.vector_norm(denoised - noisy)),

@@ -741,6 +741,28 @@ class LayerwiseClipping:
         return total.clamp_min(0)  # Gram-matrix norms may round a hair below 0
 
     @_exact_float32()
+    def grad_samples(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter's per-example gradients (name -> (B, *shape), float32,
+        or float64 for a float64 model; zeros for a layer that did not reach the loss),
+        materialised; releases the stored tensors like :meth:`clipped_sums`."""
+        batch = None
+        samples: dict[str, torch.Tensor] = {}
+        for name, m in self.layers:
+            if name in self._grads:
+                for pname, value in _followed(calls_grad_samples, m, self._grads[name]).items():
+                    samples[_join(name, pname)] = value
+                    batch = value.shape[0]
+        for name, m in self.layers:
+            if name not in self._grads:
+                for pname, p in m.named_parameters(recurse=False):
+                    if p.requires_grad:
+                        samples[_join(name, pname)] = torch.zeros(
+                            (batch or 0, *p.shape), dtype=_wide(p).dtype, device=p.device
+                        )
+        self._grads = {}
+        return samples
+
+    @_exact_float32()
     def clipped_sums(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Σᵢ cᵢ gᵢ for every trainable parameter (name -> tensor of its shape, float32, or
         float64 for a float64 model)."""
