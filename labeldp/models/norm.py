@@ -39,6 +39,19 @@ def check_norm_kind(kind: object) -> str:
     return kind  # type: ignore[return-value]
 
 
+def check_small_image_model(
+    model: str, num_classes: object, in_channels: object, image_size: object, norm: object
+) -> None:
+    """The shared checks of the 28×28 models without normalization layers (cnn-tanh,
+    cnn-tiny): positive class and channel counts, a known ``norm`` kind (both build the
+    same model), and 28×28 inputs; ConfigError naming ``model`` otherwise."""
+    check_positive_int("num_classes", num_classes)
+    check_positive_int("in_channels", in_channels)
+    check_norm_kind(norm)
+    if image_size != 28:
+        raise ConfigError(f"the {model} model needs 28x28 inputs, got image_size {image_size}")
+
+
 def num_groups(channels: int) -> int:
     """The GroupNorm group count used for ``channels`` channels: ``gcd(32, channels)``."""
     return math.gcd(MAX_GROUPS, channels)

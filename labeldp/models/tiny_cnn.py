@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from labeldp.errors import ConfigError
-from labeldp.models.norm import check_norm_kind, check_positive_int
+from labeldp.models.norm import check_small_image_model
 
 
 class TinyCNN(nn.Module):
@@ -35,11 +34,7 @@ class TinyCNN(nn.Module):
         self, num_classes: int, in_channels: int = 1, image_size: int = 28, norm: str = "group"
     ) -> None:
         super().__init__()
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
-        check_norm_kind(norm)
-        if image_size != 28:
-            raise ConfigError(f"the cnn-tiny model needs 28x28 inputs, got image_size {image_size}")
+        check_small_image_model("cnn-tiny", num_classes, in_channels, image_size, norm)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 16, kernel_size=3),
             nn.ReLU(),
