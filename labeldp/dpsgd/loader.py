@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
 from ..errors import ConfigError
-from ..mechanisms.randomness import uniform
+from ..train.sampling import poisson_sample
 
 
 def steps_per_epoch(sample_rate: float) -> int:
@@ -70,11 +70,9 @@ class PoissonBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            if self.secure:
-                coins = uniform((self.num_examples,), secure=True)
-            else:
-                coins = torch.rand(self.num_examples, generator=self.generator, dtype=torch.float64)
-            yield torch.nonzero(coins < self.sample_rate).flatten().tolist()
+            yield poisson_sample(
+                self.num_examples, self.sample_rate, self.generator, self.secure
+            ).tolist()
 
 
 def _cut_to_empty(batch: object) -> object:

@@ -38,6 +38,25 @@ class ShuffledBatches:
         yield from torch.tensor_split(order, self.steps_per_epoch(num_examples))
 
 
+def poisson_sample(
+    num_examples: int, sample_rate: float, generator: torch.Generator, secure: bool = False
+) -> torch.Tensor:
+    """One Poisson sample: the indices (int64, on the generator's device, ascending) of the
+    examples among ``num_examples`` whose coin, uniform in [0, 1) (float64, from
+    ``generator``, or OS entropy with ``secure``), falls below ``sample_rate`` q. The one
+    draw of DP-SGD's batches: :class:`PoissonBatches` (labeldp's trainer) and
+    :class:`labeldp.dpsgd.loader.PoissonBatchSampler` (a user's DataLoader) both use it."""
+    from ..mechanisms.randomness import uniform
+
+    if secure:
+        coins = uniform((num_examples,), secure=True, device=generator.device)
+    else:
+        coins = torch.rand(
+            num_examples, generator=generator, dtype=torch.float64, device=generator.device
+        )
+    return torch.nonzero(coins < sample_rate).flatten()
+
+
 class PoissonBatches:
     """Poisson sampling, as DP-SGD's accounting assumes: in every step each example joins
     the batch independently with probability q = expected_batch_size / N, so batch sizes
@@ -66,14 +85,6 @@ class PoissonBatches:
         return -(-num_examples // self.expected_batch_size)
 
     def batches(self, num_examples: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        from ..mechanisms.randomness import uniform
-
         q = self.sample_rate(num_examples)
         for _ in range(self.steps_per_epoch(num_examples)):
-            if self.secure:
-                coins = uniform((num_examples,), secure=True, device=generator.device)
-            else:
-                coins = torch.rand(
-                    num_examples, generator=generator, dtype=torch.float64, device=generator.device
-                )
-            yield torch.nonzero(coins < q).flatten()
+            yield poisson_sample(num_examples, q, generator, self.secure)
