@@ -82,6 +82,8 @@ def test_bad_federated_sweeps_are_refused(tmp_path):
         (SWEEP.replace("seeds = [0, 1]", "seeds = []"), "seeds"),
         (SWEEP.replace("buffer_size = 4", "buffer_size = 40"), "buffer_size"),
         (SWEEP.replace("[when.fedbuff]\nbuffer", "[when.fedbuff]\nbuffers"), "unknown options"),
+        (SWEEP.replace("target_accuracy = 0.3", 'target_accuracy = 0.3\nbaseline = "no.toml"'),
+         "baseline 'no.toml' is not a sweep file next to it"),
     ):  # fmt: skip
         path.write_text(text)
         with pytest.raises(ConfigError, match=match):
@@ -162,3 +164,32 @@ def test_time_to_target_interpolates_the_best_so_far_curve():
     assert time_to_target(history, 0.75) == pytest.approx(3.5)  # from (3, 0.6) to (4, 0.9)
     assert time_to_target(history, 0.1) == 1.0
     assert math.isinf(time_to_target(history, 0.95))
+
+
+def test_the_price_of_federation_sets_the_centralized_accuracy_beside_each_variant(
+    tmp_path, monkeypatch
+):
+    import pandas as pd
+
+    import labeldp.report
+    from labeldp.fl.report import baseline_table
+
+    (tmp_path / "central.toml").write_text(
+        'name = "central"\ndataset = "fashion-mnist"\nmethods = ["rr"]\nepsilons = [2]\n'
+        "seeds = [0]\n"
+    )
+    path = tmp_path / "fl_tiny.toml"
+    baseline = 'target_accuracy = 0.3\nbaseline = "central.toml"'
+    path.write_text(SWEEP.replace("target_accuracy = 0.3", baseline))
+    spec = FederatedSweep.load(path)
+    central = pd.DataFrame(
+        {"epsilon": [2.0, math.nan], "accuracy_mean": [0.8, 0.9], "accuracy_std": [0.01, 0.02]}
+    )
+    monkeypatch.setattr(labeldp.report, "summary", lambda store, sweep: central)
+    frame = pd.DataFrame({
+        "variant": ["fedbuff-epsilon2", "fedbuff-epsilon2", "fedbuff-epsiloninf"],
+        "label_epsilon": [2.0, 2.0, math.inf], "final_accuracy": [0.6, 0.7, 0.75],
+    })  # fmt: skip
+    lines = baseline_table(None, spec, frame)
+    assert lines[2] == "| fedbuff-epsilon2 | 2 | 65.00 ± 7.07 | 80.00 ± 1.00 | +15.00 |"
+    assert lines[3] == "| fedbuff-epsiloninf | ∞ | 75.00 | 90.00 ± 2.00 | +15.00 |"

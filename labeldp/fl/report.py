@@ -10,7 +10,10 @@ memorization attack and of the one-run audit on the final global model, each tes
 against that label ε: see labeldp.fl.run) and the wall time. When the grid varies the
 algorithm, a second table gives each algorithm's time- and trips-to-target divided by
 those of the reference algorithm (the sweep's ``reference``, default fedbuff) at the same
-other grid values: the speed-up factors the FedBuff and Papaya papers report.
+other grid values: the speed-up factors the FedBuff and Papaya papers report. With a
+``baseline`` (a centralized sweep file next to the federated one, e.g. RR on all the data
+in one place at the same ε), a third table sets each variant's final accuracy beside the
+baseline's at the same label ε and gives the difference: the price of federation.
 """
 
 from __future__ import annotations
@@ -152,6 +155,41 @@ def speedup_table(frame: pd.DataFrame, spec: FederatedSweep) -> list[str]:
     return lines
 
 
+def baseline_table(store: Any, spec: FederatedSweep, frame: pd.DataFrame) -> list[str]:
+    """Each variant's final accuracy beside the baseline sweep's test accuracy at the same
+    label ε (its non-private runs for ε = ∞), means over seeds; [] without a baseline."""
+    if spec.baseline is None:
+        return []
+    from ..report import summary
+    from ..sweep import SweepSpec
+
+    central = summary(store, SweepSpec.load(spec.path.parent / spec.baseline))
+    if central.empty:
+        return []
+    by_epsilon = {
+        (math.inf if math.isnan(row.epsilon) else float(row.epsilon)): row
+        for row in central.itertuples()
+    }
+    lines = [
+        "| variant | label ε | federated acc. (%) | centralized acc. (%) | "
+        "centralized − federated (points) |",
+        "|---|---|---|---|---|",
+    ]
+    for variant, g in frame.groupby("variant", sort=False):
+        eps = float(g["label_epsilon"].iloc[0])
+        row = by_epsilon.get(eps)
+        if row is None:
+            continue
+        federated = 100 * g["final_accuracy"].mean()
+        centralized = 100 * row.accuracy_mean
+        lines.append(
+            f"| {variant} | {'∞' if math.isinf(eps) else f'{eps:g}'} | "
+            f"{_mean_std(g['final_accuracy'], 2, 100)} | {centralized:.2f} ± "
+            f"{100 * row.accuracy_std:.2f} | {centralized - federated:+.2f} |"
+        )
+    return lines if len(lines) > 2 else []
+
+
 def write_study_report(
     store: Any, spec: FederatedSweep, typed: str, results_dir: str | Path
 ) -> list[Path]:
@@ -182,6 +220,15 @@ def write_study_report(
             "reference is that many times faster):"
         )
         lines += ["", note, "", *speedups]
+    prices = baseline_table(store, spec, frame)
+    if prices:
+        lines += [
+            "",
+            f"The price of federation: each variant's final accuracy beside the centralized "
+            f"baseline's ({spec.baseline}: mean ± std over its seeds) at the same label ε:",
+            "",
+            *prices,
+        ]
     md = atomic_write_text(out / f"{spec.name}.md", "\n".join(lines) + "\n")
     csv = atomic_write_text(out / f"{spec.name}.csv", frame.to_csv(index=False))
     return [md, csv]

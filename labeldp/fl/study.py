@@ -8,6 +8,8 @@ A federated sweep file is a TOML file with ``kind = "federation"``::
     dataset = "fashion-mnist"
     seeds = [0, 1, 2]
     target_accuracy = 0.7        # the report's time-to-target (test accuracy in [0, 1])
+    baseline = "central.toml"    # optional: a centralized sweep file next to this one, whose
+                                 # test accuracy per ε the report sets beside each variant
     [options]                    # FederationOptions for every point (docs/FL_OPTIONS.md)
     layout = "dirichlet"
     [grid]                       # Cartesian product over any FederationOptions key
@@ -42,7 +44,7 @@ from .options import FederationOptions
 
 KIND = "federation"
 _TOP = {"name", "kind", "description", "dataset", "seeds", "target_accuracy", "options",
-        "grid", "when", "reference"}  # fmt: skip
+        "grid", "when", "reference", "baseline"}  # fmt: skip
 
 
 def is_federated(path: str | Path) -> bool:
@@ -80,6 +82,7 @@ class FederatedSweep:
     grid: dict[str, list[Any]]
     when: dict[str, dict[str, Any]]
     reference: str = ""
+    baseline: str | None = None
     points: tuple[StudyPoint, ...] = field(default=())
 
     @classmethod
@@ -125,8 +128,12 @@ class FederatedSweep:
             name=data["name"], path=path, description=data.get("description", ""),
             dataset=data.get("dataset", "fashion-mnist"), seeds=tuple(seeds),
             target_accuracy=float(target), base=base, grid=grid, when=when,
-            reference=data.get("reference", ""),
+            reference=data.get("reference", ""), baseline=data.get("baseline"),
         )  # fmt: skip
+        if spec.baseline is not None and not (path.parent / spec.baseline).is_file():
+            raise ConfigError(
+                f"{where}: baseline {spec.baseline!r} is not a sweep file next to it"
+            )
         object.__setattr__(spec, "points", tuple(spec._points(where)))
         return spec
 
