@@ -8,6 +8,10 @@
 - ``<sweep>_speedup.{png,pdf}`` (when the grid varies ``concurrency``): time to target
   against concurrency (log–log), one line per algorithm, mean over seeds; a seed that
   never reached the target leaves its point out.
+- ``<sweep>_price.{png,pdf}`` (with a ``baseline`` and a grid over ``epsilon``): final
+  accuracy against the label ε, one line per setting of the other grid keys (mean ± std
+  over seeds), the centralized baseline's accuracy at each ε dashed: the price of
+  federation under label DP.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ def _records(store, spec: FederatedSweep) -> dict[str, list[FederationRecord]]:
 def accuracy_curves(records, spec: FederatedSweep) -> plt.Figure:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(records) > len(colours):  # enough distinct colours for every variant
+        colours = [plt.get_cmap("tab20")(i % 20) for i in range(len(records))]
     for i, (variant, runs) in enumerate(records.items()):
         colour = colours[i % len(colours)]
         for j, record in enumerate(runs):
@@ -102,6 +108,47 @@ def speedup(frame, spec: FederatedSweep) -> plt.Figure:
     return fig
 
 
+def price_of_federation(store, frame, spec: FederatedSweep) -> plt.Figure | None:
+    """Final accuracy against the label ε beside the centralized baseline (None without
+    a baseline or an ε grid)."""
+    if spec.baseline is None or "epsilon" not in spec.grid:
+        return None
+    from labeldp.report import summary
+    from labeldp.sweep import SweepSpec
+
+    central = summary(store, SweepSpec.load(spec.path.parent / spec.baseline))
+    epsilons = sorted({float(e) for e in frame["label_epsilon"]})
+    position = {e: i for i, e in enumerate(epsilons)}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    others = [k for k in spec.grid if k != "epsilon"]
+    groups = frame.groupby(others, sort=False) if others else [((), frame)]
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        stats = g.groupby("label_epsilon")["final_accuracy"].agg(["mean", "std"])
+        xs = [position[float(e)] for e in stats.index]
+        label = ", ".join(f"{k} {v}" for k, v in zip(others, key, strict=True)) or "federated"
+        ax.errorbar(xs, 100 * stats["mean"], yerr=100 * stats["std"].fillna(0), marker="o",
+                    capsize=3, label=label)  # fmt: skip
+    if not central.empty:
+        points = sorted(
+            (position[e], 100 * row.accuracy_mean)
+            for row in central.itertuples()
+            for e in [np.inf if np.isnan(row.epsilon) else float(row.epsilon)]
+            if e in position
+        )
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, "k--", marker="s", label=f"centralized ({spec.baseline})")
+    ax.set_xticks(range(len(epsilons)), ["∞" if np.isinf(e) else f"{e:g}" for e in epsilons])
+    ax.set_xlabel("label ε (replace one label; ∞: no label DP)")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{spec.name}: the price of federation under label DP")
+    fig.tight_layout()
+    return fig
+
+
 def write_study_figures(
     store, spec: FederatedSweep, out_dir: str | Path = "paper_figs"
 ) -> list[Path]:
@@ -115,6 +162,9 @@ def write_study_figures(
     }
     if "concurrency" in spec.grid:
         figures["speedup"] = speedup(study_frame(store, spec), spec)
+    price = price_of_federation(store, study_frame(store, spec), spec)
+    if price is not None:
+        figures["price"] = price
     paths = []
     for kind, fig in figures.items():
         for suffix in (".png", ".pdf"):
