@@ -149,6 +149,29 @@ def test_a_killed_driver_loses_and_duplicates_no_run(cluster, data_dir, tmp_path
     assert finished_runs(runs / "tiny").items() >= finished.items()
 
 
+def test_a_lost_worker_is_retried_and_its_run_stored_once(cluster, data_dir, tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    db, runs = tmp_path / "w.sqlite", tmp_path / "runs"
+    argv = [sys.executable, "-m", "labeldp.cli", "sweep", str(tmp_path / "tiny.toml"),
+            "--backend", "ray", "--address", cluster, "--store", str(db), "--runs-dir",
+            str(runs), "--data-dir", str(data_dir), "--quiet"]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed, deadline = None, time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and process.poll() is None:
+        # a Ray worker process running a grid point: kill -9 it, as a lost node would die
+        found = subprocess.run(["pgrep", "-f", "ray::_execute"], capture_output=True, text=True)
+        pids = [int(p) for p in found.stdout.split()]
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.05)
+    assert killed is not None, "no worker was seen running a grid point"
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err.decode()[-2000:]
+    rows = _rows(db)
+    assert len(rows) == 5 and len({r[1] for r in rows}) == 5  # retried, stored once each
+
+
 @pytest.mark.parametrize("label_privacy", ["rr", "rr-prior"])
 def test_a_federation_on_ray_actors_is_bit_identical_to_the_local_replay(
     connected, label_privacy
