@@ -94,17 +94,22 @@ def hooks_grads(model, x, y, reduction="mean"):
         hooks.remove()
 
 
+
+def assert_hooks_match_micro_batching(model, x, y) -> None:
+    """The hooks' per-example gradients equal one backward per example (float64)."""
+    want = micro_batch(copy.deepcopy(model), x, y)
+    got, _ = hooks_grads(model, x, y)
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-8, atol=1e-10)
+
 @pytest.mark.parametrize("torch_cls, dp_cls, extra", RECURRENT[:3])
 def test_recurrent_per_example_gradients_equal_micro_batching(torch_cls, dp_cls, extra):
     torch.manual_seed(1)
     rnn = dp_cls(3, 4, num_layers=2, bidirectional=True, batch_first=True, **extra)
     model = SeqModel(rnn).double()
     x, y = torch.randn(4, 6, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
-    want = micro_batch(copy.deepcopy(model), x, y)
-    got, _ = hooks_grads(model, x, y)
-    assert set(got) == set(want)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-8, atol=1e-10)
+    assert_hooks_match_micro_batching(model, x, y)
 
 
 def test_recurrent_clipped_norms_are_of_the_summed_gradient():
@@ -202,11 +207,7 @@ def test_attention_per_example_gradients_equal_micro_batching(kw):
     torch.manual_seed(5)
     model = AttnModel(**kw).double()
     x, y = torch.randn(4, 5, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
-    want = micro_batch(copy.deepcopy(model), x, y)
-    got, _ = hooks_grads(model, x, y)
-    assert set(got) == set(want)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-8, atol=1e-10)
+    assert_hooks_match_micro_batching(model, x, y)
 
 
 def test_bad_arguments_name_the_parameter():
