@@ -46,9 +46,7 @@ def _records(store, spec: FederatedSweep) -> dict[str, list[FederationRecord]]:
 
 def accuracy_curves(records, spec: FederatedSweep) -> plt.Figure:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    if len(records) > len(colours):  # enough distinct colours for every variant
-        colours = [plt.get_cmap("tab20")(i % 20) for i in range(len(records))]
+    colours = _colours(len(records))
     for i, (variant, runs) in enumerate(records.items()):
         colour = colours[i % len(colours)]
         for j, record in enumerate(runs):
@@ -68,14 +66,24 @@ def accuracy_curves(records, spec: FederatedSweep) -> plt.Figure:
     return fig
 
 
+def _colours(n: int) -> list:
+    """n colours, distinct up to 20 (the default cycle up to its 10, then tab20)."""
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if n > len(colours):
+        colours = [plt.get_cmap("tab20")(i % 20) for i in range(n)]
+    return colours
+
+
 def staleness_histograms(records, spec: FederatedSweep) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for variant, runs in records.items():
+    colours = _colours(len(records))
+    for i, (variant, runs) in enumerate(records.items()):
         counts = np.sum([r.schedule["staleness_histogram"] for r in runs], axis=0)
         if counts.sum() == 0:
             continue
         share = counts / counts.sum()
-        ax.step(np.arange(len(share)), share, where="mid", label=variant)
+        ax.step(np.arange(len(share)), share, where="mid", label=variant,
+                color=colours[i % len(colours)])  # fmt: skip
     ax.set_xlabel("staleness τ (server steps; last bin: all larger)")
     ax.set_ylabel("share of aggregated trips")
     ax.set_yscale("log")
