@@ -158,6 +158,13 @@ def test_a_labeldp_pro_plan_keeps_its_label_budget_and_is_refused_under_rdp():
     assert again == pytest.approx(plan.epsilon)
     sigma = calibrate_dpsgd_noise(1.0, 1e-5, 1024 / 60000, plan.steps)
     assert plan.noise_multiplier > sigma  # a replacement needs more noise than a removal
+    # its ε is plain label DP: no add/remove note in the reports, the audit tests ε itself
+    from attacks.harness import bound_tested
+    from labeldp.methods import METHODS
+
+    assert METHODS["labeldp-pro"].epsilon_meaning is None
+    ledger = {"ledger": {"relation": "replace one label"}}
+    assert bound_tested("labeldp-pro", 1.0, 1e-5, ledger)["epsilon"] == 1.0
     with pytest.raises(ConfigError, match="accountant must be 'pld' for labeldp-pro"):
         build_method("labeldp-pro", {"epsilon": 1.0, "accountant": "rdp"})
 

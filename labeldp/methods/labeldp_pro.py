@@ -60,6 +60,8 @@ class LabelDPPro(DPSGDMethod):
 
     name: ClassVar[str] = "labeldp-pro"
     Options: ClassVar[type[MethodOptions]] = LabelDPProOptions
+    #: plain label DP (replace one label), not DP-SGD's add/remove ε it would inherit
+    epsilon_meaning: ClassVar[str | None] = None
     _relation: ClassVar[Neighbouring] = Neighbouring.REPLACE_ONE_LABEL
 
     def __init__(self, *args: Any, **options: Any) -> None:
