@@ -217,8 +217,19 @@ class RayExecutor(Executor):
                 configure_logging=False,
             )
             self._started = True
+        if device is not None and device.startswith("cuda:"):
+            self.shutdown()
+            raise ConfigError(
+                f"device {device!r}: a Ray task sees only the GPU Ray gives it; use --device "
+                "cuda (or auto) with --backend ray"
+            )
         self._gpus = backend.gpus(device)
         self._remote: dict[Callable[..., Any], Any] = {}
+        try:
+            check_resources(backend.cpus_per_run, self._gpus)
+        except ConfigError:
+            self.shutdown()
+            raise
 
     def _options(self, fn: Callable[..., Any], **extra: Any) -> Any:
         ray = import_ray()
@@ -248,6 +259,29 @@ class RayExecutor(Executor):
         if self._started:
             import_ray().shutdown()
             self._started = False
+
+
+def check_resources(cpus: float, gpus: float, copies: int = 1) -> None:
+    """ConfigError when no node of the running Ray cluster has ``cpus`` CPUs and ``gpus``
+    GPUs for one task (or, for ``copies`` > 1 actors, when the cluster has fewer in all):
+    Ray would keep such work pending for ever."""
+    ray = import_ray()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus]
+    if not fits:
+        most = max((n.get("CPU", 0) for n in nodes), default=0)
+        gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+        raise ConfigError(
+            f"no node of the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs for one task "
+            f"(the largest: {most:g} CPUs, {gpu:g} GPUs); lower --cpus-per-run, or run on "
+            "another device"
+        )
+    total = sum(n.get("CPU", 0) for n in nodes)
+    if copies * cpus > total:
+        raise ConfigError(
+            f"{copies} actors of {cpus:g} CPUs need {copies * cpus:g} CPUs; the Ray cluster "
+            f"has {total:g}: lower --actors or --cpus-per-actor"
+        )
 
 
 def current_node() -> str | None:
@@ -312,7 +346,8 @@ def drive(
     results). At most ``capacity`` ≥ 1 tasks are in flight. Items of one ``group`` (not
     None) start after the group's first item has finished, on the node that ran it when
     the executor can place tasks (``submit_on``) and the result names its ``node``. An
-    exception in a task propagates; the executor is shut down on the way out."""
+    exception in a task propagates, after the other tasks already finished have been
+    handed to ``finish``; the executor is shut down on the way out."""
     followers: dict[str, list[Any]] = {}
     ready: collections.deque = collections.deque()
     for item in items:
@@ -334,6 +369,12 @@ def drive(
                 pending[future] = group(item)
             done = next(as_completed(pending))
             key = pending.pop(done)
+            if done.exception() is not None:
+                # store every other run that has finished before giving up
+                for other in [f for f in pending if f.done() and f.exception() is None]:
+                    pending.pop(other)
+                    finish(other.result())
+                raise done.exception()
             result = done.result()
             finish(result)
             if key is not None:

@@ -944,8 +944,12 @@ def _fl(args: argparse.Namespace) -> int:
         from .fl.ray_replay import RayReplay
 
         replay = RayReplay(args.actors, args.cpus_per_actor, args.address)
-    elif args.address is not None:
-        raise ConfigError("--address applies to --backend ray only")
+    else:
+        for flag, given in (("--address", args.address is not None),
+                            ("--actors", args.actors != 2),
+                            ("--cpus-per-actor", args.cpus_per_actor != 1)):  # fmt: skip
+            if given:
+                raise ConfigError(f"{flag} applies to --backend ray only")
     record = run_folder(options, args.seed, args.out, args.dataset, args.data_dir, args.device,
                         progress=not args.quiet, replay=replay)  # fmt: skip
     last = record.history[-1]

@@ -198,3 +198,22 @@ def test_a_federated_sweep_on_two_local_workers_stores_each_point_once(tmp_path,
     assert sorted(r[0] for r in rows) == ["fedavg-seed0", "fedbuff-seed0"]
     assert main(args) == 0  # all stored: nothing reruns
     assert db.execute("SELECT COUNT(*) FROM federated_runs").fetchone()[0] == 2
+
+
+def test_runs_finished_beside_a_failing_one_are_still_stored():
+    from labeldp.backends import SerialExecutor
+
+    def task(name):
+        if name == "bad":
+            raise RuntimeError("bad failed")
+        return name
+
+    finished: list[str] = []
+    with pytest.raises(RuntimeError, match="bad failed"):
+        drive(SerialExecutor(), ["bad", "good"], task, lambda item: (item,), finished.append, 2)
+    assert finished == ["good"]  # done before the failure was seen: stored, not lost
+
+
+def test_replay_flags_without_the_ray_backend_are_refused(capsys):
+    assert main(["fl", "--out", "x", "--actors", "4"]) == 2
+    assert "--actors applies to --backend ray only" in capsys.readouterr().err

@@ -193,3 +193,7 @@ def test_the_price_of_federation_sets_the_centralized_accuracy_beside_each_varia
     lines = baseline_table(None, spec, frame)
     assert lines[2] == "| fedbuff-epsilon2 | 2 | 65.00 ± 7.07 | 80.00 ± 1.00 | +15.00 |"
     assert lines[3] == "| fedbuff-epsiloninf | ∞ | 75.00 | 90.00 ± 2.00 | +15.00 |"
+    duplicated = pd.concat([central, central.iloc[:1]])
+    monkeypatch.setattr(labeldp.report, "summary", lambda store, sweep: duplicated)
+    with pytest.raises(ConfigError, match="one per ε"):
+        baseline_table(None, spec, frame)

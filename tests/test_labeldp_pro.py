@@ -202,3 +202,16 @@ def test_the_jacobian_products_equal_the_materialised_vertices():
     ours = operator.combine(hull_weights(operator.combine, operator.correlate, 15, g, 2000))
     reference = torch.from_numpy(_scipy_simplex_ls(V.numpy(), g.numpy())) @ V
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-3)
+
+
+def test_a_diverged_gradient_is_left_for_the_loop_to_detect():
+    model, x, y = _linear(seed=5), torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    step = LabelDPProStep(
+        DPSGDStep(max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=8),
+        ProjectionBatches(8, 4, lambda idx: x[idx], seed=0), num_classes=3,
+    )  # fmt: skip
+    step(model, x, torch.arange(8), HardLabels(y), contextlib.nullcontext)  # no exception
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert not bool(torch.isfinite(grads).all())

@@ -194,3 +194,20 @@ def test_a_federation_on_ray_actors_is_bit_identical_to_the_local_replay(
     assert torch.equal(local.parameters, remote.parameters)
     assert local.history == remote.history
     assert local.overflows == remote.overflows == 0
+
+
+def test_requests_the_cluster_cannot_meet_are_refused_not_left_pending(connected, tmp_path):
+    from labeldp.errors import ConfigError
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    spec = SweepSpec.load(tmp_path / "tiny.toml")
+    with pytest.raises(ConfigError, match="no node of the Ray cluster has 8 CPUs"):
+        run_sweep(spec, ResultsStore(tmp_path / "s.sqlite"), tmp_path / "runs",
+                  Environment(progress=False), RayBackend(address=connected, cpus_per_run=8))
+    from test_fl_simulator import TEST, TRAIN, config
+
+    population = dirichlet(TRAIN.labels.numpy(), 12, alpha=0.5, seed=0, min_size=4)
+    with pytest.raises(ConfigError, match="3 actors of 1 CPUs need 3 CPUs"):
+        sim.run_federation(config(), TRAIN, TEST, population, progress=False,
+                           replay=RayReplay(actors=3, address=connected))
+    assert ray.is_initialized()  # the test's connection, left as it was

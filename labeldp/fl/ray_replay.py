@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backends import import_ray
+from ..backends import check_resources, import_ray
 from ..errors import ConfigError
 from .buffer import FixedPointBuffer
 from .simulator import Replay, TripTrainer
@@ -72,6 +72,17 @@ class RayReplay(Replay):
                 configure_logging=False,
             )
             self._started = True
+        if trainer.device.type != "cpu":
+            self.stop()
+            raise ConfigError(
+                "the Ray replay's actors train on CPU: use --device cpu with --backend ray "
+                f"(the federation's tensors are on {trainer.device})"
+            )
+        try:
+            check_resources(self.cpus_per_actor, 0, self.actors)
+        except ConfigError:
+            self.stop()
+            raise
         self._trainer = trainer
         actor = ray.remote(_TripActor).options(num_cpus=self.cpus_per_actor)
         shared = ray.put(trainer)  # once into the object store, read by every actor

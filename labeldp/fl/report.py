@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import ConfigError
 from ..io import atomic_write_text
 from .run import FederationRecord, time_to_target
 from .study import FederatedSweep
@@ -166,10 +167,15 @@ def baseline_table(store: Any, spec: FederatedSweep, frame: pd.DataFrame) -> lis
     central = summary(store, SweepSpec.load(spec.path.parent / spec.baseline))
     if central.empty:
         return []
-    by_epsilon = {
-        (math.inf if math.isnan(row.epsilon) else float(row.epsilon)): row
-        for row in central.itertuples()
-    }
+    by_epsilon: dict[float, Any] = {}
+    for row in central.itertuples():
+        eps = math.inf if math.isnan(row.epsilon) else float(row.epsilon)
+        if eps in by_epsilon:
+            raise ConfigError(
+                f"baseline {spec.baseline}: several rows (methods or variants) at ε = {eps:g}; "
+                "a baseline sweep must have one per ε"
+            )
+        by_epsilon[eps] = row
     lines = [
         "| variant | label ε | federated acc. (%) | centralized acc. (%) | "
         "centralized − federated (points) |",

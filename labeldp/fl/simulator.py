@@ -326,70 +326,73 @@ def run_federation(
     )
     engine = replay if replay is not None else LocalReplay()
     engine.start(trainer)
-    for v in range(start_version, schedule.server_steps):
-        if stopped:
-            break
-        trips = by_version[version_starts[v] : version_starts[v + 1]]
-        chunks = [trips[i : i + config.chunk_size] for i in range(0, len(trips), config.chunk_size)]
-        if labels.needs_prior:
-            # each trip's client releases its new labels with the downloaded model first
-            before = labels.released.clone()
-            params = unflatten(x.float(), like)
-            for rows in chunks:
-                examples = trainer.examples(rows)
-                _release(labels, model, params, train, normalize, examples,
-                         trainer.keys(rows), config.seed)  # fmt: skip
-            fresh = torch.nonzero(labels.released & ~before).flatten()
-            engine.update_labels(fresh, labels.noisy[fresh])
-        for f, partial in engine.train_version(x.float(), chunks).items():
-            if f not in pending:
-                pending[f] = FixedPointBuffer(size, fixed, _capacity(schedule, f), device)
-            pending[f].merge(partial)
-        buf = pending.pop(v, None)
-        total = buf.total() if buf is not None else torch.zeros(size, dtype=torch.float64)
-        if buf is not None:
-            overflows += buf.overflows
-        if config.user_level:
-            total = total + flush_noise(
-                size, config.noise_multiplier, config.clip,
-                _generator(config.seed, Stream.FL_USER_NOISE, v, device=device),
-            ).to(total)  # fmt: skip
-        divisor = K if config.schedule.mode == "async" else max(1, int(schedule.flush_count[v]))
-        x, momentum = config.server.step(x, total / divisor, momentum)
-        if not bool(torch.isfinite(x).all()):
-            raise RuntimeError(
-                f"the global model diverged at server step {v + 1} (non-finite weights): "
-                "lower server_lr or the clients' lr"
-            )
-        done = v + 1
-        if done % config.eval_every == 0 or done == schedule.server_steps:
-            history.append(
-                _evaluation(
-                    done,
-                    schedule,
-                    eval_model,
-                    unflatten(x.float(), like),
-                    test,
-                    normalize,
-                    size,
-                    config,
-                    label_ledger,
-                    user_ledger,
+    try:
+        for v in range(start_version, schedule.server_steps):
+            if stopped:
+                break
+            trips = by_version[version_starts[v] : version_starts[v + 1]]
+            per_chunk = config.chunk_size
+            chunks = [trips[i : i + per_chunk] for i in range(0, len(trips), per_chunk)]
+            if labels.needs_prior:
+                # each trip's client releases its new labels with the downloaded model first
+                before = labels.released.clone()
+                params = unflatten(x.float(), like)
+                for rows in chunks:
+                    examples = trainer.examples(rows)
+                    _release(labels, model, params, train, normalize, examples,
+                             trainer.keys(rows), config.seed)  # fmt: skip
+                fresh = torch.nonzero(labels.released & ~before).flatten()
+                engine.update_labels(fresh, labels.noisy[fresh])
+            for f, partial in engine.train_version(x.float(), chunks).items():
+                if f not in pending:
+                    pending[f] = FixedPointBuffer(size, fixed, _capacity(schedule, f), device)
+                pending[f].merge(partial)
+            buf = pending.pop(v, None)
+            total = buf.total() if buf is not None else torch.zeros(size, dtype=torch.float64)
+            if buf is not None:
+                overflows += buf.overflows
+            if config.user_level:
+                total = total + flush_noise(
+                    size, config.noise_multiplier, config.clip,
+                    _generator(config.seed, Stream.FL_USER_NOISE, v, device=device),
+                ).to(total)  # fmt: skip
+            divisor = K if config.schedule.mode == "async" else max(1, int(schedule.flush_count[v]))
+            x, momentum = config.server.step(x, total / divisor, momentum)
+            if not bool(torch.isfinite(x).all()):
+                raise RuntimeError(
+                    f"the global model diverged at server step {v + 1} (non-finite weights): "
+                    "lower server_lr or the clients' lr"
                 )
-            )
-            stopped = config.stop_at is not None and history[-1]["accuracy"] >= config.stop_at
-        if path is not None and (
-            done % config.checkpoint_every == 0 or done == schedule.server_steps or stopped
-        ):
-            save_checkpoint(path, {
-                "fingerprint": fingerprint, "version": done, "x": x, "momentum": momentum,
-                "labels": labels.state_dict(),
-                "pending": {f: b.state_dict() for f, b in pending.items()},
-                "history": history, "overflows": overflows, "stopped": stopped,
-            })  # fmt: skip
-        bar.update(1)
+            done = v + 1
+            if done % config.eval_every == 0 or done == schedule.server_steps:
+                history.append(
+                    _evaluation(
+                        done,
+                        schedule,
+                        eval_model,
+                        unflatten(x.float(), like),
+                        test,
+                        normalize,
+                        size,
+                        config,
+                        label_ledger,
+                        user_ledger,
+                    )
+                )
+                stopped = config.stop_at is not None and history[-1]["accuracy"] >= config.stop_at
+            if path is not None and (
+                done % config.checkpoint_every == 0 or done == schedule.server_steps or stopped
+            ):
+                save_checkpoint(path, {
+                    "fingerprint": fingerprint, "version": done, "x": x, "momentum": momentum,
+                    "labels": labels.state_dict(),
+                    "pending": {f: b.state_dict() for f, b in pending.items()},
+                    "history": history, "overflows": overflows, "stopped": stopped,
+                })  # fmt: skip
+            bar.update(1)
+    finally:
+        engine.stop()
     bar.close()
-    engine.stop()
     return FederationResult(
         history,
         x.float(),

@@ -120,6 +120,11 @@ class DPSGDStep(GradientStep):
             self._generator = torch.Generator(device=device).manual_seed(self._epoch_seed)
         return self._generator
 
+    @property
+    def layerwise_fallback(self) -> frozenset[int]:
+        """ids of the models whose layer-wise norms failed the check (torch.func is used)."""
+        return frozenset(self._fallback)
+
     def _layerwise(self, model: nn.Module) -> LayerwiseClipping | None:
         if id(model) in self._fallback or not layerwise_supported(model):
             return None

@@ -173,17 +173,19 @@ class ClassGradients:
 
 
 def class_gradients(
-    model: nn.Module, inputs: torch.Tensor, num_classes: int, chunk: int = 256
-) -> torch.Tensor:
+    model: nn.Module, inputs: torch.Tensor, num_classes: int, chunk: int = 256,
+    layerwise: bool = True,
+) -> torch.Tensor:  # fmt: skip
     """The gradients ∇θ ℓ(θ, (xᵢ, κ)) of the cross-entropy for every example of
     ``inputs`` (n, ...) and every class κ < ``num_classes``, flattened over the trainable
     parameters in ``named_parameters`` order: (n·K, P) float32, row i·K + κ. Reads no
     label. One forward and backward pass per class with per-example gradients by layer
     formulas (:class:`~labeldp.train.per_example.LayerwiseClipping`) where the model
-    allows, else torch.func over ``chunk`` (example, class) pairs at a time."""
+    allows and ``layerwise``, else torch.func over ``chunk`` (example, class) pairs at a
+    time."""
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     n = inputs.shape[0]
-    if layerwise_supported(model):
+    if layerwise and layerwise_supported(model):
         try:
             clipping = LayerwiseClipping(model)
             per_class = []
@@ -244,9 +246,8 @@ class LabelDPProStep(GradientStep):
     smoothed by ``smoothing`` λ in [0, 1] (1: no smoothing; the paper's 0.75).
 
     num_classes: K. projection_steps: iterations of :func:`project_onto_hull` (≥ 1).
-    After a step, ``last_projection`` holds diagnostics (outside the guarantee only in
-    that they are computed from the noisy gradient, which is private): the distance
-    ‖Gα − g̃‖ and ‖g̃‖."""
+    After a step, ``last_projection`` holds the distance ‖Gα − g̃‖ and ‖g̃‖ (functions of
+    the noisy gradient, the model and public features: covered by the guarantee)."""
 
     private_outputs: ClassVar[bool] = True
 
@@ -291,10 +292,16 @@ class LabelDPProStep(GradientStep):
         out = self.dpsgd(model, inputs, indices, targets, autocast)  # p.grad = g̃
         params = [p for _, p in model.named_parameters() if p.requires_grad]
         noisy = torch.cat([p.grad.flatten().float() for p in params])
-        inputs = self.projection.draw()
+        inputs = self.projection.draw()  # drawn every step, so the stream stays in step
+        if not bool(torch.isfinite(noisy).all()):
+            # a diverged model: leave g̃ for the loop to detect (post-processing either way)
+            self.last_projection = {"noisy_norm": math.inf, "distance": math.nan}
+            return out
+        # the layer formulas only where DP-SGD's own check kept them for this model
+        layerwise = id(model) not in self.dpsgd.layerwise_fallback
         with exact_float32():
             if inputs.shape[0] * self.num_classes * noisy.numel() <= MAX_MATERIALISED:
-                vertices = class_gradients(model, inputs, self.num_classes)
+                vertices = class_gradients(model, inputs, self.num_classes, layerwise=layerwise)
                 alpha = project_onto_hull(vertices, noisy, self.projection_steps)
                 alpha = self.smoothing * alpha + (1 - self.smoothing) / alpha.numel()
                 denoised = (alpha.to(vertices.dtype) @ vertices).to(noisy.dtype)
