@@ -47,7 +47,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, check_int
 
 BACKENDS = ("local", "ray")
 RUN_FOLDERS = ("shared", "return")
@@ -87,8 +87,16 @@ class LocalBackend:
     workers: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"workers must be an integer ≥ 1, got {self.workers!r}")
+        check_int("workers", self.workers, 1)
+
+    @property
+    def parallel(self) -> bool:
+        """Whether several runs go at once (their progress bars are then off)."""
+        return self.workers > 1
+
+    def capacity(self, runs: int) -> int:
+        """Runs in flight at once out of ``runs``: the workers."""
+        return self.workers
 
     @property
     def threads(self) -> int | None:
@@ -98,8 +106,9 @@ class LocalBackend:
             return None
         return max(1, (os.cpu_count() or 1) // self.workers)
 
-    def executor(self) -> Executor:
-        """This process (one worker) or a pool of worker processes that die with it."""
+    def executor(self, device: str | None = None) -> Executor:
+        """This process (one worker) or a pool of worker processes that die with it
+        (``device`` is the runs' own business here)."""
         if self.workers == 1:
             return SerialExecutor()
         return ProcessPoolExecutor(
@@ -158,15 +167,10 @@ class RayBackend:
     max_retries: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("cpus_per_run",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
-        if self.num_cpus is not None and (
-            isinstance(self.num_cpus, bool) or not isinstance(self.num_cpus, int)
-            or self.num_cpus < 1
-        ):  # fmt: skip
-            raise ConfigError(f"num_cpus must be an integer ≥ 1 or None, got {self.num_cpus!r}")
+        check_int("cpus_per_run", self.cpus_per_run, 1)
+        if self.num_cpus is not None:
+            check_int("num_cpus", self.num_cpus, 1)
+        check_int("max_retries", self.max_retries, 0)
         if self.gpus_per_run is not None and not (
             isinstance(self.gpus_per_run, (int, float)) and 0 <= self.gpus_per_run
         ):
@@ -175,10 +179,12 @@ class RayBackend:
             raise ConfigError(
                 f"run_folders must be one of {', '.join(RUN_FOLDERS)}, got {self.run_folders!r}"
             )
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or (
-            self.max_retries < 0
-        ):
-            raise ConfigError(f"max_retries must be an integer ≥ 0, got {self.max_retries!r}")
+
+    #: Every run is in flight at once: Ray queues what the cluster cannot start yet.
+    parallel = True
+
+    def capacity(self, runs: int) -> int:
+        return runs
 
     @property
     def threads(self) -> int:

@@ -735,11 +735,9 @@ def _backend(args: argparse.Namespace) -> Any:
     from .backends import LocalBackend, RayBackend
 
     if args.backend == "local":
-        for flag, given in (("--address", args.address), ("--run-folders",
-                            args.run_folders != "shared"), ("--cpus-per-run",
-                            args.cpus_per_run != 1)):  # fmt: skip
-            if given:
-                raise ConfigError(f"{flag} applies to --backend ray only")
+        _refuse_ray_flags({"--address": args.address is not None,
+                           "--run-folders": args.run_folders != "shared",
+                           "--cpus-per-run": args.cpus_per_run != 1})  # fmt: skip
         return LocalBackend(args.workers or 1)
     if args.address is not None and args.workers is not None:
         raise ConfigError(
@@ -752,6 +750,13 @@ def _backend(args: argparse.Namespace) -> Any:
         cpus_per_run=args.cpus_per_run,
         run_folders=args.run_folders,
     )
+
+
+def _refuse_ray_flags(given: dict[str, bool]) -> None:
+    """A ConfigError for the first Ray-only flag given (True) without --backend ray."""
+    for flag, present in given.items():
+        if present:
+            raise ConfigError(f"{flag} applies to --backend ray only")
 
 
 def _run_sweep(args: argparse.Namespace, spec: Any) -> None:
@@ -945,11 +950,8 @@ def _fl(args: argparse.Namespace) -> int:
 
         replay = RayReplay(args.actors, args.cpus_per_actor, args.address)
     else:
-        for flag, given in (("--address", args.address is not None),
-                            ("--actors", args.actors != 2),
-                            ("--cpus-per-actor", args.cpus_per_actor != 1)):  # fmt: skip
-            if given:
-                raise ConfigError(f"{flag} applies to --backend ray only")
+        _refuse_ray_flags({"--address": args.address is not None, "--actors": args.actors != 2,
+                           "--cpus-per-actor": args.cpus_per_actor != 1})  # fmt: skip
     record = run_folder(options, args.seed, args.out, args.dataset, args.data_dir, args.device,
                         progress=not args.quiet, replay=replay)  # fmt: skip
     last = record.history[-1]

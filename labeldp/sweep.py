@@ -612,8 +612,7 @@ def run_sweep(
     env = env or Environment()
     # absolute paths: Ray tasks do not run in this directory
     folder = Path(runs_root).resolve() / spec.name
-    parallel = isinstance(backend, RayBackend) or backend.workers > 1
-    inner = asdict(env) | {"progress": env.progress and not parallel}
+    inner = asdict(env) | {"progress": env.progress and not backend.parallel}
     if inner["data_dir"] is not None:
         inner["data_dir"] = str(Path(inner["data_dir"]).resolve())
     if inner["shared_dir"] is None:  # e.g. PATE's teachers, trained once per seed
@@ -626,14 +625,13 @@ def run_sweep(
     todo = [(n, c.to_dict()) for n, c in grid if run_key(c.to_dict()) not in done]
     threads = backend.threads
     ray = isinstance(backend, RayBackend)
+    executor = backend.executor(env.device) if todo else None
     if not todo:
-        executor, expected = None, {}
-    elif ray:
-        executor = backend.executor(env.device)
-        # what the cluster's runs will record (their device may not be this machine's)
+        expected = {}
+    elif ray:  # what the cluster's runs will record (their device may not be this machine's)
         expected = executor.submit(_numerics_of, env.device, threads).result()
     else:
-        executor, expected = backend.executor(), _expected_numerics(env, threads)
+        expected = _expected_numerics(env, threads)
     if todo:
         try:
             _check_numerics(spec, store, expected, allow_mixed_numerics)
@@ -697,7 +695,7 @@ def run_sweep(
             task,
             lambda item: (item[0], item[1], str(folder / item[0]), inner, threads, *extra),
             finish,
-            capacity=len(todo) if ray else backend.workers,
+            capacity=backend.capacity(len(todo)),
             group=lambda item: share_group(item[1]),
         )
     bar.close()

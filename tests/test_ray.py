@@ -126,12 +126,18 @@ def test_a_sweep_on_ray_stores_the_rows_of_the_local_backend(
         assert (tmp_path / "ray" / "tiny" / name / "attack.json").exists()
 
 
-def test_a_killed_driver_loses_and_duplicates_no_run(cluster, data_dir, tmp_path):
+def _sweep_command(tmp_path: Path, cluster: str, db: Path, runs: Path, data_dir) -> list[str]:
+    """`labeldp sweep` of the tiny sweep (written to tmp_path) on the cluster, as a child
+    process's argv."""
     (tmp_path / "tiny.toml").write_text(TINY)
-    db, runs = tmp_path / "k.sqlite", tmp_path / "runs"
-    argv = [sys.executable, "-m", "labeldp.cli", "sweep", str(tmp_path / "tiny.toml"),
+    return [sys.executable, "-m", "labeldp.cli", "sweep", str(tmp_path / "tiny.toml"),
             "--backend", "ray", "--address", cluster, "--store", str(db), "--runs-dir",
             str(runs), "--data-dir", str(data_dir), "--quiet"]  # fmt: skip
+
+
+def test_a_killed_driver_loses_and_duplicates_no_run(cluster, data_dir, tmp_path):
+    db, runs = tmp_path / "k.sqlite", tmp_path / "runs"
+    argv = _sweep_command(tmp_path, cluster, db, runs, data_dir)
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not _rows(db) and time.monotonic() < deadline and process.poll() is None:
@@ -150,11 +156,8 @@ def test_a_killed_driver_loses_and_duplicates_no_run(cluster, data_dir, tmp_path
 
 
 def test_a_lost_worker_is_retried_and_its_run_stored_once(cluster, data_dir, tmp_path):
-    (tmp_path / "tiny.toml").write_text(TINY)
     db, runs = tmp_path / "w.sqlite", tmp_path / "runs"
-    argv = [sys.executable, "-m", "labeldp.cli", "sweep", str(tmp_path / "tiny.toml"),
-            "--backend", "ray", "--address", cluster, "--store", str(db), "--runs-dir",
-            str(runs), "--data-dir", str(data_dir), "--quiet"]  # fmt: skip
+    argv = _sweep_command(tmp_path, cluster, db, runs, data_dir)
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed, deadline = None, time.monotonic() + 300
     while killed is None and time.monotonic() < deadline and process.poll() is None:

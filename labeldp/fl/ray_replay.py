@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..backends import check_resources, import_ray
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from .buffer import FixedPointBuffer
 from .simulator import Replay, TripTrainer
 
@@ -54,9 +54,8 @@ class RayReplay(Replay):
     def __init__(
         self, actors: int = 2, cpus_per_actor: int = 1, address: str | None = None
     ) -> None:
-        for name, value in (("actors", actors), ("cpus_per_actor", cpus_per_actor)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
+        check_int("actors", actors, 1)
+        check_int("cpus_per_actor", cpus_per_actor, 1)
         self.actors, self.cpus_per_actor, self.address = actors, cpus_per_actor, address
         self._started = False
         self._handles: list[Any] = []
@@ -102,17 +101,14 @@ class RayReplay(Replay):
         calls = [h.train.remote(x_ref, share) for h, share in zip(self._handles, shares,
                  strict=True) if share]  # fmt: skip
         merged: dict[int, FixedPointBuffer] = {}
-        trainer = self._trainer
         for states in ray.get(calls):
             for f, state in states.items():
-                if f not in merged:
-                    capacity = max(1, int(trainer.flush_count[f]))
-                    merged[f] = FixedPointBuffer(trainer.size, trainer.fixed, capacity,
-                                                 trainer.device)  # fmt: skip
-                part = FixedPointBuffer(trainer.size, trainer.fixed, merged[f].capacity,
-                                        trainer.device)  # fmt: skip
+                part = self._trainer.buffer(f)
                 part.load_state_dict(state)
-                merged[f].merge(part)
+                if f in merged:
+                    merged[f].merge(part)
+                else:
+                    merged[f] = part
         return merged
 
     def stop(self) -> None:

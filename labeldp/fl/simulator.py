@@ -302,7 +302,7 @@ def run_federation(
         momentum = state["momentum"]
         labels.load_state_dict(state["labels"])
         for f, saved in state["pending"].items():
-            buf = FixedPointBuffer(size, fixed, _capacity(schedule, int(f)), device)
+            buf = _flush_buffer(size, fixed, schedule.flush_count, int(f), device)
             buf.load_state_dict(saved)
             pending[int(f)] = buf
         history = state["history"]
@@ -345,7 +345,7 @@ def run_federation(
                 engine.update_labels(fresh, labels.noisy[fresh])
             for f, partial in engine.train_version(x.float(), chunks).items():
                 if f not in pending:
-                    pending[f] = FixedPointBuffer(size, fixed, _capacity(schedule, f), device)
+                    pending[f] = trainer.buffer(f)
                 pending[f].merge(partial)
             buf = pending.pop(v, None)
             total = buf.total() if buf is not None else torch.zeros(size, dtype=torch.float64)
@@ -466,10 +466,13 @@ class TripTrainer:
             for f in np.unique(flushes):
                 f = int(f)
                 if f not in partial:
-                    capacity = max(1, int(self.flush_count[f]))
-                    partial[f] = FixedPointBuffer(self.size, self.fixed, capacity, self.device)
+                    partial[f] = self.buffer(f)
                 partial[f].add(deltas[torch.from_numpy(flushes == f)])
         return partial
+
+    def buffer(self, flush: int) -> FixedPointBuffer:
+        """An empty buffer (or partial buffer) of flush ``flush``."""
+        return _flush_buffer(self.size, self.fixed, self.flush_count, flush, self.device)
 
 
 class Replay:
@@ -502,8 +505,12 @@ class LocalReplay(Replay):
         return self.trainer.train(x, chunks)
 
 
-def _capacity(schedule: Schedule, flush: int) -> int:
-    return max(1, int(schedule.flush_count[flush]))
+def _flush_buffer(
+    size: int, fixed: FixedPoint, flush_count: np.ndarray, flush: int, device
+) -> FixedPointBuffer:
+    """An empty fixed-point buffer of ``flush``: capacity its number of contributions (at
+    least 1, for a flush that aggregates none)."""
+    return FixedPointBuffer(size, fixed, max(1, int(flush_count[flush])), device)
 
 
 @torch.no_grad()

@@ -240,16 +240,15 @@ def run_study(
     todo = [p for p in points if run_key(p.config) not in done]
     root = Path(runs_dir).resolve() / spec.name  # absolute: Ray tasks run elsewhere
     data_dir = str(Path(data_dir).resolve()) if data_dir is not None else None
-    ray = isinstance(backend, RayBackend)
-    serial = not ray and backend.workers == 1
-    scratch = (backend.scratch_dir, spec.name) if ray and backend.run_folders == "return" else None
+    returning = isinstance(backend, RayBackend) and backend.run_folders == "return"
+    scratch = (backend.scratch_dir, spec.name) if returning else None
     finished = 0
 
     def arguments(point: StudyPoint) -> tuple[Any, ...]:
         if progress:
             print(f"{spec.name}: {point.name} started ({len(points) - len(todo)} stored before)")
         return (point, str(root / point.name), spec.dataset, data_dir, device,
-                progress and serial, backend.threads, scratch)  # fmt: skip
+                progress and not backend.parallel, backend.threads, scratch)  # fmt: skip
 
     def finish(outcome: PointOutcome) -> None:
         nonlocal finished
@@ -265,7 +264,7 @@ def run_study(
         if progress:
             print(f"{spec.name}: {point.name} stored ({finished}/{len(todo)})")
 
-    executor = backend.executor(device) if ray else backend.executor()
-    drive(executor, todo, _run_point, arguments, finish,
-          capacity=len(todo) if ray else backend.workers)  # fmt: skip
+    if todo:
+        drive(backend.executor(device), todo, _run_point, arguments, finish,
+              capacity=backend.capacity(len(todo)))  # fmt: skip
     return len(todo)

@@ -79,17 +79,12 @@ RELATIONS = (Neighbouring.ADD_REMOVE_ONE_EXAMPLE, Neighbouring.REPLACE_ONE_LABEL
 def _accountant(
     accountant: str, discretization: float = PLD_DISCRETIZATION, relation: Neighbouring = RELATION
 ) -> Accountant:
-    """An empty accountant of ``relation`` (ConfigError for an unknown kind)."""
+    """An empty accountant of ``relation`` (ConfigError for an unknown kind; the
+    Accountant itself refuses RDP for the Gaussian under "replace one label")."""
     if relation not in RELATIONS:
         raise ConfigError(
             f"relation must be one of {', '.join(repr(r.value) for r in RELATIONS)}, "
             f"got {relation!r}"
-        )
-    if relation is Neighbouring.REPLACE_ONE_LABEL and accountant != "pld":
-        raise ConfigError(
-            "the Gaussian mechanism under 'replace one label' is accounted by PLD only "
-            "(dp-accounting's RDP reads a replacement as a move of C, not 2C); use "
-            "accountant 'pld'"
         )
     return Accountant(relation, accountant, discretization)
 

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from ..seeding import Stream, derive_seed
 from .dpsgd import DPSGDStep
 from .per_example import (
@@ -103,8 +103,7 @@ def hull_weights(
     ``target`` g (P,): accelerated projected gradient (FISTA) for ``steps`` ≥ 1 iterations
     from the uniform weights, step 1/L with L = 2‖G‖₂² from 20 power iterations (× 1.05),
     the simplex projection of :func:`simplex_projection`. G need not be materialised."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps must be an integer ≥ 1, got {steps!r}")
+    check_int("steps", steps, 1)
     dtype, device = target.dtype, target.device
     x = torch.randn(m, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
     for _ in range(20):
@@ -137,20 +136,13 @@ class ClassGradients:
     Reads no label. float32 inside; inputs and outputs of the maps float64."""
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor) -> None:
-        self.names = [k for k, p in model.named_parameters() if p.requires_grad]
         self.params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
         buffers = {k: b.detach() for k, b in model.named_buffers()}
         self._logits_of = lambda params: functional_call(model, (params, buffers), (inputs,))
-        leaves = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
-        self._leaves = leaves
-        self._logits = self._logits_of(leaves).float()
+        self._leaves = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
+        self._logits = self._logits_of(self._leaves).float()
         self.probs = torch.softmax(self._logits.detach(), dim=1)
         self.n, self.k = self.probs.shape
-        self.size = sum(v.numel() for v in self.params.values())
-
-    @property
-    def columns(self) -> int:
-        return self.n * self.k
 
     def combine(self, alpha: torch.Tensor) -> torch.Tensor:
         a = alpha.view(self.n, self.k).to(self.probs)
@@ -162,10 +154,8 @@ class ClassGradients:
         return torch.cat([g.flatten() for g in grads]).to(alpha.dtype)
 
     def correlate(self, v: torch.Tensor) -> torch.Tensor:
-        tangents, start = {}, 0
-        for k, p in self.params.items():
-            tangents[k] = v[start : start + p.numel()].view_as(p).to(p.dtype)
-            start += p.numel()
+        pieces = _split(v, list(self.params.values()))
+        tangents = dict(zip(self.params, pieces, strict=True))
         _, jv = torch.func.jvp(self._logits_of, (self.params,), (tangents,))
         jv = jv.float()
         out = (self.probs * jv).sum(1, keepdim=True) - jv
@@ -206,6 +196,15 @@ def class_gradients(
         )
         rows.append(torch.cat([grads[k].flatten(1).float() for k in names], dim=1))
     return torch.cat(rows)
+
+
+def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``flat`` (P,) cut into tensors of the shapes and dtypes of ``like`` (in order)."""
+    pieces, start = [], 0
+    for t in like:
+        pieces.append(flat[start : start + t.numel()].view_as(t).to(t.dtype))
+        start += t.numel()
+    return pieces
 
 
 class ProjectionBatches:
@@ -261,14 +260,10 @@ class LabelDPProStep(GradientStep):
     ) -> None:
         if not isinstance(dpsgd, DPSGDStep):
             raise ConfigError(f"dpsgd must be a DPSGDStep, got {type(dpsgd).__name__}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ConfigError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
+        check_int("num_classes", num_classes, 2)
         if not (isinstance(smoothing, (int, float)) and 0 <= smoothing <= 1):
             raise ConfigError(f"smoothing must be a number in [0, 1], got {smoothing!r}")
-        if isinstance(projection_steps, bool) or not isinstance(projection_steps, int) or (
-            projection_steps < 1
-        ):
-            raise ConfigError(f"projection_steps must be an integer ≥ 1, got {projection_steps!r}")
+        check_int("projection_steps", projection_steps, 1)
         self.dpsgd, self.projection, self.num_classes = dpsgd, projection, num_classes
         self.smoothing, self.projection_steps = float(smoothing), projection_steps
         self.last_projection: dict[str, float] = {}
@@ -301,23 +296,19 @@ class LabelDPProStep(GradientStep):
         layerwise = id(model) not in self.dpsgd.layerwise_fallback
         with exact_float32():
             if inputs.shape[0] * self.num_classes * noisy.numel() <= MAX_MATERIALISED:
-                vertices = class_gradients(model, inputs, self.num_classes, layerwise=layerwise)
-                alpha = project_onto_hull(vertices, noisy, self.projection_steps)
-                alpha = self.smoothing * alpha + (1 - self.smoothing) / alpha.numel()
-                denoised = (alpha.to(vertices.dtype) @ vertices).to(noisy.dtype)
-            else:  # too large to hold: G's products as Jacobian products
+                V = class_gradients(model, inputs, self.num_classes, layerwise=layerwise)
+                combine, correlate, target = (lambda a: a @ V), (lambda v: V @ v), noisy
+            else:  # too large to hold: G's products as Jacobian products (float64 in/out)
                 operator = ClassGradients(model, inputs)
-                alpha = hull_weights(operator.combine, operator.correlate, operator.columns,
-                                     noisy.double(), self.projection_steps)  # fmt: skip
-                alpha = self.smoothing * alpha + (1 - self.smoothing) / alpha.numel()
-                denoised = operator.combine(alpha).to(noisy.dtype)
+                combine, correlate, target = operator.combine, operator.correlate, noisy.double()
+            columns = inputs.shape[0] * self.num_classes
+            alpha = hull_weights(combine, correlate, columns, target, self.projection_steps)
+            alpha = self.smoothing * alpha + (1 - self.smoothing) / columns
+            denoised = combine(alpha).to(noisy.dtype)
         self.last_projection = {
             "noisy_norm": float(torch.linalg.vector_norm(noisy)),
             "distance": float(torch.linalg.vector_norm(denoised - noisy)),
         }
-        start = 0
-        for p in params:
-            size = p.numel()
-            p.grad = denoised[start : start + size].view_as(p).to(p.dtype)
-            start += size
+        for p, piece in zip(params, _split(denoised, [p.grad for p in params]), strict=True):
+            p.grad = piece
         return out
