@@ -334,3 +334,22 @@ def test_norms_in_chunks_of_examples_equal_the_whole_batch(monkeypatch, chunk):
         grads = pe.layer_grad_samples(layer, a, g)
         expected = sum(v.reshape(7, -1).pow(2).sum(1) for v in grads.values())
         torch.testing.assert_close(pe.layer_sq_norms(layer, a, g), expected, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 2500, 1 << 22])  # 2500: 2 examples per chunk
+def test_conv_grad_samples_in_chunks_of_examples_equal_micro_batching(monkeypatch, chunk):
+    """A convolution's per-example gradients are built in chunks of examples (the unfolded
+    input of an early convolution is far larger than the gradients); every chunk size
+    gives the gradients of one example at a time through autograd."""
+    import labeldp.train.per_example as pe
+
+    monkeypatch.setattr(pe, "NORM_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(6)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2, dilation=1).double()
+    a, g = torch.randn(7, 4, 6, 5, dtype=torch.float64), torch.randn(7, 6, 6, 5).double()
+    got = pe.layer_grad_samples(conv, a, g)
+    for i in range(7):
+        conv.zero_grad()
+        (conv(a[i : i + 1]) * g[i : i + 1]).sum().backward()
+        torch.testing.assert_close(got["weight"][i], conv.weight.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got["bias"][i], conv.bias.grad, rtol=1e-10, atol=1e-12)

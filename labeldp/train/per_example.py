@@ -546,12 +546,16 @@ def layer_grad_samples(
         g3 = g.reshape(b, -1, g.shape[-1])
         out = {"weight": torch.bmm(g3.transpose(1, 2), a3), "bias": g3.sum(1)}
     elif isinstance(m, _CONVS):
-        ug, gg = _conv_groups(m, a.to(g.dtype), g)
-        w = torch.bmm(gg.transpose(1, 2), ug)  # (B·G, C_out/G, C_in/G·Πkernel)
-        out = {
-            "weight": w.reshape(b, *m.weight.shape),
-            "bias": g.sum(tuple(range(2, g.dim()))),
-        }
+        # chunks of examples, as for the norms: the unfolded input of an early convolution
+        # (C_in·Πkernel·T per example) is far larger than its per-example gradients
+        a = a.to(g.dtype)
+        unfolded = a.shape[1] * math.prod(m.kernel_size) * math.prod(g.shape[2:])
+        w = torch.empty((b, *m.weight.shape), device=g.device, dtype=g.dtype)
+        for c in _example_chunks(b, unfolded):
+            ug, gg = _conv_groups(m, a[c], g[c])
+            # (B_c·G, C_out/G, C_in/G·Πkernel) -> (B_c, *weight shape)
+            w[c] = torch.bmm(gg.transpose(1, 2), ug).reshape(-1, *m.weight.shape)
+        out = {"weight": w, "bias": g.sum(tuple(range(2, g.dim())))}
     elif isinstance(m, (nn.GroupNorm, nn.LayerNorm, *_INSTANCE_NORMS)):
         gw, gb = _norm_parts(m, a.to(g.dtype), g)
         out = {"weight": gw, "bias": gb}
