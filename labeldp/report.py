@@ -162,9 +162,12 @@ def summary(store: ResultsStore, spec: SweepSpec) -> pd.DataFrame:
     ]
     order = {m: i for i, m in enumerate(["none", *spec.methods])}
     table["order"] = table["method"].map(order).fillna(len(order))
+    # variants in the grid's own order (file order, values as listed), not as strings
+    grid_order = {v: i for i, v in enumerate(dict.fromkeys(v for *_, v in spec.points()))}
+    table["variant_order"] = table["variant"].map(grid_order).fillna(len(grid_order))
     return (
-        table.sort_values(["order", "variant", "epsilon"], kind="stable")
-        .drop(columns="order")
+        table.sort_values(["order", "variant_order", "variant", "epsilon"], kind="stable")
+        .drop(columns=["order", "variant_order"])
         .reset_index(drop=True)
     )
 
@@ -520,7 +523,7 @@ def write_report(
                 if now["git_commit"]
                 else f"by labeldp {now['labeldp_version']} (installed, no git checkout)"
             ),
-            f"- {spec.dataset}, model {spec.run.get('model') or DEFAULT_MODEL[spec.dataset]}, "
+            f"- {spec.dataset}, model {_model_text(spec)}, "
             f"seeds {spec.seeds}, training {spec.train}, "
             f"train size {spec.run.get('train_size') or 'all'}, "
             f"canaries {spec.run.get('canaries', 0)}, "
@@ -580,3 +583,13 @@ def write_report(
         lines += pate_diagnostics_section(runs)
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return md_path, csv_path
+
+
+def _model_text(spec: SweepSpec) -> str:
+    """The model(s) of a sweep's runs, as the report's header states them."""
+    if "model" in spec.grid:
+        return f"per variant ([grid] model = {spec.grid['model']})"
+    model = spec.run.get("model") or DEFAULT_MODEL[spec.dataset]
+    if spec.recipes and "model" not in spec.run:
+        return f"{model} unless a method's recipe sets its own (labeldp recipes)"
+    return model
