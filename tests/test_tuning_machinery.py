@@ -504,6 +504,8 @@ def test_the_report_has_a_row_per_variant_and_picks_the_best(tmp_path):
     text = GRID.replace("seeds = [0, 1]", "seeds = [0]").replace('methods = ["rr", "alibi"]',
                                                                  'methods = ["rr"]')  # fmt: skip
     text = text.replace("epsilons = [1, 4]", "epsilons = [1]")
+    # listed out of string order: the report keeps the grid's order (0.05 before 0.01)
+    text = text.replace('"train.lr" = [0.01, 0.05]', '"train.lr" = [0.05, 0.01]')
     spec = SweepSpec.load(_grid_file(tmp_path, text=text))
     accuracy = {  # rr ε=1: posterior at lr 0.05 is best, plain at lr 0.01 runner-up
         "lr0.01-learningplain": 0.61,
@@ -534,6 +536,13 @@ def test_the_report_has_a_row_per_variant_and_picks_the_best(tmp_path):
                     "lr0.05-learningplain"):  # fmt: skip
         assert f"| rr [{variant}] | {100 * accuracy[variant]:.2f} |" in text
     assert "| none (ε = ∞) [lr0.05] | 90.00 |" in text
+    rows = [line.split("]")[0] for line in text.splitlines() if line.startswith("| rr [")]
+    assert rows == [  # the grid's order, not the strings'
+        "| rr [lr0.05-learningplain",
+        "| rr [lr0.05-learningposterior",
+        "| rr [lr0.01-learningplain",
+        "| rr [lr0.01-learningposterior",
+    ]
     best = text.split("## Best variant per method and ε")[1]
     assert "| rr | 1 | lr0.05-learningposterior | 72.00 | lr0.01-learningplain | 61.00 |" in best
     assert "| none | ∞ | lr0.05 | 90.00 | lr0.01 | 80.00 |" in best
