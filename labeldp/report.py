@@ -207,7 +207,8 @@ def _method_variants(table: pd.DataFrame, spec: SweepSpec) -> list[tuple[str, st
 
 def _best_variants(table: pd.DataFrame, split: str) -> list[str]:
     """Per (method, ε), the ``[grid]`` variant with the best mean accuracy on the
-    evaluation split (the tuning choice, when that split is the validation split)."""
+    validation split: the tuning choice (a sweep scored on the test split gets no such
+    section: its variants are a comparison, and nothing is chosen on test data)."""
     lines = [
         "",
         f"## Best variant per method and ε (highest mean {split} accuracy)",
@@ -558,7 +559,7 @@ def write_report(
             lines += ["", f"{UNSOUND_MARK} {UNSOUND}."]
         if audits is not None:
             lines += _companion_section(table, audits, spec, split)
-        if spec.grid:
+        if spec.grid and split == "validation":  # a choice is made on validation data only
             lines += _best_variants(table, split)
         if table["stale_seeds"].any():
             lines += ["", f"{STALE_MARK} {STALE}."]

@@ -705,3 +705,32 @@ def test_a_grid_value_of_the_wrong_type_names_the_key(tmp_path):
     with pytest.raises(ConfigError) as info:
         SweepSpec.load(path)
     assert "train.lr" in str(info.value)
+
+
+def test_a_grid_scored_on_the_test_split_gets_no_best_variant_section(tmp_path):
+    """A [grid] sweep evaluated on the test split is a comparison (e.g. two models), never
+    a choice: its report names no "best variant"."""
+    from labeldp.report import write_report
+
+    text = GRID.replace("seeds = [0, 1]", "seeds = [0]").replace('methods = ["rr", "alibi"]',
+                                                                 'methods = ["rr"]')  # fmt: skip
+    spec = SweepSpec.load(
+        _grid_file(tmp_path, text=text.replace("epsilons = [1, 4]", "epsilons = [1]"))
+    )
+    store = ResultsStore(tmp_path / "runs.sqlite")
+    for i, (name, config, _) in enumerate(spec.points()):
+        eps = config.method_options.get("epsilon")
+        metrics = run_record(
+            method=config.method,
+            epsilon=eps,
+            delta=None if eps is None else 0.0,
+            evaluation_split="test",
+            test_accuracy=0.5 + i / 100,
+            train_seconds=1.0,
+            ledger={"entries": []},
+        )
+        store.record(spec.name, name, config.to_dict(), "/x", metrics, None, "2026-01-01")
+    md, _ = write_report(store, spec, "g.toml", tmp_path / "results")
+    report = md.read_text()
+    assert "## Test accuracy (%)" in report and "| rr [lr0.01-learningplain] |" in report
+    assert "Best variant" not in report
