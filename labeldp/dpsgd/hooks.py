@@ -11,7 +11,10 @@ clipped sum Σᵢ cᵢ gᵢ, or, for tests and oracles, the materialized per-exa
 Loss reduction. The per-example gradient is the gradient of that example's own loss.
 With ``loss_reduction="sum"`` the recorded g is already that; with ``"mean"`` (PyTorch's
 default, ``F.cross_entropy(...)``) the user's loss is (1/B)·Σ lossᵢ for the realised batch
-size B, so g is multiplied back by B (the output's size in dim 0). A wrong declaration
+size B, so the per-example gradients are B times those of the recorded g (the output's size
+in dim 0): the factor is applied to the results (gradients × B, squared norms × B²), which
+are linear in g, rather than to every recorded output gradient (a pass over the
+activations saved). A wrong declaration
 scales every per-example gradient by B or 1/B: the clipping still bounds each example's
 contribution by C (the guarantee holds), but the update is not the intended one; it cannot
 be detected from the gradients. What the first step with at least two examples does check
@@ -168,10 +171,7 @@ class GradSampleHooks:
                         "through the same forward pass: make_private supports one "
                         "backward per forward (sum the losses and call backward once)"
                     )
-                g = g.detach()
-                if self.loss_reduction == "mean":
-                    g = g * call.batch
-                call.grad = g
+                call.grad = g.detach()
                 self._compact(layer, call)
 
             output.register_hook(on_grad)
@@ -244,7 +244,8 @@ class GradSampleHooks:
             if calls:
                 raw = [(c.args, c.grad) for c in calls if c.samples is None]
                 dense = [c.samples for c in calls if c.samples is not None]
-                done.append((layer, _Parts(layer.module, raw, dense)))
+                scale = float(batch) if self.loss_reduction == "mean" else 1.0
+                done.append((layer, _Parts(layer.module, raw, dense, scale)))
         return done, batch
 
     # ------------------------------------------------------------------ results
@@ -316,10 +317,12 @@ class GradSampleHooks:
 class _Parts:
     """One layer's recorded calls of a batch: ``raw`` (inputs, output gradient) pairs and
     ``dense`` per-example gradients of compacted calls; the layer's per-example gradient
-    is the sum over all of them."""
+    is ``scale`` (B for a "mean" loss, else 1) times the sum over all of them."""
 
-    def __init__(self, module: nn.Module, raw: list[tuple], dense: list[dict]) -> None:
-        self.module, self.raw, self.dense = module, raw, dense
+    def __init__(
+        self, module: nn.Module, raw: list[tuple], dense: list[dict], scale: float = 1.0
+    ) -> None:
+        self.module, self.raw, self.dense, self.scale = module, raw, dense, scale
         self._summed: dict[str, torch.Tensor] | None = None
 
     def grad_samples(self) -> dict[str, torch.Tensor]:
@@ -331,13 +334,13 @@ class _Parts:
                 *([calls_grad_samples(self.module, self.raw)] if self.raw else []),
             ]:
                 for n, v in samples.items():
-                    out[n] = v.clone() if n not in out else out[n] + v
+                    out[n] = v * self.scale if n not in out else out[n] + v * self.scale
             self._summed = out
         return dict(self._summed)
 
     def sq_norms(self) -> torch.Tensor:
         if not self.dense:
-            return calls_sq_norms(self.module, self.raw)
+            return calls_sq_norms(self.module, self.raw) * self.scale**2
         grads = self.grad_samples()
         first = next(iter(grads.values()))
         out = torch.zeros(first.shape[0], device=first.device, dtype=first.dtype)
@@ -347,7 +350,8 @@ class _Parts:
 
     def clipped_sums(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.dense:
-            return calls_clipped_sums(self.module, self.raw, factors.to(self.raw[0][1].device))
+            factors = factors.to(self.raw[0][1].device) * self.scale
+            return calls_clipped_sums(self.module, self.raw, factors)
         with exact_float32():  # TF32 would blur cᵢ·gᵢ past the clipping bound
             return {
                 n: torch.tensordot(factors.to(v.device, v.dtype), v, dims=1)
