@@ -205,13 +205,13 @@ def _method_variants(table: pd.DataFrame, spec: SweepSpec) -> list[tuple[str, st
     return pairs
 
 
-def _best_variants(table: pd.DataFrame, split: str) -> list[str]:
+def _best_variants(table: pd.DataFrame) -> list[str]:
     """Per (method, ε), the ``[grid]`` variant with the best mean accuracy on the
     validation split: the tuning choice (a sweep scored on the test split gets no such
     section: its variants are a comparison, and nothing is chosen on test data)."""
     lines = [
         "",
-        f"## Best variant per method and ε (highest mean {split} accuracy)",
+        "## Best variant per method and ε (highest mean validation accuracy)",
         "",
         "| method | ε | variant | accuracy (%) | runner-up | its accuracy (%) |",
         "|---|---|---|---|---|---|",
@@ -560,7 +560,7 @@ def write_report(
         if audits is not None:
             lines += _companion_section(table, audits, spec, split)
         if spec.grid and split == "validation":  # a choice is made on validation data only
-            lines += _best_variants(table, split)
+            lines += _best_variants(table)
         if table["stale_seeds"].any():
             lines += ["", f"{STALE_MARK} {STALE}."]
         for method in spec.methods:

@@ -498,15 +498,35 @@ def test_recipes_key_must_be_a_boolean(tmp_path):
     assert SweepSpec.load(_grid_file(tmp_path)).recipes is True
 
 
-def test_the_report_has_a_row_per_variant_and_picks_the_best(tmp_path):
+def _report_of_rr_grid(tmp_path, split: str, accuracy: dict[str, float]):
+    """The report (md, csv paths) of the one-seed rr grid at ε = 1 (and the non-private
+    run), its lr listed out of string order (0.05 before 0.01), every run stored with
+    ``accuracy[variant]`` on ``split``."""
     from labeldp.report import write_report
 
     text = GRID.replace("seeds = [0, 1]", "seeds = [0]").replace('methods = ["rr", "alibi"]',
                                                                  'methods = ["rr"]')  # fmt: skip
     text = text.replace("epsilons = [1, 4]", "epsilons = [1]")
-    # listed out of string order: the report keeps the grid's order (0.05 before 0.01)
     text = text.replace('"train.lr" = [0.01, 0.05]', '"train.lr" = [0.05, 0.01]')
     spec = SweepSpec.load(_grid_file(tmp_path, text=text))
+    store = ResultsStore(tmp_path / "runs.sqlite")
+    for name, config, variant in spec.points():
+        eps = config.method_options.get("epsilon")
+        scored = {f"{split}_accuracy": accuracy[variant]}
+        metrics = run_record(
+            method=config.method,
+            epsilon=eps,
+            delta=None if eps is None else 0.0,
+            evaluation_split=split,
+            train_seconds=1.0,
+            ledger={"entries": []},
+            **({"test_accuracy": None} | scored),
+        )
+        store.record(spec.name, name, config.to_dict(), "/x", metrics, None, "2026-01-01")
+    return write_report(store, spec, "g.toml", tmp_path / "results")
+
+
+def test_the_report_has_a_row_per_variant_and_picks_the_best(tmp_path):
     accuracy = {  # rr ε=1: posterior at lr 0.05 is best, plain at lr 0.01 runner-up
         "lr0.01-learningplain": 0.61,
         "lr0.01-learningposterior": 0.40,
@@ -515,21 +535,7 @@ def test_the_report_has_a_row_per_variant_and_picks_the_best(tmp_path):
         "lr0.01": 0.80,
         "lr0.05": 0.90,
     }
-    store = ResultsStore(tmp_path / "runs.sqlite")
-    for name, config, variant in spec.points():
-        eps = config.method_options.get("epsilon")
-        metrics = run_record(
-            method=config.method,
-            epsilon=eps,
-            delta=None if eps is None else 0.0,
-            evaluation_split="validation",
-            test_accuracy=None,
-            validation_accuracy=accuracy[variant],
-            train_seconds=1.0,
-            ledger={"entries": []},
-        )
-        store.record(spec.name, name, config.to_dict(), "/x", metrics, None, "2026-01-01")
-    md, csv = write_report(store, spec, "g.toml", tmp_path / "results")
+    md, csv = _report_of_rr_grid(tmp_path, "validation", accuracy)
     text = md.read_text()
     assert "## Validation accuracy (%)" in text
     for variant in ("lr0.01-learningplain", "lr0.05-learningposterior", "lr0.01-learningposterior",
@@ -710,27 +716,9 @@ def test_a_grid_value_of_the_wrong_type_names_the_key(tmp_path):
 def test_a_grid_scored_on_the_test_split_gets_no_best_variant_section(tmp_path):
     """A [grid] sweep evaluated on the test split is a comparison (e.g. two models), never
     a choice: its report names no "best variant"."""
-    from labeldp.report import write_report
-
-    text = GRID.replace("seeds = [0, 1]", "seeds = [0]").replace('methods = ["rr", "alibi"]',
-                                                                 'methods = ["rr"]')  # fmt: skip
-    spec = SweepSpec.load(
-        _grid_file(tmp_path, text=text.replace("epsilons = [1, 4]", "epsilons = [1]"))
-    )
-    store = ResultsStore(tmp_path / "runs.sqlite")
-    for i, (name, config, _) in enumerate(spec.points()):
-        eps = config.method_options.get("epsilon")
-        metrics = run_record(
-            method=config.method,
-            epsilon=eps,
-            delta=None if eps is None else 0.0,
-            evaluation_split="test",
-            test_accuracy=0.5 + i / 100,
-            train_seconds=1.0,
-            ledger={"entries": []},
-        )
-        store.record(spec.name, name, config.to_dict(), "/x", metrics, None, "2026-01-01")
-    md, _ = write_report(store, spec, "g.toml", tmp_path / "results")
+    variants = ["lr0.01-learningplain", "lr0.01-learningposterior", "lr0.05-learningplain",
+                "lr0.05-learningposterior", "lr0.01", "lr0.05"]  # fmt: skip
+    md, _ = _report_of_rr_grid(tmp_path, "test", {v: 0.5 + i / 100 for i, v in enumerate(variants)})
     report = md.read_text()
     assert "## Test accuracy (%)" in report and "| rr [lr0.01-learningplain] |" in report
     assert "Best variant" not in report

@@ -409,6 +409,15 @@ def _conv_groups(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple:
     return ug, gg
 
 
+def _conv_chunks(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> list[slice]:
+    """Chunks of examples for a convolution's unfolded input (C_in·Πkernel·T per example,
+    far larger than the layer's per-example gradients in an early convolution): the norms
+    and the per-example gradients are built chunk by chunk (NORM_CHUNK_ELEMENTS)."""
+    return _example_chunks(
+        g.shape[0], a.shape[1] * math.prod(m.kernel_size) * math.prod(g.shape[2:])
+    )
+
+
 _CONV_WEIGHT = {
     1: torch.nn.grad.conv1d_weight,
     2: torch.nn.grad.conv2d_weight,
@@ -448,10 +457,8 @@ def layer_sq_norms(module: nn.Module, a: torch.Tensor | tuple, g: torch.Tensor) 
             out += g3.sum(1).pow(2).sum(1)
     elif isinstance(m, _CONVS):
         if _trainable(m, "weight"):
-            # the unfolded input (C_in·Πkernel·T per example) is built chunk by chunk
-            a, positions = a.to(g.dtype), math.prod(g.shape[2:])
-            unfolded = a.shape[1] * math.prod(m.kernel_size) * positions
-            for c in _example_chunks(b, unfolded):
+            a = a.to(g.dtype)
+            for c in _conv_chunks(m, a, g):
                 ug, gg = _conv_groups(m, a[c], g[c])
                 out[c] += _sq_norm_product(ug, gg).reshape(-1, m.groups).sum(1)
         if _trainable(m, "bias"):
@@ -546,12 +553,9 @@ def layer_grad_samples(
         g3 = g.reshape(b, -1, g.shape[-1])
         out = {"weight": torch.bmm(g3.transpose(1, 2), a3), "bias": g3.sum(1)}
     elif isinstance(m, _CONVS):
-        # chunks of examples, as for the norms: the unfolded input of an early convolution
-        # (C_in·Πkernel·T per example) is far larger than its per-example gradients
         a = a.to(g.dtype)
-        unfolded = a.shape[1] * math.prod(m.kernel_size) * math.prod(g.shape[2:])
         w = torch.empty((b, *m.weight.shape), device=g.device, dtype=g.dtype)
-        for c in _example_chunks(b, unfolded):
+        for c in _conv_chunks(m, a, g):
             ug, gg = _conv_groups(m, a[c], g[c])
             # (B_c·G, C_out/G, C_in/G·Πkernel) -> (B_c, *weight shape)
             w[c] = torch.bmm(gg.transpose(1, 2), ug).reshape(-1, *m.weight.shape)
