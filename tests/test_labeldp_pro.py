@@ -215,3 +215,36 @@ def test_a_diverged_gradient_is_left_for_the_loop_to_detect():
     step(model, x, torch.arange(8), HardLabels(y), contextlib.nullcontext)  # no exception
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert not bool(torch.isfinite(grads).all())
+
+
+def test_the_epoch_statistics_are_the_means_of_the_steps_norms():
+    # Each step's numbers recomputed from what the step hands the optimizer (ĝ in p.grad)
+    # and from the noisy gradient g̃ it started from (DP-SGD alone, same seed and stream).
+    model, x, y = _linear(seed=6), torch.randn(8, 5), torch.randint(0, 3, (8,))
+
+    def dpsgd() -> DPSGDStep:
+        return DPSGDStep(max_grad_norm=1.0, noise_multiplier=2.0, expected_batch_size=8, seed=3)
+
+    step = LabelDPProStep(
+        dpsgd(), ProjectionBatches(8, 4, lambda idx: x[idx], seed=0), num_classes=3
+    )
+    plain = dpsgd()
+    step.start_epoch(0)
+    plain.start_epoch(0)
+    seen: dict[str, list[float]] = {"noisy_norm": [], "projected_norm": [], "distance": []}
+    for _ in range(3):
+        model.zero_grad()
+        plain(model, x, torch.arange(8), HardLabels(y), contextlib.nullcontext)
+        noisy = torch.cat([p.grad.flatten() for p in model.parameters()])
+        model.zero_grad()
+        step(model, x, torch.arange(8), HardLabels(y), contextlib.nullcontext)
+        projected = torch.cat([p.grad.flatten() for p in model.parameters()])
+        seen["noisy_norm"].append(float(noisy.norm()))
+        seen["projected_norm"].append(float(projected.norm()))
+        seen["distance"].append(float((projected - noisy).norm()))
+    stats = step.epoch_statistics()
+    for k, values in seen.items():
+        assert stats[f"projection_{k}"] == pytest.approx(sum(values) / 3, rel=1e-5)
+    assert seen["distance"][0] > 0  # the noise left the hull: the projection moved it
+    step.start_epoch(1)
+    assert step.epoch_statistics() == {}

@@ -202,6 +202,12 @@ def test_method_contract(name, data_dir, tmp_path, monkeypatch):
     assert all(n == 1 for n in Counter(straight_draws).values()), straight_draws
     assert set(_releases(straight)) == {f"{r}.noisy.pt" for r in straight_draws}
 
+    # (c) a step's epoch statistics reach the history (labeldp-pro's projection norms).
+    if name == "labeldp-pro":
+        for entry in metrics["history"]:
+            assert entry["projection_projected_norm"] > 0, entry
+            assert entry["projection_noisy_norm"] > 0, entry
+
     # An interrupted run, stopped before its last epoch (of its last stage), ...
     out = tmp_path / "interrupted"
     draws.clear(), epochs.clear()

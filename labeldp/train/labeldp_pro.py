@@ -245,8 +245,11 @@ class LabelDPProStep(GradientStep):
     smoothed by ``smoothing`` λ in [0, 1] (1: no smoothing; the paper's 0.75).
 
     num_classes: K. projection_steps: iterations of :func:`project_onto_hull` (≥ 1).
-    After a step, ``last_projection`` holds the distance ‖Gα − g̃‖ and ‖g̃‖ (functions of
-    the noisy gradient, the model and public features: covered by the guarantee)."""
+    After a step, ``last_projection`` holds ‖g̃‖ ("noisy_norm"), the step's ‖ĝ‖
+    ("projected_norm") and the distance ‖ĝ − g̃‖ (functions of the noisy gradient, the
+    model and public features: covered by the guarantee); :meth:`epoch_statistics` gives
+    their means over the epoch's steps, in the gradient's L2 norm (units of the loss per
+    parameter), as ``projection_<name>``."""
 
     private_outputs: ClassVar[bool] = True
 
@@ -267,6 +270,8 @@ class LabelDPProStep(GradientStep):
         self.dpsgd, self.projection, self.num_classes = dpsgd, projection, num_classes
         self.smoothing, self.projection_steps = float(smoothing), projection_steps
         self.last_projection: dict[str, float] = {}
+        self._epoch_sums: dict[str, float] = {}
+        self._epoch_steps = 0
 
     @property
     def steps_taken(self) -> int:
@@ -275,6 +280,13 @@ class LabelDPProStep(GradientStep):
     def start_epoch(self, epoch: int) -> None:
         self.dpsgd.start_epoch(epoch)
         self.projection.start_epoch(epoch)
+        self._epoch_sums, self._epoch_steps = {}, 0
+
+    def epoch_statistics(self) -> dict[str, float]:
+        """The means of ``last_projection``'s numbers over the steps since the epoch began
+        (a diverged step's infinities and NaNs included as they are)."""
+        n = max(self._epoch_steps, 1)
+        return {f"projection_{k}": v / n for k, v in self._epoch_sums.items()}
 
     def __call__(
         self,
@@ -290,7 +302,7 @@ class LabelDPProStep(GradientStep):
         inputs = self.projection.draw()  # drawn every step, so the stream stays in step
         if not bool(torch.isfinite(noisy).all()):
             # a diverged model: leave g̃ for the loop to detect (post-processing either way)
-            self.last_projection = {"noisy_norm": math.inf, "distance": math.nan}
+            self._record({"noisy_norm": math.inf, "projected_norm": math.nan, "distance": math.nan})
             return out
         # the layer formulas only where DP-SGD's own check kept them for this model
         layerwise = id(model) not in self.dpsgd.layerwise_fallback
@@ -305,10 +317,17 @@ class LabelDPProStep(GradientStep):
             alpha = hull_weights(combine, correlate, columns, target, self.projection_steps)
             alpha = self.smoothing * alpha + (1 - self.smoothing) / columns
             denoised = combine(alpha).to(noisy.dtype)
-        self.last_projection = {
+        self._record({
             "noisy_norm": float(torch.linalg.vector_norm(noisy)),
+            "projected_norm": float(torch.linalg.vector_norm(denoised)),
             "distance": float(torch.linalg.vector_norm(denoised - noisy)),
-        }
+        })  # fmt: skip
         for p, piece in zip(params, _split(denoised, [p.grad for p in params]), strict=True):
             p.grad = piece
         return out
+
+    def _record(self, numbers: dict[str, float]) -> None:
+        self.last_projection = numbers
+        self._epoch_steps += 1
+        for k, v in numbers.items():
+            self._epoch_sums[k] = self._epoch_sums.get(k, 0.0) + v

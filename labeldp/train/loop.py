@@ -420,6 +420,7 @@ class Trainer:
                 else None,
                 "test_accuracy": None,
                 "seconds": seconds,
+                **self.step.epoch_statistics(),
             }
         )
 

@@ -43,6 +43,9 @@ class GradientStep:
     refuses mixup for a step that does not. Default False.
     start_epoch(epoch): called by the loop before each epoch (0-based), for a step with
     its own per-epoch random stream; default: nothing.
+    epoch_statistics(): called by the loop after each epoch; the numbers it returns join
+    that epoch's history entry (metrics.json). They must be covered by the step's
+    guarantee (functions of what the step releases); default: none.
     """
 
     private_outputs: ClassVar[bool] = False
@@ -50,6 +53,10 @@ class GradientStep:
 
     def start_epoch(self, epoch: int) -> None:
         """Before epoch ``epoch`` (0-based); the default does nothing."""
+
+    def epoch_statistics(self) -> dict[str, float]:
+        """Statistics of the epoch just finished, for its history entry; default none."""
+        return {}
 
     def __call__(
         self,
