@@ -248,3 +248,92 @@ def test_the_epoch_statistics_are_the_means_of_the_steps_norms():
     assert seen["distance"][0] > 0  # the noise left the hull: the projection moved it
     step.start_epoch(1)
     assert step.epoch_statistics() == {}
+
+
+def test_with_clipping_and_no_noise_the_step_is_the_clipped_mean_gradient():
+    # C far below the gradients' norms: DP-SGD's noiseless step is the mean of the clipped
+    # true-label gradients (the whole dataset as its batch), and with the same examples as
+    # the projection batch that mean is the hull point of weight 1/N on each (example, true
+    # label) of the clipped vertices: the projection must return it. Reference: autograd,
+    # one backward per example, clipped by hand.
+    model, x, y = _linear(seed=7), torch.randn(8, 5) * 3, torch.randint(0, 3, (8,))
+    rows = []
+    for i in range(8):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    grads = torch.stack(rows)
+    clip = 0.2 * float(grads.norm(dim=1).min())
+    expected = (grads * (clip / grads.norm(dim=1, keepdim=True))).mean(0)
+    dpsgd = DPSGDStep(max_grad_norm=clip, noise_multiplier=0.0, expected_batch_size=8)
+    step = LabelDPProStep(
+        dpsgd, ProjectionBatches(8, 8, lambda idx: x[idx], seed=0), num_classes=3,
+        smoothing=1.0, projection_steps=5000,
+    )  # fmt: skip
+    model.zero_grad()
+    step(model, x, torch.arange(8), HardLabels(y), contextlib.nullcontext)
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, expected, atol=2e-4 * clip, rtol=2e-3)
+
+
+def test_the_clipped_jacobian_products_equal_the_clipped_materialised_vertices():
+    from labeldp.train.labeldp_pro import ClassGradients, class_gradient_norms, clipping_factors
+
+    model, x = _linear(seed=8), torch.randn(5, 5) * 2
+    V = class_gradients(model, x, 3).double()
+    norms = class_gradient_norms(model, x, 3)
+    torch.testing.assert_close(norms.double(), V.norm(dim=1), atol=1e-5, rtol=1e-5)
+    clip = float(V.norm(dim=1).median())  # some vertices clipped, some not
+    factors = clipping_factors(norms, clip)
+    assert 0 < int((factors < 1).sum()) < 15
+    clipped = V * (clip / V.norm(dim=1, keepdim=True)).clamp(max=1)
+    operator = ClassGradients(model, x, factors)
+    a, v = torch.rand(15, dtype=torch.float64), torch.randn(V.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(operator.combine(a), a @ clipped, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(operator.correlate(v), clipped @ v, atol=1e-5, rtol=1e-4)
+
+
+def test_the_step_projects_onto_the_clipped_vertices_on_both_paths(monkeypatch):
+    # The materialised path and the Jacobian-product path (forced by a zero threshold) give
+    # the same step: both project onto the hull of the clipped class gradients.
+    from labeldp.train import labeldp_pro
+
+    model, x, y = _linear(seed=9), torch.randn(8, 5) * 3, torch.randint(0, 3, (8,))
+    steps = []
+    for threshold in (labeldp_pro.MAX_MATERIALISED, 0):
+        monkeypatch.setattr(labeldp_pro, "MAX_MATERIALISED", threshold)
+        step = LabelDPProStep(
+            DPSGDStep(max_grad_norm=0.3, noise_multiplier=1.0, expected_batch_size=8, seed=1),
+            ProjectionBatches(8, 4, lambda idx: x[idx], seed=0), num_classes=3,
+            projection_steps=300,
+        )  # fmt: skip
+        step.start_epoch(0)  # seeds the noise and the projection batches
+        model.zero_grad()
+        step(model, x, torch.arange(8), HardLabels(y), contextlib.nullcontext)
+        steps.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-4, rtol=1e-3)
+    assert float(steps[0].norm()) <= 0.3 + 1e-6  # a convex combination of clipped vertices
+
+
+def test_with_full_smoothing_the_step_is_the_mean_of_the_clipped_class_gradients():
+    # λ = 0 leaves only the uniform weights: the step is the mean over the projection batch's
+    # (example, class) gradients, each clipped to C (autograd, clipped by hand).
+    model, x, y = _linear(seed=10), torch.randn(6, 5) * 3, torch.randint(0, 3, (6,))
+    rows = []
+    for i in range(6):
+        for k in range(3):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x[i : i + 1]), torch.tensor([k])).backward()
+            rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    vertices = torch.stack(rows)
+    clip = float(vertices.norm(dim=1).median())
+    expected = (vertices * (clip / vertices.norm(dim=1, keepdim=True)).clamp(max=1)).mean(0)
+    step = LabelDPProStep(
+        DPSGDStep(max_grad_norm=clip, noise_multiplier=1.0, expected_batch_size=6, seed=2),
+        ProjectionBatches(6, 6, lambda idx: x[idx], seed=0), num_classes=3, smoothing=0.0,
+    )  # fmt: skip
+    step.start_epoch(0)
+    model.zero_grad()
+    step(model, x, torch.arange(6), HardLabels(y), contextlib.nullcontext)
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

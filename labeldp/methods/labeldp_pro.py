@@ -51,7 +51,8 @@ class LabelDPPro(DPSGDMethod):
         unless ``noise_multiplier`` is given. delta: δ in (0, 1), default 1e-5.
     max_grad_norm: C > 0, the per-example clipping norm of the private gradient.
     projection_batch: n₂ ≥ 1 examples drawn uniformly (features only) at every step; the
-        projection is onto the convex hull of their n₂·K class gradients.
+        projection is onto the convex hull of their n₂·K class gradients, each clipped
+        to C as the private gradients are.
     smoothing: λ in [0, 1]; the step uses λα + (1 − λ)/(n₂K) (the paper's 0.75).
     projection_steps: iterations of the projection (≥ 1).
     accountant: "pld" only. physical_batch_size, secure_noise: as for dp-sgd. The run's
@@ -99,7 +100,8 @@ class LabelDPPro(DPSGDMethod):
         return {
             "protects": "labels (features public)",
             "denoiser": {
-                "kind": "altconv: convex hull of the class gradients of an independent batch",
+                "kind": "altconv: convex hull of the class gradients (clipped to C) of an "
+                "independent batch",
                 "projection_batch": self.projection_batch,
                 "smoothing": self.smoothing,
                 "projection_steps": self.projection_steps,
