@@ -30,6 +30,7 @@ import pandas as pd
 from attacks import memorization, one_run
 from attacks.harness import ADD_REMOVE_ONE_EXAMPLE, bound_tested
 
+from .crossover import RANDOMIZED_LABEL_METHODS, crossover
 from .io import atomic_write_text
 from .methods import METHODS
 from .pate_report import pate_diagnostics_section
@@ -557,6 +558,7 @@ def write_report(
             )
         if table["unsound_seeds"].any():
             lines += ["", f"{UNSOUND_MARK} {UNSOUND}."]
+        lines += _crossover_section(table, spec)
         if audits is not None:
             lines += _companion_section(table, audits, spec, split)
         if spec.grid and split == "validation":  # a choice is made on validation data only
@@ -584,6 +586,52 @@ def write_report(
         lines += pate_diagnostics_section(runs)
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return md_path, csv_path
+
+
+#: The methods that add noise to gradients, which the randomized-label ones overtake as ε grows.
+GRADIENT_NOISE_METHODS = ("labeldp-pro", "dp-sgd")
+
+
+def _crossover_section(table: pd.DataFrame, spec: SweepSpec) -> list[str]:
+    """Per randomized-label method, the ε* at which it overtakes each gradient-noise method
+    of the sweep (labeldp.crossover), from the mean accuracies; none without both kinds or
+    in a sweep with a [grid] (its variants are not one curve per method)."""
+    challengers = [m for m in spec.methods if m in RANDOMIZED_LABEL_METHODS]
+    incumbents = [m for m in spec.methods if m in GRADIENT_NOISE_METHODS]
+    if spec.grid or not challengers or not incumbents:
+        return []
+
+    def curve(method: str) -> dict[float, float]:
+        mine = table[(table["method"] == method) & table["accuracy_mean"].notna()]
+        return dict(zip(mine["epsilon"], mine["accuracy_mean"], strict=True))
+
+    curves = {m: curve(m) for m in challengers + incumbents}
+    lines = [
+        "",
+        "## Crossover ε*: where the randomized-label methods overtake the gradient-noise ones",
+        "",
+        "| method | " + " | ".join(f"overtakes {m} at ε*" for m in incumbents) + " |",
+        "|---" * (len(incumbents) + 1) + "|",
+    ]
+    for challenger in challengers:
+        cells = []
+        for incumbent in incumbents:
+            if not set(curves[challenger]) & set(curves[incumbent]):
+                cells.append("–")
+                continue
+            cells.append(
+                crossover(curves[challenger], curves[incumbent], (challenger, incumbent)).text()
+            )
+        lines.append(f"| {challenger} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "ε* follows the mean accuracies: after the largest ε of the shared grid where the "
+        "method is not ahead, the difference interpolated linearly in log ε to zero. Where the "
+        "two curves are within their seeds' spread (the table's ±) near ε*, it is a rough "
+        "estimate. dp-sgd's ε is for adding or removing an example, the others' for changing "
+        "a label: its column compares nominal ε.",
+    ]
+    return lines
 
 
 def _model_text(spec: SweepSpec) -> str:
