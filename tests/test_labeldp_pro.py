@@ -268,7 +268,7 @@ def test_with_clipping_and_no_noise_the_step_is_the_clipped_mean_gradient():
     dpsgd = DPSGDStep(max_grad_norm=clip, noise_multiplier=0.0, expected_batch_size=8)
     step = LabelDPProStep(
         dpsgd, ProjectionBatches(8, 8, lambda idx: x[idx], seed=0), num_classes=3,
-        smoothing=1.0, projection_steps=5000,
+        smoothing=1.0, projection_steps=5000, clip_vertices=True,
     )  # fmt: skip
     model.zero_grad()
     step(model, x, torch.arange(8), HardLabels(y), contextlib.nullcontext)
@@ -293,9 +293,10 @@ def test_the_clipped_jacobian_products_equal_the_clipped_materialised_vertices()
     torch.testing.assert_close(operator.correlate(v), clipped @ v, atol=1e-5, rtol=1e-4)
 
 
-def test_the_step_projects_onto_the_clipped_vertices_on_both_paths(monkeypatch):
+@pytest.mark.parametrize("clip_vertices", [True, False])
+def test_both_paths_project_onto_the_same_vertices(clip_vertices, monkeypatch):
     # The materialised path and the Jacobian-product path (forced by a zero threshold) give
-    # the same step: both project onto the hull of the clipped class gradients.
+    # the same step: both project onto the hull of the (clipped) class gradients.
     from labeldp.train import labeldp_pro
 
     model, x, y = _linear(seed=9), torch.randn(8, 5) * 3, torch.randint(0, 3, (8,))
@@ -305,19 +306,21 @@ def test_the_step_projects_onto_the_clipped_vertices_on_both_paths(monkeypatch):
         step = LabelDPProStep(
             DPSGDStep(max_grad_norm=0.3, noise_multiplier=1.0, expected_batch_size=8, seed=1),
             ProjectionBatches(8, 4, lambda idx: x[idx], seed=0), num_classes=3,
-            projection_steps=300,
+            projection_steps=300, clip_vertices=clip_vertices,
         )  # fmt: skip
         step.start_epoch(0)  # seeds the noise and the projection batches
         model.zero_grad()
         step(model, x, torch.arange(8), HardLabels(y), contextlib.nullcontext)
         steps.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(steps[0], steps[1], atol=1e-4, rtol=1e-3)
-    assert float(steps[0].norm()) <= 0.3 + 1e-6  # a convex combination of clipped vertices
+    if clip_vertices:
+        assert float(steps[0].norm()) <= 0.3 + 1e-6  # a convex combination of clipped ones
 
 
-def test_with_full_smoothing_the_step_is_the_mean_of_the_clipped_class_gradients():
+@pytest.mark.parametrize("clip_vertices", [True, False])
+def test_with_full_smoothing_the_step_is_the_mean_of_the_class_gradients(clip_vertices):
     # λ = 0 leaves only the uniform weights: the step is the mean over the projection batch's
-    # (example, class) gradients, each clipped to C (autograd, clipped by hand).
+    # (example, class) gradients (autograd), each clipped to C by hand if clip_vertices.
     model, x, y = _linear(seed=10), torch.randn(6, 5) * 3, torch.randint(0, 3, (6,))
     rows = []
     for i in range(6):
@@ -327,10 +330,13 @@ def test_with_full_smoothing_the_step_is_the_mean_of_the_clipped_class_gradients
             rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     vertices = torch.stack(rows)
     clip = float(vertices.norm(dim=1).median())
-    expected = (vertices * (clip / vertices.norm(dim=1, keepdim=True)).clamp(max=1)).mean(0)
+    if clip_vertices:
+        vertices = vertices * (clip / vertices.norm(dim=1, keepdim=True)).clamp(max=1)
+    expected = vertices.mean(0)
     step = LabelDPProStep(
         DPSGDStep(max_grad_norm=clip, noise_multiplier=1.0, expected_batch_size=6, seed=2),
         ProjectionBatches(6, 6, lambda idx: x[idx], seed=0), num_classes=3, smoothing=0.0,
+        clip_vertices=clip_vertices,
     )  # fmt: skip
     step.start_epoch(0)
     model.zero_grad()

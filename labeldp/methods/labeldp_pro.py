@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
-from ..options import EPSILON, MethodOptions, Number, option
+from ..options import EPSILON, SWITCH, MethodOptions, Number, option
 from ..privacy import Neighbouring
 from ..seeding import Stream
 from ..train.labeldp_pro import LabelDPProStep, ProjectionBatches
@@ -42,6 +42,10 @@ class LabelDPProOptions(DPSGDOptions):
         100, kind=Number(int, 1), metavar="S",
         help="accelerated projected-gradient iterations of the projection",
     )  # fmt: skip
+    clip_vertices: bool = option(
+        False, kind=SWITCH,
+        help="clip the projection's class gradients to C like the private ones (the paper: no)",
+    )  # fmt: skip
 
 
 class LabelDPPro(DPSGDMethod):
@@ -51,8 +55,9 @@ class LabelDPPro(DPSGDMethod):
         unless ``noise_multiplier`` is given. delta: δ in (0, 1), default 1e-5.
     max_grad_norm: C > 0, the per-example clipping norm of the private gradient.
     projection_batch: n₂ ≥ 1 examples drawn uniformly (features only) at every step; the
-        projection is onto the convex hull of their n₂·K class gradients, each clipped
-        to C as the private gradients are.
+        projection is onto the convex hull of their n₂·K class gradients.
+    clip_vertices: clip those class gradients to C as the private gradients are (False:
+        unclipped, the paper's; see labeldp.train.labeldp_pro for what each does).
     smoothing: λ in [0, 1]; the step uses λα + (1 − λ)/(n₂K) (the paper's 0.75).
     projection_steps: iterations of the projection (≥ 1).
     accountant: "pld" only. physical_batch_size, secure_noise: as for dp-sgd. The run's
@@ -94,14 +99,15 @@ class LabelDPPro(DPSGDMethod):
             ctx.train.info.num_classes,
             smoothing=self.smoothing,
             projection_steps=self.projection_steps,
+            clip_vertices=self.clip_vertices,
         )
 
     def _ledger_details(self, plan: DPSGDPlan) -> dict[str, Any]:
         return {
             "protects": "labels (features public)",
             "denoiser": {
-                "kind": "altconv: convex hull of the class gradients (clipped to C) of an "
-                "independent batch",
+                "kind": "altconv: convex hull of the class gradients of an independent batch",
+                "clip_vertices": self.clip_vertices,
                 "projection_batch": self.projection_batch,
                 "smoothing": self.smoothing,
                 "projection_steps": self.projection_steps,

@@ -10,18 +10,19 @@ Per step t:
    g̃ = (Σ ḡᵢ + N(0, σ²C²I)) / (qN).
 2. An *alternative* batch I^P of ``projection_batch`` n₂ examples is drawn uniformly
    without replacement, independently of I^G (its own seeded stream), and its features
-   only are read: the vertices are G = [clip_C ∇θ ℓ(θ, (xᵢ, κ))] for i ∈ I^P and every
-   class κ (n₂·K vectors), each clipped to norm C like the private gradients, so that the
-   vertices are the values a clipped gradient can take over the labels and the clipped
-   mean of step 1 is (for I^P = I^G) a point of their hull. No label is read, and I^P
-   does not depend on I^G, so the projection is post-processing and Poisson amplification
-   still holds.
+   only are read: the vertices are G = [∇θ ℓ(θ, (xᵢ, κ))] for i ∈ I^P and every class κ
+   (n₂·K vectors; unclipped as in the paper, or with ``clip_vertices`` each clipped to
+   norm C like the private gradients, so that they are the values a clipped gradient can
+   take over the labels). No label is read, and I^P does not depend on I^G, so the
+   projection is post-processing and Poisson amplification still holds.
 
-   Unclipped vertices, tried first, break the smoothing of step 3: the clipped signal is
-   C/‖∇ℓ‖ times shorter than the vertices (about 4× on the tiny CNN at C = 1), and the
-   uniform weights' point, the gradient towards uniform predictions, then outweighs and
-   opposes it (at a trained tiny CNN, ε = 0.5: cosine 0.11 between the smoothed step and
-   the clipped mean, against 0.98 with clipped vertices).
+   The two differ in what the smoothing of step 3 does. Unclipped, the uniform weights'
+   point (the gradient towards uniform predictions) is C/‖∇ℓ‖ times longer, relative to
+   the clipped signal, than clipped: at a trained tiny CNN (C = 1, ε = 0.5) it outweighs
+   and opposes the signal, so the step keeps a cosine of only 0.1–0.3 with the clipped
+   mean gradient (0.98 clipped); in training it acts as a strong pull towards
+   unconfident predictions, and without it (clipped) the tiny CNN drifts to large logits
+   where every example's gradient is clipped and the clipped mean shrinks to ~0.03.
 3. α = argmin over the simplex Δ (n₂·K coordinates) of ‖Gα − g̃‖² (:func:`project_onto_hull`,
    accelerated projected gradient with the sort-based simplex projection of Wang &
    Carreira-Perpiñán 2013), smoothed towards the uniform weights (the paper's §3.3,
@@ -289,7 +290,7 @@ class ProjectionBatches:
 class LabelDPProStep(GradientStep):
     """LabelDP-Pro's step (see the module docstring): ``dpsgd``'s noisy gradient, projected
     onto the convex hull of the class gradients of a ``projection`` batch (each clipped to
-    ``dpsgd``'s C), the weights
+    ``dpsgd``'s C if ``clip_vertices``), the weights
     smoothed by ``smoothing`` λ in [0, 1] (1: no smoothing; the paper's 0.75).
 
     num_classes: K. projection_steps: iterations of :func:`project_onto_hull` (≥ 1).
@@ -308,6 +309,7 @@ class LabelDPProStep(GradientStep):
         num_classes: int,
         smoothing: float = 0.75,
         projection_steps: int = 100,
+        clip_vertices: bool = False,
     ) -> None:
         if not isinstance(dpsgd, DPSGDStep):
             raise ConfigError(f"dpsgd must be a DPSGDStep, got {type(dpsgd).__name__}")
@@ -317,6 +319,7 @@ class LabelDPProStep(GradientStep):
         check_int("projection_steps", projection_steps, 1)
         self.dpsgd, self.projection, self.num_classes = dpsgd, projection, num_classes
         self.smoothing, self.projection_steps = float(smoothing), projection_steps
+        self.clip_vertices = bool(clip_vertices)
         self.last_projection: dict[str, float] = {}
         self._epoch_sums: dict[str, float] = {}
         self._epoch_steps = 0
@@ -355,14 +358,19 @@ class LabelDPProStep(GradientStep):
         # the layer formulas only where DP-SGD's own check kept them for this model
         layerwise = id(model) not in self.dpsgd.layerwise_fallback
         with exact_float32():
-            clip = self.dpsgd.max_grad_norm  # the vertices clipped as the private gradients
+            clip = self.dpsgd.max_grad_norm if self.clip_vertices else None
             if inputs.shape[0] * self.num_classes * noisy.numel() <= MAX_MATERIALISED:
                 V = class_gradients(model, inputs, self.num_classes, layerwise=layerwise)
-                V = V * clipping_factors(torch.linalg.vector_norm(V, dim=1), clip).unsqueeze(1)
+                if clip is not None:
+                    norms = torch.linalg.vector_norm(V, dim=1)
+                    V = V * clipping_factors(norms, clip).unsqueeze(1)
                 combine, correlate, target = (lambda a: a @ V), (lambda v: V @ v), noisy
             else:  # too large to hold: G's products as Jacobian products (float64 in/out)
-                norms = class_gradient_norms(model, inputs, self.num_classes)
-                operator = ClassGradients(model, inputs, clipping_factors(norms, clip))
+                scale = None
+                if clip is not None:
+                    norms = class_gradient_norms(model, inputs, self.num_classes)
+                    scale = clipping_factors(norms, clip)
+                operator = ClassGradients(model, inputs, scale)
                 combine, correlate, target = operator.combine, operator.correlate, noisy.double()
             columns = inputs.shape[0] * self.num_classes
             alpha = hull_weights(combine, correlate, columns, target, self.projection_steps)
