@@ -277,14 +277,14 @@ def test_with_clipping_and_no_noise_the_step_is_the_clipped_mean_gradient():
 
 
 def test_the_clipped_jacobian_products_equal_the_clipped_materialised_vertices():
-    from labeldp.train.labeldp_pro import ClassGradients, class_gradient_norms, clipping_factors
+    from labeldp.train.labeldp_pro import ClassGradients, class_gradient_norms, clip_factors
 
     model, x = _linear(seed=8), torch.randn(5, 5) * 2
     V = class_gradients(model, x, 3).double()
     norms = class_gradient_norms(model, x, 3)
     torch.testing.assert_close(norms.double(), V.norm(dim=1), atol=1e-5, rtol=1e-5)
     clip = float(V.norm(dim=1).median())  # some vertices clipped, some not
-    factors = clipping_factors(norms, clip)
+    factors = clip_factors(norms, clip)
     assert 0 < int((factors < 1).sum()) < 15
     clipped = V * (clip / V.norm(dim=1, keepdim=True)).clamp(max=1)
     operator = ClassGradients(model, x, factors)

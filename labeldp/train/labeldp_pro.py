@@ -40,16 +40,16 @@ and backward pass per class with per-example gradients by layer formulas,
 :func:`class_gradients`), and each projection iteration is two products with that
 matrix. Beyond :data:`MAX_MATERIALISED` coordinates, as in the paper's appendix, G's two
 products are a vector-Jacobian and a Jacobian-vector product of the logits over the n₂
-projection examples (:class:`ClassGradients`, its columns scaled by the clipping factors
-that :func:`class_gradient_norms` gives once per step): about one backward and one
-forward-mode pass per iteration, no memory beyond the network's and a chunk of
-per-example gradients.
+projection examples (:class:`ClassGradients`, its columns scaled once per step by DP-SGD's
+:func:`~labeldp.train.per_example.clip_factors` of the :func:`class_gradient_norms`):
+about one backward and one forward-mode pass per iteration, no memory beyond the
+network's and a chunk of per-example gradients.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar
 
@@ -63,6 +63,7 @@ from .dpsgd import DPSGDStep
 from .per_example import (
     LayerwiseClipping,
     LayerwiseUnsupported,
+    clip_factors,
     exact_float32,
     layerwise_supported,
     per_example_gradients,
@@ -208,15 +209,25 @@ def class_gradients(
             return torch.stack(per_class, dim=1).reshape(n * num_classes, -1)
         except LayerwiseUnsupported:
             pass
+    rows = [
+        torch.cat([grads[k].flatten(1).float() for k in names], dim=1)
+        for grads in _pair_gradients(model, inputs, num_classes, chunk)
+    ]
+    return torch.cat(rows)
+
+
+def _pair_gradients(
+    model: nn.Module, inputs: torch.Tensor, num_classes: int, chunk: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """torch.func per-example gradients of every (example, class) pair of ``inputs`` and
+    the classes < ``num_classes``, ``chunk`` pairs at a time, in row order i·K + κ."""
     pairs = inputs.repeat_interleave(num_classes, dim=0)
-    classes = torch.arange(num_classes, device=inputs.device).repeat(n)
-    rows = []
-    for start in range(0, n * num_classes, chunk):
+    classes = torch.arange(num_classes, device=inputs.device).repeat(inputs.shape[0])
+    for start in range(0, pairs.shape[0], chunk):
         grads, _, _ = per_example_gradients(
             model, pairs[start : start + chunk], classes[start : start + chunk]
         )
-        rows.append(torch.cat([grads[k].flatten(1).float() for k in names], dim=1))
-    return torch.cat(rows)
+        yield grads
 
 
 def class_gradient_norms(
@@ -228,22 +239,11 @@ def class_gradient_norms(
     :data:`MAX_MATERIALISED` coordinates. Reads no label."""
     size = sum(p.numel() for p in model.parameters() if p.requires_grad)
     chunk = max(1, min(256, MAX_MATERIALISED // max(size, 1)))
-    n = inputs.shape[0]
-    pairs = inputs.repeat_interleave(num_classes, dim=0)
-    classes = torch.arange(num_classes, device=inputs.device).repeat(n)
-    norms = []
-    for start in range(0, n * num_classes, chunk):
-        grads, _, _ = per_example_gradients(
-            model, pairs[start : start + chunk], classes[start : start + chunk]
-        )
-        squares = sum(g.float().flatten(1).pow(2).sum(1) for g in grads.values())
-        norms.append(torch.as_tensor(squares).sqrt())
+    norms = [
+        torch.as_tensor(sum(g.float().flatten(1).pow(2).sum(1) for g in grads.values())).sqrt()
+        for grads in _pair_gradients(model, inputs, num_classes, chunk)
+    ]
     return torch.cat(norms)
-
-
-def clipping_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """min(1, C/‖g‖) for the norms ``norms`` and C = ``max_norm`` (1 for a zero norm)."""
-    return (max_norm / norms.clamp(min=max_norm)).clamp(max=1.0)
 
 
 def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -363,13 +363,13 @@ class LabelDPProStep(GradientStep):
                 V = class_gradients(model, inputs, self.num_classes, layerwise=layerwise)
                 if clip is not None:
                     norms = torch.linalg.vector_norm(V, dim=1)
-                    V = V * clipping_factors(norms, clip).unsqueeze(1)
+                    V = V * clip_factors(norms, clip).unsqueeze(1)
                 combine, correlate, target = (lambda a: a @ V), (lambda v: V @ v), noisy
             else:  # too large to hold: G's products as Jacobian products (float64 in/out)
                 scale = None
                 if clip is not None:
                     norms = class_gradient_norms(model, inputs, self.num_classes)
-                    scale = clipping_factors(norms, clip)
+                    scale = clip_factors(norms, clip)
                 operator = ClassGradients(model, inputs, scale)
                 combine, correlate, target = operator.combine, operator.correlate, noisy.double()
             columns = inputs.shape[0] * self.num_classes
