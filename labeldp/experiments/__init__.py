@@ -12,6 +12,7 @@ names it, packaged or not (labeldp.sweep).
 
 from __future__ import annotations
 
+import difflib
 import shutil
 import tempfile
 from functools import cache
@@ -56,9 +57,18 @@ def find(name: str) -> Path:
     stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
     if stem in names():
         return folder() / f"{stem}{SUFFIX}"
-    raise ConfigError(
-        f"{name!r} is no packaged sweep file; packaged: {', '.join(names())} "
-        "(or give the path of your own TOML file)"
+    raise ConfigError(f"{name!r} {_not_packaged(stem)}")
+
+
+def _not_packaged(stem: str) -> str:
+    """The rest of the error for a name that is no packaged sweep file: the closest names
+    first (the whole list is long enough to be cut from a one-line error), then what to
+    give instead, then every packaged name."""
+    close = difflib.get_close_matches(stem, names(), n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return (
+        f"is no packaged sweep file{hint}; give the path of your own TOML file or one of "
+        f"the packaged: {', '.join(names())}"
     )
 
 
@@ -76,7 +86,5 @@ def resolve(name_or_path: str | Path) -> Path:
         if stem in names():
             return find(stem)
     where = "is a folder, not a sweep file" if path.is_dir() else "does not exist"
-    raise ConfigError(
-        f"sweep file {text} {where}, and {text!r} is no packaged sweep file; packaged: "
-        f"{', '.join(names())} (labeldp sweep NAME), or give the path of your own TOML file"
-    )
+    base = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.name
+    raise ConfigError(f"sweep file {text} {where}, and {text!r} {_not_packaged(base)}")
