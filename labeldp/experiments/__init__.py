@@ -54,10 +54,15 @@ def names() -> list[str]:
 def find(name: str) -> Path:
     """The packaged sweep file ``name`` (``fashion_mnist_quick`` or
     ``fashion_mnist_quick.toml``); ConfigError listing the packaged ones otherwise."""
-    stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
+    stem = _stem(name)
     if stem in names():
         return folder() / f"{stem}{SUFFIX}"
     raise ConfigError(f"{name!r} {_not_packaged(stem)}")
+
+
+def _stem(name: str) -> str:
+    """``name`` without a trailing ``.toml``."""
+    return name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
 
 
 def _not_packaged(stem: str) -> str:
@@ -80,11 +85,9 @@ def resolve(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    text = str(name_or_path)
+    text, stem = str(name_or_path), _stem(path.name)
     if path.name == text and text not in ("", ".", ".."):  # a bare name, no folder
-        stem = text[: -len(SUFFIX)] if text.endswith(SUFFIX) else text
         if stem in names():
             return find(stem)
     where = "is a folder, not a sweep file" if path.is_dir() else "does not exist"
-    base = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.name
-    raise ConfigError(f"sweep file {text} {where}, and {text!r} {_not_packaged(base)}")
+    raise ConfigError(f"sweep file {text} {where}, and {text!r} {_not_packaged(stem)}")
